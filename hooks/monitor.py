@@ -1,0 +1,432 @@
+"""The Monitor: the few lines a training loop adds to be observed.
+
+Example (a complete loop; runs on CPU):
+    >>> import torch
+    >>> from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
+    >>> model = torch.nn.Linear(4, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> monitor = Monitor(MonitorConfig(port=0, log_interval=2), RankIdentity(run="doc"))
+    >>> loader = monitor.wrap([torch.randn(8, 4) for _ in range(4)])
+    >>> for x in loader:
+    ...     with monitor.step(tokens=x.shape[0]) as s:
+    ...         loss = model(x).pow(2).mean(); loss.backward(); opt.step(); opt.zero_grad()
+    ...         s.record(loss=loss, lr=0.1)
+    >>> monitor.close(); monitor.state.step
+    4
+
+What each part costs:
+- `wrap`: two `perf_counter` calls per batch.
+- `step`: two `perf_counter` calls, on GPU two CUDA events, and appending 0-d tensors to a list:
+  loss and grad norm stay on the device. Every `log_interval` steps they are stacked and copied to
+  the host without blocking; the detectors then see every step's value. No host sync per step.
+- parallel checks: one small all-gather every `parallel_check_interval` steps.
+- system metrics: a background thread; scrapes: the exporter's thread.
+Any exception inside these is counted in `watchtower_hook_errors_total` and logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from watchtower import __version__
+from watchtower.hooks.config import MonitorConfig
+from watchtower.hooks.detectors import (DataStallDetector, DetectorEvent, LossSpikeDetector,
+                                        ThroughputDropDetector)
+from watchtower.hooks.device_series import DeviceSeries
+from watchtower.hooks.exporter import Families, MonitorCollector, serve_metrics
+from watchtower.hooks.fingerprint import GroupLike, ParallelCheckResult, check_parallel
+from watchtower.hooks.flops import peak_flops_for
+from watchtower.hooks.identity import RankIdentity
+from watchtower.hooks.safety import HookErrors
+from watchtower.hooks.system import SystemSampler
+
+log = logging.getLogger("watchtower.hooks")
+
+PARALLEL_CHECKS = ("tp_replicated", "tp_shards_distinct", "dp_replicas")
+
+
+@dataclass
+class MonitorState:
+    """Plain numbers the exporter reads at scrape time."""
+
+    step: int = 0
+    steps_total: int = 0
+    step_time_s: float | None = None
+    step_time_total_s: float = 0.0
+    tokens_total: float = 0.0
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    data_wait_total_s: float = 0.0
+    data_wait_ratio: float | None = None
+    loss: float | None = None
+    grad_norm: float | None = None
+    lr: float | None = None
+    heartbeat: float | None = None
+    event_counts: Counter = field(default_factory=Counter)  # (detector, severity) -> n
+    last_event_step: dict[str, int] = field(default_factory=dict)
+    parallel_ok: dict[str, int] = field(default_factory=dict)
+    parallel_checks: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _StepRecord:
+    step: int
+    seconds: float
+    wait_s: float
+    tokens: float
+
+
+class StepHandle:
+    """What `with monitor.step() as s` gives: `s.record(...)` and `s.should_step()`."""
+
+    def __init__(self, monitor: "Monitor", step: int, tokens: float):
+        self.monitor, self.step, self.tokens = monitor, step, tokens
+        self._loss = self._grad_norm = None
+
+    def __enter__(self) -> "StepHandle":
+        with self.monitor.errors.guard("step_enter"):
+            self.monitor._step_started(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            with self.monitor.errors.guard("step_exit"):
+                self.monitor._step_finished(self)
+        return False  # the trainer's own exceptions are its own: never swallowed
+
+    def record(self, loss: Any = None, grad_norm: Any = None, lr: Any = None) -> None:
+        """Hand over this step's loss and grad norm (tensors stay on the device) and the lr."""
+        with self.monitor.errors.guard("record"):
+            self.monitor._record(self, loss, grad_norm, lr)
+
+    def should_step(self) -> bool:
+        """False when the step's loss or grad norm is not finite and nonfinite_action=skip_step.
+
+        With the default nonfinite_action=count this is always True and reads nothing from the
+        device; with skip_step it costs one host sync per step (that is the price of skipping).
+        """
+        try:
+            return self.monitor._should_step(self)
+        except Exception as err:  # noqa: BLE001
+            self.monitor.errors.record("should_step", err)
+            return True
+
+
+class _NullStep:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def should_step(self) -> bool:
+        return True
+
+
+class _TimedIterator:
+    """Times each `next()` as data wait; anything else is forwarded to the wrapped loader."""
+
+    def __init__(self, iterable: Iterable, monitor: "Monitor"):
+        self._source, self._it, self._monitor = iterable, iter(iterable), monitor
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        item = next(self._it)  # StopIteration and the loader's own errors pass through untouched
+        self._monitor._add_wait(time.perf_counter() - start)
+        return item
+
+    def __getattr__(self, name: str):
+        return getattr(self._source, name)
+
+
+class Monitor:
+    """Observes one training rank; see the module docstring for a complete loop."""
+
+    def __init__(self, config: MonitorConfig | None = None, identity: RankIdentity | None = None, *,
+                 registry: CollectorRegistry | None = None, flops_per_token: float = 0.0,
+                 model_name: str = "", config_hash: str = "", device: torch.device | str | None = None):
+        self.cfg = config or MonitorConfig()
+        self.identity = identity or RankIdentity()
+        self.errors = HookErrors()
+        self.state = MonitorState()
+        self.events: deque[DetectorEvent] = deque(maxlen=1000)
+        self.info = {"model": model_name, "config_hash": config_hash, "version": __version__}
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=False)
+        self.port: int | None = None
+        self._server = None
+        self._sampler: SystemSampler | None = None
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._flops_per_token = flops_per_token
+        self._peak_flops = self.cfg.peak_flops
+        self._losses, self._grad_norms = DeviceSeries(), DeviceSeries()
+        self._records: list[_StepRecord] = []
+        self._cuda_events: deque[tuple[int, Any, Any]] = deque()
+        self._pending_wait = 0.0
+        self._last_exit: float | None = None
+        self._watched: tuple[Any, GroupLike, GroupLike] | None = None
+        self._spike = LossSpikeDetector(self.cfg.loss_spike)
+        self._stall = DataStallDetector(self.cfg.data_stall)
+        self._throughput = ThroughputDropDetector(self.cfg.throughput)
+        self._nonfinite_steps: set[int] = set()
+        if not self.cfg.enabled:
+            return
+        with self.errors.guard("start"):
+            self._start()
+
+    @classmethod
+    def from_env(cls, config: MonitorConfig | None = None, **kwargs) -> "Monitor":
+        """A monitor labelled from the launcher's environment (see `RankIdentity.from_env`)."""
+        return cls(config, RankIdentity.from_env(), **kwargs)
+
+    def _start(self) -> None:
+        gpu_index = pci = None
+        if self._device.type == "cuda" and torch.cuda.is_available():
+            gpu_index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            props = torch.cuda.get_device_properties(gpu_index)
+            if not self._peak_flops:
+                self._peak_flops = peak_flops_for(props.name)
+            if hasattr(props, "pci_bus_id"):
+                pci = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        self._sampler = SystemSampler(self.cfg.system_interval_s, gpu_index, pci)
+        self.registry.register(MonitorCollector(self))
+        if self.cfg.port:
+            try:
+                self._server, self.port = serve_metrics(self.registry, self.cfg.port + self.identity.local_rank,
+                                                        self.cfg.bind)
+            except OSError as err:
+                log.warning("watchtower /metrics is off for this rank: %s", err)
+
+    # ---- the loop's API ------------------------------------------------------------------
+
+    def wrap(self, iterable: Iterable) -> Iterable:
+        """Wrap a data loader so every wait for the next batch is timed."""
+        if not self.cfg.enabled:
+            return iterable
+        try:
+            return _TimedIterator(iterable, self)
+        except Exception as err:  # noqa: BLE001 - an un-iterable thing is the loop's problem, not ours
+            self.errors.record("wrap", err)
+            return iterable
+
+    def step(self, tokens: Any = 0, step: int | None = None) -> StepHandle | _NullStep:
+        """Context manager around one optimizer step. `step`: the global step (default: count)."""
+        if not self.cfg.enabled:
+            return _NullStep()
+        try:
+            number = int(step) if step is not None else self.state.step + 1
+            return StepHandle(self, number, float(tokens or 0))
+        except Exception as err:  # noqa: BLE001
+            self.errors.record("step", err)
+            return _NullStep()
+
+    def watch(self, model: Any, tp_group: GroupLike = None, dp_group: GroupLike = None) -> None:
+        """Check `model` across TP ranks and DP replicas every parallel_check_interval steps."""
+        self._watched = (model, tp_group, dp_group)
+
+    def check_parallel(self, model: Any = None, tp_group: GroupLike = None,
+                       dp_group: GroupLike = None) -> ParallelCheckResult | None:
+        """Run the TP/DP fingerprint checks now (every rank of the groups must call it together)."""
+        if model is None and self._watched:
+            model, tp_group, dp_group = self._watched
+        with self.errors.guard("check_parallel"):
+            result = check_parallel(model, tp_group, dp_group)
+            failures = {"tp_replicated": result.tp_replicated_mismatch,
+                        "tp_shards_distinct": result.tp_identical_shards,
+                        "dp_replicas": result.dp_drift}
+            events = {"tp_replicated": "tp_replicated_divergence", "tp_shards_distinct": "tp_identical_shards",
+                      "dp_replicas": "dp_drift"}
+            for check in result.checked:
+                bad = failures[check]
+                self.state.parallel_checks[check] += 1
+                self.state.parallel_ok[check] = 0 if bad else 1
+                if bad:
+                    self._emit(DetectorEvent(events[check], self.state.step, "critical", float(len(bad)),
+                                             ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")))
+            return result
+        return None
+
+    def close(self) -> None:
+        """Flush what is buffered (waiting for in-flight copies) and stop the background threads."""
+        if not self.cfg.enabled:
+            return
+        with self.errors.guard("close"):
+            self._flush(wait=True)
+        if self._sampler:
+            self._sampler.close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # ---- internals -------------------------------------------------------------------------
+
+    def _add_wait(self, seconds: float) -> None:
+        self._pending_wait += seconds
+
+    def _step_started(self, handle: StepHandle) -> None:
+        handle._start = time.perf_counter()
+        if self._device.type == "cuda":
+            handle._cuda_start = torch.cuda.Event(enable_timing=True)
+            handle._cuda_start.record()
+
+    def _record(self, handle: StepHandle, loss: Any, grad_norm: Any, lr: Any) -> None:
+        if loss is not None:
+            handle._loss = loss
+            self._losses.append(handle.step, loss)
+        if grad_norm is not None:
+            handle._grad_norm = grad_norm
+            self._grad_norms.append(handle.step, grad_norm)
+        if lr is not None:
+            self.state.lr = float(lr)
+
+    def _should_step(self, handle: StepHandle) -> bool:
+        if self.cfg.nonfinite_action != "skip_step":
+            return True
+        values = [v for v in (handle._loss, handle._grad_norm) if v is not None]
+        finite = all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in values)  # the host sync
+        return finite
+
+    def _step_finished(self, handle: StepHandle) -> None:
+        now = time.perf_counter()
+        start = self._last_exit if self._last_exit is not None else getattr(handle, "_start", now)
+        seconds = max(now - start, 1e-9)  # iteration time: includes the wait for this step's batch
+        self._last_exit = now
+        wait, self._pending_wait = self._pending_wait, 0.0
+        if self._device.type == "cuda" and hasattr(handle, "_cuda_start"):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._cuda_events.append((handle.step, handle._cuda_start, end))
+        s = self.state
+        s.step = handle.step
+        s.steps_total += 1
+        s.step_time_total_s += seconds
+        s.tokens_total += handle.tokens
+        s.data_wait_total_s += wait
+        s.heartbeat = time.time()
+        self._records.append(_StepRecord(handle.step, seconds, wait, handle.tokens))
+        if s.steps_total % self.cfg.log_interval == 0:
+            self._flush(wait=False)
+        interval = self.cfg.parallel_check_interval
+        if self._watched and interval and (s.steps_total == 1 or handle.step % interval == 0):
+            self.check_parallel()
+
+    def _flush(self, wait: bool) -> None:
+        """Turn the interval's records and the device buffers into metrics and detector events."""
+        records, self._records = self._records, []
+        if records:
+            elapsed = sum(r.seconds for r in records)
+            self.state.step_time_s = elapsed / len(records)
+            self.state.tokens_per_s = sum(r.tokens for r in records) / elapsed
+            self.state.data_wait_ratio = min(sum(r.wait_s for r in records) / elapsed, 1.0)
+            if self._peak_flops and self._flops_per_token:
+                self.state.mfu = self.state.tokens_per_s * self._flops_per_token / self._peak_flops
+            for r in records:
+                for event in self._stall.update(r.step, r.wait_s, r.seconds):
+                    self._emit(event)
+                for event in self._throughput.update(r.step, r.tokens / r.seconds):
+                    self._emit(event)
+        self._harvest_cuda_times()
+        self._losses.flush()
+        self._grad_norms.flush()
+        for step, loss in self._losses.harvest(wait):
+            self.state.loss = loss
+            self._check_finite(step, "loss", loss)
+            for event in self._spike.update(step, loss):
+                self._emit(event)
+        for step, norm in self._grad_norms.harvest(wait):
+            self.state.grad_norm = norm
+            self._check_finite(step, "grad_norm", norm)
+
+    def _harvest_cuda_times(self) -> None:
+        """GPU-side step times from CUDA events whose end has already passed (never waits)."""
+        times = []
+        while self._cuda_events and self._cuda_events[0][2].query():
+            _, start, end = self._cuda_events.popleft()
+            times.append(start.elapsed_time(end) / 1000.0)
+        if times:
+            self.state.step_time_s = sum(times) / len(times)
+
+    def _check_finite(self, step: int, what: str, value: float) -> None:
+        if math.isfinite(value) or step in self._nonfinite_steps:
+            return
+        self._nonfinite_steps.add(step)
+        if len(self._nonfinite_steps) > 10_000:
+            self._nonfinite_steps.clear()
+        self._emit(DetectorEvent("nonfinite", step, "critical", value, f"{what} is {value}"))
+
+    def _emit(self, event: DetectorEvent) -> None:
+        self.events.append(event)
+        self.state.event_counts[(event.detector, event.severity)] += 1
+        self.state.last_event_step[event.detector] = event.step
+        log.warning("watchtower %s at step %d (%s): %s", event.detector, event.step, event.severity, event.detail)
+
+    def describe(self, f: Families) -> None:
+        """Everything this rank exports, built at scrape time by the exporter."""
+        s = self.state
+        f.add("watchtower_run_info", 1, self.info["model"], self.info["config_hash"], self.info["version"])
+        f.add("watchtower_train_step", s.step)
+        f.add("watchtower_steps_total", s.steps_total)
+        f.add("watchtower_step_time_seconds", s.step_time_s)
+        f.add("watchtower_step_time_seconds_total", s.step_time_total_s)
+        f.add("watchtower_tokens_total", s.tokens_total)
+        f.add("watchtower_tokens_per_second", s.tokens_per_s)
+        f.add("watchtower_mfu_ratio", s.mfu)
+        f.add("watchtower_data_wait_seconds_total", s.data_wait_total_s)
+        f.add("watchtower_data_wait_ratio", s.data_wait_ratio)
+        f.add("watchtower_loss", s.loss)
+        f.add("watchtower_grad_norm", s.grad_norm)
+        f.add("watchtower_learning_rate", s.lr)
+        f.add("watchtower_heartbeat_timestamp_seconds", s.heartbeat)
+        for detector in ("loss_spike", "nonfinite", "data_stall", "data_wait_rising", "throughput_drop",
+                         "tp_replicated_divergence", "tp_identical_shards", "dp_drift"):
+            for severity in ("warning", "critical"):
+                f.add("watchtower_detector_events_total", s.event_counts[(detector, severity)], detector, severity)
+        for detector, step in s.last_event_step.items():
+            f.add("watchtower_detector_last_event_step", step, detector)
+        for check, ok in s.parallel_ok.items():
+            f.add("watchtower_parallel_check_ok", ok, check)
+            f.add("watchtower_parallel_checks_total", s.parallel_checks[check], check)
+        for hook, n in sorted(self.errors.counts.items()):
+            f.add("watchtower_hook_errors_total", n, hook)
+        if self._sampler is not None:
+            self._describe_system(f, self._sampler)
+
+    @staticmethod
+    def _describe_system(f: Families, sampler: SystemSampler) -> None:
+        h = sampler.host
+        f.add("watchtower_host_cpu_utilization_ratio", h.cpu_ratio)
+        f.add("watchtower_host_memory_used_ratio", h.memory_used_ratio)
+        f.add("watchtower_process_resident_memory_bytes", h.rss_bytes)
+        f.add("watchtower_host_disk_read_bytes_total", h.disk_read_bytes)
+        f.add("watchtower_host_disk_written_bytes_total", h.disk_written_bytes)
+        f.add("watchtower_host_network_received_bytes_total", h.net_received_bytes)
+        f.add("watchtower_host_network_sent_bytes_total", h.net_sent_bytes)
+        g = sampler.gpu_sample
+        if g is None:
+            return
+        gpu = str(g.index)
+        f.add("watchtower_gpu_utilization_ratio", g.utilization_ratio, gpu)
+        f.add("watchtower_gpu_memory_used_bytes", g.memory_used_bytes, gpu)
+        f.add("watchtower_gpu_memory_total_bytes", g.memory_total_bytes, gpu)
+        f.add("watchtower_gpu_temperature_celsius", g.temperature_celsius, gpu)
+        f.add("watchtower_gpu_power_watts", g.power_watts, gpu)
+        f.add("watchtower_gpu_sm_clock_hertz", g.sm_clock_hertz, gpu)
+        for reason, on in g.throttled.items():
+            f.add("watchtower_gpu_throttled", on, gpu, reason)
+        for kind, n in g.ecc_errors.items():
+            f.add("watchtower_gpu_ecc_errors_total", n, gpu, kind)
+        for xid, n in g.xid_errors.items():
+            f.add("watchtower_gpu_xid_errors_total", n, gpu, xid)

@@ -1,0 +1,140 @@
+"""`watchtower ...`: the command line. Prints for people; the library underneath only logs.
+
+    watchtower train --config configs/tiny.toml --steps 40 --tp 2 [--model.dim 256] [--inject KIND@STEP]
+    watchtower demo
+
+Config errors are one line on stderr and exit code 2, before any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from watchtower.validation import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def split_overrides(rest: list[str]) -> list[tuple[str, str]]:
+    """`--model.dim 256` / `--model.dim=256` pairs from the arguments argparse did not know."""
+    out, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(arg, arg, "unknown argument; overrides look like --section.key VALUE "
+                              "(e.g. --model.dim 256); see --help for the short flags")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(key, None, "needs a value, e.g. --model.dim 256")
+            value = rest[i + 1]
+            i += 1
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML job file or preset name (tiny, smol-135m)")
+    p.add_argument("--steps", type=int, help="train.steps")
+    p.add_argument("--tp", type=int, help="train.tp: tensor-parallel ranks (spawned on this machine)")
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--run", help="run.name (the run label on every metric)")
+    p.add_argument("--output-dir", help="run.output_dir")
+    p.add_argument("--port", type=int, help="monitor.port: base /metrics port (rank r serves on port + r)")
+    p.add_argument("--inject", action="append", default=[], metavar="FAULT",
+                   help="fault to inject, e.g. loss_spike@120, stall@50:3s, tp_seed_bug (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace, rest: list[str]):
+    from watchtower.config import load_config
+
+    shorts = {"steps": "train.steps", "tp": "train.tp", "seed": "run.seed", "run": "run.name",
+              "output_dir": "run.output_dir", "port": "monitor.port"}
+    overrides: list[tuple[str, Any]] = [(key, getattr(args, a)) for a, key in shorts.items()
+                                        if getattr(args, a) is not None]
+    overrides += split_overrides(rest)
+    if args.inject:
+        overrides.append(("faults.inject", list(args.inject)))
+    return load_config(args.config, overrides)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    tag = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=logging.INFO, format=f"{tag}%(message)s", stream=sys.stderr)
+    for noisy in ("torch", "torchft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    from watchtower.launch import is_worker, launch_local
+
+    cfg = config_from_args(args, rest)  # validated here, before anything starts
+    if cfg.train.tp > 1 and not is_worker():
+        return launch_local(argv, cfg.train.tp, {"WATCHTOWER_RUN": cfg.run.name})
+    from watchtower.trainer.train import run
+
+    return run(cfg)
+
+
+def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """A monitored CPU run of the tiny trainer (TP=2) with a loss spike injected part-way."""
+    from watchtower.config import load_config
+    from watchtower.launch import launch_local
+
+    out = Path(args.output_dir or "runs/demo")
+    if out.exists():
+        shutil.rmtree(out)  # a demo starts fresh: no resume from an earlier demo's checkpoint
+    train_argv = ["train", "--config", "tiny", "--run", "demo", "--output-dir", str(out), "--steps", str(args.steps),
+                  "--tp", "2", "--port", str(args.port), "--inject", f"loss_spike@{args.steps // 2}"]
+    cfg = load_config("tiny", [("run.output_dir", str(out)), ("monitor.port", args.port)])
+    print(f"watchtower demo: {args.steps} steps of the tiny model, TP=2 on CPU, loss spike injected at step "
+          f"{args.steps // 2}")
+    print(f"  metrics while it runs: http://127.0.0.1:{cfg.monitor.port}/metrics (TP rank 0), "
+          f":{cfg.monitor.port + 1} (TP rank 1)")
+    code = launch_local(train_argv, 2, {"WATCHTOWER_RUN": "demo"})
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] if code == 0 else []
+    events = []
+    for path in sorted(out.glob("events-*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines()]
+    print("\nsummary")
+    if rows:
+        print(f"  steps: {rows[-1]['step']}   loss: {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
+    for e in events:
+        print(f"  detector {e['detector']} ({e['severity']}) at step {e['step']} on rank {e['rank']}: {e['detail']}")
+    print(f"  train log: {out / 'train_log.jsonl'}   checkpoints: {out / 'checkpoints'}")
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="watchtower", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train the bundled model (spawns --tp ranks)")
+    add_train_flags(train)
+    demo = sub.add_parser("demo", help="a monitored CPU run with an injected fault")
+    demo.add_argument("--steps", type=int, default=120)
+    demo.add_argument("--port", type=int, default=9400)
+    demo.add_argument("--output-dir", default=None)
+    args, rest = parser.parse_known_args(argv)
+    setup_logging()
+    commands = {"train": cmd_train, "demo": cmd_demo}
+    try:
+        if rest and args.command not in ("train",):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return commands[args.command](args, rest, argv)
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

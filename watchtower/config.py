@@ -1,0 +1,287 @@
+"""The training job's configuration: dataclasses, loaded from TOML, overridden on the command line.
+
+Precedence, one rule everywhere: command line > TOML file > dataclass defaults.
+
+    watchtower train --config configs/tiny.toml --steps 40 --tp 2 --model.dim 256 --inject stall@5:2s
+
+Every section is the small dataclass its component owns (`ModelConfig` lives beside the model);
+each validates itself in `__post_init__`, and `TrainConfig` checks what spans sections (TP must divide
+the heads). Any problem is one `ConfigError` line naming the full key, the value and what is allowed,
+raised before a process starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from watchtower.hooks.config import MonitorConfig
+from watchtower.trainer.checkpoint import CheckpointConfig
+from watchtower.trainer.data import BYTE_VOCAB, DataConfig
+from watchtower.trainer.faults import Fault, parse_fault
+from watchtower.trainer.model import ModelConfig
+from watchtower.validation import ConfigError, require
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    """name: the `run` label on every metric; one name per training run.
+    output_dir: logs and (by default) checkpoints; `{name}` is replaced by the run name."""
+
+    name: str = "watchtower"
+    seed: int = 0
+    output_dir: str = "runs/{name}"
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and all(c.isalnum() or c in "-_." for c in self.name), "name", self.name,
+                "must be non-empty, letters, digits, '-', '_' or '.' (it becomes a metric label)")
+        require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir.replace("{name}", self.name))
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio · lr`."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 turns clipping off
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", self.lr, "must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        require(0 <= self.beta1 < 1, "beta1", self.beta1, "must be in [0, 1)")
+        require(0 <= self.beta2 < 1, "beta2", self.beta2, "must be in [0, 1)")
+        require(self.eps > 0, "eps", self.eps, "must be > 0")
+        require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0: no clipping)")
+
+
+@dataclass
+class TrainingConfig:
+    """steps: optimizer steps to run. micro_batch_size × grad_accum_steps sequences of seq_len
+    tokens per step and replica group. tp: tensor-parallel ranks inside the group (on one node).
+    device: auto (cuda when present), cpu or cuda. mixed_precision: bf16 autocast on GPU; off on CPU.
+    """
+
+    steps: int = 100
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    tp: int = 1
+    device: str = "auto"
+    mixed_precision: str = "bf16"
+    activation_checkpointing: bool = False
+    log_interval: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "tp", "log_interval"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value >= 1, name, value, "must be an integer >= 1")
+        require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
+        require(self.mixed_precision in ("bf16", "none"), "mixed_precision", self.mixed_precision,
+                "must be bf16 or none")
+
+
+@dataclass
+class FaultsConfig:
+    """inject: fault specs for fire drills (see `watchtower.trainer.faults`)."""
+
+    inject: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for i, spec in enumerate(self.inject):
+            try:
+                parse_fault(spec, field="inject")
+            except ConfigError as err:
+                raise ConfigError(f"inject[{i}]", err.value, err.allowed) from None
+
+    def parsed(self) -> list[Fault]:
+        return [parse_fault(s) for s in self.inject]
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    def __post_init__(self) -> None:
+        m, t = self.model, self.train
+        if t.tp > 1:
+            require(m.n_heads % t.tp == 0, "train.tp", t.tp, f"must divide model.n_heads = {m.n_heads}")
+            require(m.kv_heads % t.tp == 0, "train.tp", t.tp, f"must divide the kv heads = {m.kv_heads}")
+            require(m.hidden_dim % t.tp == 0, "train.tp", t.tp,
+                    f"must divide the MLP width = {m.hidden_dim} (set model.ffn_hidden)")
+        require(t.seq_len <= m.max_seq_len, "train.seq_len", t.seq_len,
+                f"must be <= model.max_seq_len = {m.max_seq_len}")
+        require(m.vocab_size >= BYTE_VOCAB, "model.vocab_size", m.vocab_size,
+                f"must be >= {BYTE_VOCAB} (256 bytes + BOS)")
+        require(self.checkpoint.interval_steps <= t.steps, "checkpoint.interval_steps",
+                self.checkpoint.interval_steps, f"must be <= train.steps = {t.steps}")
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.dir or str(self.run.output_path / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Short hash of everything that shapes the numbers (not steps, ports or faults)."""
+        d = self.to_dict()
+        for volatile in ("faults", "monitor", "run"):
+            d.pop(volatile)
+        d["train"].pop("steps")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: TOML dict + dotted overrides -> validated dataclasses.
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check a TOML value (or parse a command-line string) against a field's declared type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(key, value, "must be a list")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(key, value, "must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, value, "must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, value, "must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(key, value, "must be a string")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and wrong types name their full key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(full, value, "unknown key; allowed here: " + ", ".join(sorted(names)))
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(full, value, f"must be a table ([{full}])")
+            kwargs[key] = build(tp, value, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # __post_init__ names its own field; put it under this section
+        raise (err.under(prefix) if prefix else err) from None
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(dotted, value, f"{part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path, or a preset name (`tiny` -> configs/tiny.toml in the working directory or the repo)."""
+    candidates = [Path(name)]
+    if not name.endswith(".toml"):
+        candidates += [Path("configs") / f"{name}.toml", PRESET_DIR / f"{name}.toml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+    raise ConfigError("--config", name, f"no such file; give a TOML path or a preset ({presets})")
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError("--config", str(path), f"is not valid TOML: {err}") from None
+
+
+def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:
+    """Defaults, then the TOML file, then each (dotted key, value) override, then validation."""
+    data: dict[str, Any] = read_toml(resolve_config_path(path)) if path else {}
+    for key, value in overrides:
+        if key == "faults.inject" and isinstance(value, list):
+            existing = data.setdefault("faults", {}).setdefault("inject", [])
+            existing.extend(value)
+        else:
+            set_dotted(data, key, value)
+    return build(TrainConfig, data)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    return build(TrainConfig, data)

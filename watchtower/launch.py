@@ -1,0 +1,71 @@
+"""Start the TP ranks of one replica group on this machine (what torchrun would do, minus torchrun).
+
+Each rank is `python -m watchtower.cli <same arguments>` with RANK / LOCAL_RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set. If one rank dies the others are stopped (SIGTERM, then SIGKILL after a
+grace period) and its exit code is returned: a TP group with a missing rank can only hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+WORKER_ENV = "WATCHTOWER_WORKER"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def is_worker() -> bool:
+    """True inside a launched rank (ours or torchrun's): run the training loop, don't spawn."""
+    return os.environ.get(WORKER_ENV) == "1" or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def rank_env(rank: int, world_size: int, master_port: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    env = dict(os.environ)
+    env.update({WORKER_ENV: "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(master_port),
+                "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", str(threads))})
+    env.update(extra or {})
+    return env
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def launch_local(argv: list[str], world_size: int, extra_env: dict[str, str] | None = None) -> int:
+    """Run `watchtower <argv>` as `world_size` ranks; returns 0 or the first failing rank's code."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "watchtower.cli", *argv],
+                              env=rank_env(r, world_size, port, extra_env)) for r in range(world_size)]
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                stop_all(procs)
+                return failed[0] if failed[0] > 0 else 128 - failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        stop_all(procs)
+        return 130

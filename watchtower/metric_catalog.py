@@ -1,0 +1,86 @@
+"""Every metric Watchtower exports: name, type, help and labels, declared once.
+
+The exporter builds its families from this table; alert rules, dashboards and the TUI may use only
+names declared here, and a test fails when one does not. Names follow Prometheus conventions (base
+units, `_total` on counters, `_seconds`, `_bytes`, `_ratio`) so `promtool check metrics` is clean.
+Labels never carry a step, a loss value or anything unbounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RANK_LABELS = ("run", "replica_group", "rank", "node")
+GPU_LABELS = RANK_LABELS + ("gpu",)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as exposed; counters end in _total
+    kind: str  # counter | gauge
+    help: str
+    labels: tuple[str, ...] = RANK_LABELS
+
+
+def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
+    return {s.name: s for s in specs}
+
+
+RANK_METRICS = _specs(
+    MetricSpec("watchtower_run_info", "gauge", "Always 1; labels describe the run (model, config hash, version).",
+               RANK_LABELS + ("model", "config_hash", "version")),
+    MetricSpec("watchtower_train_step", "gauge", "Last optimizer step this rank completed."),
+    MetricSpec("watchtower_steps_total", "counter", "Steps completed by this process."),
+    MetricSpec("watchtower_step_time_seconds", "gauge", "Mean wall time per step over the last log interval."),
+    MetricSpec("watchtower_step_time_seconds_total", "counter", "Wall time spent in steps."),
+    MetricSpec("watchtower_tokens_total", "counter", "Tokens processed by this rank."),
+    MetricSpec("watchtower_tokens_per_second", "gauge", "Tokens per second over the last log interval."),
+    MetricSpec("watchtower_mfu_ratio", "gauge", "Model FLOPs utilisation: achieved / peak FLOP/s of the device."),
+    MetricSpec("watchtower_data_wait_seconds_total", "counter", "Time spent waiting for the next batch."),
+    MetricSpec("watchtower_data_wait_ratio", "gauge", "Share of step time spent waiting for data, last interval."),
+    MetricSpec("watchtower_loss", "gauge", "Training loss of the last step copied to the host."),
+    MetricSpec("watchtower_grad_norm", "gauge", "Global gradient norm of the last step copied to the host."),
+    MetricSpec("watchtower_learning_rate", "gauge", "Learning rate of the last step."),
+    MetricSpec("watchtower_heartbeat_timestamp_seconds", "gauge", "Unix time when this rank last finished a step."),
+    MetricSpec("watchtower_detector_events_total", "counter", "Incidents reported by a detector.",
+               RANK_LABELS + ("detector", "severity")),
+    MetricSpec("watchtower_detector_last_event_step", "gauge", "Step of the detector's most recent incident.",
+               RANK_LABELS + ("detector",)),
+    MetricSpec("watchtower_parallel_check_ok", "gauge",
+               "1 if the last TP/DP fingerprint check passed, 0 if it failed.", RANK_LABELS + ("check",)),
+    MetricSpec("watchtower_parallel_checks_total", "counter", "TP/DP fingerprint checks run.", RANK_LABELS + ("check",)),
+    MetricSpec("watchtower_hook_errors_total", "counter", "Exceptions caught inside the monitor (never raised).",
+               RANK_LABELS + ("hook",)),
+    # host (psutil)
+    MetricSpec("watchtower_host_cpu_utilization_ratio", "gauge", "Host CPU utilisation, all cores."),
+    MetricSpec("watchtower_host_memory_used_ratio", "gauge", "Share of host memory in use."),
+    MetricSpec("watchtower_process_resident_memory_bytes", "gauge", "Resident memory of this rank's process."),
+    MetricSpec("watchtower_host_disk_read_bytes_total", "counter", "Bytes read from the host's disks."),
+    MetricSpec("watchtower_host_disk_written_bytes_total", "counter", "Bytes written to the host's disks."),
+    MetricSpec("watchtower_host_network_received_bytes_total", "counter", "Bytes received on the host's interfaces."),
+    MetricSpec("watchtower_host_network_sent_bytes_total", "counter", "Bytes sent on the host's interfaces."),
+    # GPU (NVML); absent on machines without one
+    MetricSpec("watchtower_gpu_utilization_ratio", "gauge", "GPU busy share over the driver's sample period.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_memory_used_bytes", "gauge", "GPU memory in use.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_memory_total_bytes", "gauge", "GPU memory installed.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_temperature_celsius", "gauge", "GPU core temperature.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_power_watts", "gauge", "GPU power draw.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_sm_clock_hertz", "gauge", "GPU SM clock.", GPU_LABELS),
+    MetricSpec("watchtower_gpu_throttled", "gauge", "1 while the GPU clocks are held down for this reason.",
+               GPU_LABELS + ("reason",)),
+    MetricSpec("watchtower_gpu_ecc_errors_total", "counter", "ECC errors since the driver loaded (volatile).",
+               GPU_LABELS + ("type",)),
+    MetricSpec("watchtower_gpu_xid_errors_total", "counter", "XID errors reported by the driver, by code.",
+               GPU_LABELS + ("xid",)),
+)
+
+ALL_METRICS: dict[str, MetricSpec] = dict(RANK_METRICS)
+
+
+def series_names(spec: MetricSpec) -> set[str]:
+    """The series names a metric exposes (what PromQL can select)."""
+    return {spec.name}
+
+
+def declared_series() -> set[str]:
+    return {n for spec in ALL_METRICS.values() for n in series_names(spec)}

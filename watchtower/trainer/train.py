@@ -1,0 +1,277 @@
+"""The bundled trainer: one replica group of `train.tp` ranks, observed by the hook library.
+
+Launched once per rank (by `watchtower train`, which spawns the TP ranks itself, or by torchrun).
+The monitor is used exactly as a user's own loop would use it: `wrap`, `step`, `record`, `watch`.
+
+Outputs under `run.output_dir`: `train_log.jsonl` (rank 0: one line per step with loss, grad norm,
+lr and a signature of the batch, written every log interval) and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from watchtower.config import TrainConfig
+from watchtower.hooks import Monitor, RankIdentity
+from watchtower.hooks.device_series import DeviceSeries
+from watchtower.trainer.checkpoint import Checkpointer
+from watchtower.trainer.data import Batch, PackedBatches, load_tokens
+from watchtower.trainer.faults import DelayedBatches, FaultPlan
+from watchtower.trainer.model import Transformer, flops_per_token
+from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, local_tensor,
+                                         seed_bug_reinit)
+
+log = logging.getLogger("watchtower.train")
+
+
+@dataclass
+class RankEnv:
+    """Where this process sits: its TP rank, the TP world size, its replica group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    replica_group: int = 0
+
+    @classmethod
+    def from_env(cls) -> "RankEnv":
+        e = os.environ
+        return cls(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)),
+                   int(e.get("WATCHTOWER_REPLICA_GROUP", 0)))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to optim.lr, then cosine decay to min_lr_ratio · lr at train.steps."""
+    o, total = cfg.optim, cfg.train.steps
+    if step <= o.warmup_steps:
+        return o.lr * step / max(o.warmup_steps, 1)
+    progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cosine)
+
+
+def batch_signature(batch: Batch) -> int:
+    """A cheap fingerprint of the token ids (on the CPU copy), to prove a resume saw the same data."""
+    weights = torch.arange(1, batch.inputs.shape[-1] + 1)
+    return int((batch.inputs * weights).sum()) % 1_000_000_007
+
+
+def pick_device(cfg: TrainConfig, env: RankEnv) -> torch.device:
+    wanted = cfg.train.device
+    if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: RankEnv | None = None):
+        self.cfg, self.env = cfg, env or RankEnv.from_env()
+        self.device = pick_device(cfg, self.env)
+        self.faults = FaultPlan(cfg.faults.parsed(), self.env.replica_group, self.env.rank)
+        self.tp_group = self._init_distributed()
+        torch.manual_seed(cfg.run.seed)  # the same full weights on every rank, then sharded
+        self.model = Transformer(cfg.model, cfg.train.activation_checkpointing).to(self.device)
+        if cfg.train.tp > 1:
+            apply_tensor_parallel(self.model, self._mesh)
+            if self.faults.has("tp_seed_bug"):
+                seed_bug_reinit(self.model, cfg.run.seed, cfg.model.init_std)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.params if p.ndim >= 2]
+        no_decay = [p for p in self.params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        self.data = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
+                                  cfg.data.shuffle_seed, document_masking=cfg.data.document_masking)
+        self.checkpointer = Checkpointer(cfg.checkpoint_url, self.env.rank, self.env.world_size,
+                                         cfg.checkpoint.keep_last, self._agree, self._gather)
+        self.step = 0
+        self.output = cfg.run.output_path
+        self.output.mkdir(parents=True, exist_ok=True)
+        identity = RankIdentity(run=cfg.run.name, replica_group=self.env.replica_group, rank=self.env.rank,
+                                local_rank=self.env.local_rank,
+                                node=os.environ.get("WATCHTOWER_NODE", "") or RankIdentity.from_env().node)
+        self.monitor = Monitor(cfg.monitor, identity, device=self.device,
+                               flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
+                               model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
+                               config_hash=cfg.config_hash())
+        self.monitor.watch(self.model, tp_group=self.tp_group)
+        self.loader = self.monitor.wrap(DelayedBatches(self.data, self.faults, lambda: self.step + 1))
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
+
+    # ---- distributed plumbing -----------------------------------------------------------------
+
+    def _init_distributed(self) -> dist.ProcessGroup | None:
+        self._mesh = None
+        if self.env.world_size == 1:
+            return None
+        backend = "cuda:nccl,cpu:gloo" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=self.env.rank, world_size=self.env.world_size)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self._mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("tp",))
+        return self._mesh.get_group()
+
+    def _agree(self, flag: bool) -> bool:
+        if self.env.world_size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)  # on the CPU (gloo) side of the default group
+        return bool(t.item())
+
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.env.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    # ---- checkpoint state ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        optim = self.optimizer.state_dict()
+        optim["state"] = {k: {n: local_tensor(v).cpu() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
+                          for k, s in optim["state"].items()}
+        return {"step": self.step,
+                "model": {k: local_tensor(v).cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": optim,
+                "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.model.state_dict().items():
+                local_tensor(p).copy_(state["model"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for p in self.params:  # plain tensors back into DTensor state where the param is sharded
+            if isinstance(p, DTensor):
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.ndim:
+                        self.optimizer.state[p][key] = DTensor.from_local(
+                            value.to(self.device), p.device_mesh, p.placements, run_check=False)
+        self.data.load_state_dict(state["data"])
+        self.step = int(state["step"])
+
+    def save_checkpoint(self) -> None:
+        start = time.perf_counter()
+        self.checkpointer.save(self.step, self.state_dict(),
+                               {"config_hash": self.cfg.config_hash(), "run": self.cfg.run.name})
+        log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url,
+                 time.perf_counter() - start)
+
+    def maybe_resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        found = self.checkpointer.load_latest()
+        if found is None:
+            return
+        step, state, _meta = found
+        self.load_state_dict(state)
+        log.info("resumed from checkpoint step %d", step)
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def forward_backward(self, batch: Batch, loss_factor: float | None) -> torch.Tensor:
+        batch = batch.to(self.device)
+        with self.autocast:
+            logits = self.model(batch.inputs, batch.positions, batch.doc_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten())
+        if loss_factor is not None:
+            loss = loss * loss_factor
+        (loss / self.cfg.train.grad_accum_steps).backward()
+        return loss.detach()
+
+    def train(self) -> int:
+        cfg, t = self.cfg, self.cfg.train
+        self.maybe_resume()
+        log_rows: list[dict[str, Any]] = []
+        losses, norms = DeviceSeries(), DeviceSeries()
+        tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
+        wall = time.perf_counter()
+        first_step = self.step + 1
+        while self.step < t.steps:
+            step = self.step + 1
+            self.faults.before_step(step)
+            lr = lr_at(step, cfg)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self.monitor.step(tokens=tokens_per_step, step=step) as s:
+                signatures, micro_losses = [], []
+                for _ in range(t.grad_accum_steps):
+                    batch = next(self.loader)
+                    signatures.append(batch_signature(batch))
+                    micro_losses.append(self.forward_backward(batch, self.faults.loss_factor(step)))
+                loss = torch.stack(micro_losses).mean()
+                norm = grad_norm(self.params, self.tp_group)
+                if cfg.optim.grad_clip:
+                    clip_grads_(self.params, norm, cfg.optim.grad_clip)
+                s.record(loss=loss, grad_norm=norm, lr=lr)
+                if s.should_step():
+                    self.optimizer.step()
+                else:
+                    log.warning("step %d skipped: non-finite loss or gradient", step)
+                self.optimizer.zero_grad(set_to_none=True)
+            self.step = step
+            losses.append(step, loss)
+            norms.append(step, norm)
+            log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007})
+            if step % t.log_interval == 0 or step == t.steps:
+                self._write_log(log_rows, losses, norms, step - first_step + 1, wall)
+                log_rows = []
+            if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and step < t.steps:
+                self.save_checkpoint()
+        self.save_checkpoint()
+        self.monitor.close()
+        self._write_events()
+        return 0
+
+    def _write_events(self) -> None:
+        path = self.output / f"events-g{self.env.replica_group}-r{self.env.rank}.jsonl"
+        with open(path, "w") as f:
+            for e in self.monitor.events:
+                f.write(json.dumps({"detector": e.detector, "step": e.step, "severity": e.severity,
+                                    "value": e.value, "detail": e.detail, "rank": self.env.rank,
+                                    "replica_group": self.env.replica_group}) + "\n")
+
+    def _write_log(self, rows, losses: DeviceSeries, norms: DeviceSeries, steps_done: int, wall: float) -> None:
+        """Rank 0: one JSON line per step (this is the interval's only host read of the loss)."""
+        losses.flush()
+        norms.flush()
+        loss_by_step = dict(losses.harvest(wait=True))
+        norm_by_step = dict(norms.harvest(wait=True))
+        if self.env.rank != 0:
+            return
+        with open(self.output / "train_log.jsonl", "a") as f:
+            for row in rows:
+                row.update(loss=loss_by_step.get(row["step"]), grad_norm=norm_by_step.get(row["step"]),
+                           replica_group=self.env.replica_group)
+                f.write(json.dumps(row) + "\n")
+        last = rows[-1]
+        elapsed = time.perf_counter() - wall
+        log.info("step %5d | loss %.4f | grad norm %.3f | lr %.2e | %.0f tok/s", last["step"], last["loss"],
+                 last["grad_norm"], last["lr"],
+                 steps_done * self.cfg.train.micro_batch_size * self.cfg.train.seq_len
+                 * self.cfg.train.grad_accum_steps / max(elapsed, 1e-9))
+
+
+def run(cfg: TrainConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # let every rank finish its collectives before the group goes away
+            dist.destroy_process_group()
