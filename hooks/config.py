@@ -34,6 +34,8 @@ class MonitorConfig:
         (bf16 dense). CPUs are not in the table: MFU is not exported unless this is set.
     system_interval_s: seconds between GPU (NVML) and host (psutil) samples, taken on a
         background thread.
+    linger_s: keep /metrics up this long after `close()`, so Prometheus scrapes the final values
+        of a short run (its scrape interval is a good value).
     """
 
     enabled: bool = True
@@ -44,6 +46,7 @@ class MonitorConfig:
     nonfinite_action: str = "count"
     peak_flops: float = 0.0
     system_interval_s: float = 5.0
+    linger_s: float = 0.0
     loss_spike: LossSpikeConfig = field(default_factory=LossSpikeConfig)
     data_stall: DataStallConfig = field(default_factory=DataStallConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
@@ -56,4 +59,5 @@ class MonitorConfig:
         require(self.nonfinite_action in ("count", "skip_step"), "nonfinite_action", self.nonfinite_action,
                 "must be count or skip_step")
         require(self.peak_flops >= 0, "peak_flops", self.peak_flops, "must be >= 0 FLOP/s (0: look it up)")
+        require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
         require(self.system_interval_s > 0, "system_interval_s", self.system_interval_s, "must be > 0 seconds")

@@ -267,6 +267,8 @@ class Monitor:
         if self._sampler:
             self._sampler.close()
         if self._server is not None:
+            if self.cfg.linger_s:
+                time.sleep(self.cfg.linger_s)
             self._server.shutdown()
             self._server.server_close()
             self._server = None

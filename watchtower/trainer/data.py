@@ -52,6 +52,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(self.max_bytes > 0, "max_bytes", self.max_bytes, "must be a positive number of bytes")
         require(self.shuffle_seed >= 0, "shuffle_seed", self.shuffle_seed, "must be >= 0")
+        if self.source and "://" not in self.source and not any(c in self.source for c in "*?["):
+            require(Path(self.source).exists(), "source", self.source,
+                    "no such file or directory (give a local path, a glob, or an fsspec URL)")
 
 
 def builtin_corpus_files() -> list[str]:

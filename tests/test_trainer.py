@@ -1,0 +1,80 @@
+"""The bundled trainer, run for real through the CLI on CPU."""
+
+from __future__ import annotations
+
+import statistics
+
+from conftest import read_log, run_watchtower
+
+TP_TOLERANCE = 1e-4  # max |loss(TP=2) - loss(TP=1)| per step over 20 steps, float32 on CPU
+
+
+def train(tmp_path, name, *flags):
+    out = tmp_path / name
+    result = run_watchtower("train", "--config", "tiny", "--port", "0", "--output-dir", str(out),
+                            "--train.log_interval", "1", *flags)
+    return out, result
+
+
+def test_loss_falls_on_tiny(tmp_path):
+    out, result = train(tmp_path, "falls", "--steps", "60")
+    assert result.returncode == 0, result.stderr
+    losses = [row["loss"] for row in read_log(out)]
+    assert len(losses) == 60
+    assert statistics.mean(losses[-10:]) < statistics.mean(losses[:5]) - 1.0, losses
+
+
+def test_tp2_reproduces_tp1(tmp_path):
+    out1, r1 = train(tmp_path, "tp1", "--steps", "20")
+    out2, r2 = train(tmp_path, "tp2", "--steps", "20", "--tp", "2")
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    a, b = read_log(out1), read_log(out2)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 21))
+    assert [r["data_sig"] for r in a] == [r["data_sig"] for r in b]
+    diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+    assert max(diffs) <= TP_TOLERANCE, diffs
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run killed (SIGKILL) after its step-20 checkpoint resumes to the same losses and data."""
+    ref, r = train(tmp_path, "ref", "--steps", "30")
+    assert r.returncode == 0, r.stderr
+    out, crashed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10",
+                         "--inject", "crash@21")
+    assert crashed.returncode == -9
+    out, resumed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint step 20" in resumed.stderr
+    after = {row["step"]: row for row in read_log(out) if row["step"] > 20}
+    expected = {row["step"]: row for row in read_log(ref) if row["step"] > 20}
+    assert sorted(after) == list(range(21, 31))
+    for step in range(21, 31):
+        assert after[step]["data_sig"] == expected[step]["data_sig"]
+        assert abs(after[step]["loss"] - expected[step]["loss"]) <= 1e-6, (step, after[step], expected[step])
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
+    out, r = train(tmp_path, "trunc", "--steps", "30", "--checkpoint.interval_steps", "10")
+    assert r.returncode == 0, r.stderr
+    newest = out / "checkpoints" / "step-00000030" / "rank-00.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    out, again = train(tmp_path, "trunc", "--steps", "35", "--checkpoint.interval_steps", "10")
+    assert again.returncode == 0, again.stderr
+    assert "step-00000030 is unusable: rank-00.pt is truncated" in again.stderr
+    assert "resumed from checkpoint step 20" in again.stderr
+    steps = [row["step"] for row in read_log(out)]
+    assert steps[-15:] == list(range(21, 36))
+
+
+def test_tp2_checkpoint_resume(tmp_path):
+    """Sharded checkpoints: each TP rank saves and restores its own shard and optimizer state."""
+    out, r = train(tmp_path, "tp2ck", "--steps", "10", "--tp", "2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (out / "checkpoints" / "step-00000010").iterdir()) == [
+        "manifest.json", "rank-00.pt", "rank-01.pt"]
+    out, again = train(tmp_path, "tp2ck", "--steps", "14", "--tp", "2")
+    assert again.returncode == 0, again.stderr
+    assert "resumed from checkpoint step 10" in again.stderr
+    assert [row["step"] for row in read_log(out)][-4:] == [11, 12, 13, 14]
