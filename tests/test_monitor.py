@@ -1,0 +1,126 @@
+"""The monitor's promises, through its public API: never raises, never blocks the port, one import."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import free_port, samples, scrape_text, value
+from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
+
+
+def make(**kw) -> Monitor:
+    kw.setdefault("port", 0)
+    kw.setdefault("log_interval", 3)
+    return Monitor(MonitorConfig(**kw), RankIdentity(run="t", node="n0"))
+
+
+GARBAGE = [None, "abc", b"\x00", object(), [1, 2], {"a": 1}, float("nan"), float("inf"), -float("inf"),
+           1e308, -1e308, 0, -1, True, torch.ones(3), torch.tensor(float("nan")), torch.tensor([]),
+           torch.tensor(1, dtype=torch.int64), torch.zeros(2, 2, dtype=torch.bool), 10 ** 400]
+
+
+def test_fuzzed_inputs_never_raise():
+    rng = random.Random(0)
+    monitor = make()
+    pick = lambda: rng.choice(GARBAGE)  # noqa: E731
+    for _ in range(500):
+        with monitor.step(tokens=pick(), step=rng.choice([None, 1, -5, "x", 2 ** 70])) as s:
+            s.record(loss=pick(), grad_norm=pick(), lr=pick())
+            assert s.should_step() in (True, False)
+    monitor.check_parallel(pick())
+    monitor.watch(pick(), tp_group=pick())
+    assert monitor.wrap(5) == 5  # not iterable: handed back untouched
+    monitor.close()
+    assert sum(monitor.errors.counts.values()) > 0, "bad input must be counted"
+
+
+def test_hook_errors_are_counted_and_logged_once(caplog):
+    monitor = make()
+    with caplog.at_level(logging.WARNING, logger="watchtower.hooks"):
+        for step in range(1, 6):
+            with monitor.step(step=step) as s:
+                s.record(loss="not a number")
+    assert monitor.errors.counts["record"] == 5
+    assert sum("'record' failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_trainer_exceptions_pass_through_untouched():
+    monitor = make()
+    with pytest.raises(ZeroDivisionError):
+        with monitor.step():
+            1 / 0
+    loader = monitor.wrap(iter([]))
+    with pytest.raises(StopIteration):
+        next(loader)
+    assert monitor.state.steps_total == 0
+
+
+def test_nonfinite_detected_without_reading_per_step_and_skip_is_opt_in():
+    monitor = make(log_interval=4)
+    for step in range(1, 5):
+        with monitor.step(step=step) as s:
+            s.record(loss=torch.tensor(float("nan") if step == 2 else 1.0))
+            assert s.should_step()  # "count" never reads the device and never skips
+        if step < 4:
+            assert not monitor.events, "values are read only at the log interval"
+    assert [(e.detector, e.step) for e in monitor.events] == [("nonfinite", 2)]
+    skipper = make(nonfinite_action="skip_step")
+    with skipper.step(step=1) as s:
+        s.record(loss=torch.tensor(float("inf")), grad_norm=torch.tensor(1.0))
+        assert not s.should_step()
+
+
+def test_taken_port_warns_and_uses_the_next(caplog):
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        with caplog.at_level(logging.WARNING, logger="watchtower.hooks"):
+            monitor = Monitor(MonitorConfig(port=port, bind="127.0.0.1"), RankIdentity(run="p"))
+        assert monitor.port == port + 1
+        assert f"port {port} is taken" in caplog.text
+        with monitor.step(tokens=10) as s:
+            s.record(loss=2.0)
+        scraped = samples(scrape_text(monitor.port))
+        assert value(scraped, "watchtower_steps_total", run="p") == 1
+        monitor.close()
+    finally:
+        blocker.close()
+
+
+def test_disabled_monitor_is_a_no_op():
+    monitor = make(enabled=False)
+    data = [1, 2]
+    assert monitor.wrap(data) is data
+    with monitor.step(tokens=3) as s:
+        s.record(loss=1.0)
+    assert monitor.state.steps_total == 0
+
+
+def test_detector_sees_every_step_despite_batched_copies():
+    monitor = make(log_interval=7)
+    for step in range(1, 61):
+        with monitor.step(step=step) as s:
+            s.record(loss=torch.tensor(8.0 if step == 45 else 3.0 - step * 0.001))
+    monitor.close()
+    assert [(e.detector, e.step) for e in monitor.events] == [("loss_spike", 45)]
+    assert math.isclose(monitor.state.loss, 3.0 - 0.06, rel_tol=1e-6)
+
+
+def test_hooks_import_contract():
+    """watchtower.hooks pulls in neither textual, torchft, the supervisor nor the TUI."""
+    code = ("import sys, watchtower.hooks\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'torchft', 'grafana_client')"
+            " or m.startswith(('watchtower.supervisor', 'watchtower.tui', 'watchtower.cli')))\n"
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
