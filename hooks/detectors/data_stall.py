@@ -79,9 +79,10 @@ class DataStallDetector:
         self.shares.append(share)
         if len(self.shares) == self.cfg.trend_window:
             rise = trend_rise(list(self.shares))
-            now_rising = rise >= self.cfg.share_rise and share >= self.cfg.min_share
-            if now_rising and not self.rising:
+            if not self.rising and rise >= self.cfg.share_rise and share >= self.cfg.min_share:
+                self.rising = True
                 events.append(DetectorEvent("data_wait_rising", step, "warning", share,
                                             f"data-wait share rose {rise:.2f} over {len(self.shares)} steps"))
-            self.rising = now_rising
+            elif self.rising and (rise < self.cfg.share_rise / 2 or share < self.cfg.min_share / 2):
+                self.rising = False  # hysteresis: re-arm only once clearly recovered, so noise cannot flap it
         return events

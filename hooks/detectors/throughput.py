@@ -55,11 +55,12 @@ class ThroughputDropDetector:
         baseline = statistics.median(values[: self.cfg.baseline_window])
         recent = statistics.median(values[self.cfg.baseline_window:])
         ratio = recent / baseline if baseline > 0 else 1.0
-        now_dropped = ratio < self.cfg.drop_ratio
-        fired = now_dropped and not self.dropped
-        self.dropped = now_dropped
-        if not fired:
+        if self.dropped:  # hysteresis: recovered only halfway back above the threshold
+            self.dropped = ratio < self.cfg.drop_ratio + (1 - self.cfg.drop_ratio) / 2
             return []
+        if ratio >= self.cfg.drop_ratio:
+            return []
+        self.dropped = True
         severity = "critical" if ratio < self.cfg.drop_ratio / 2 else "warning"
         return [DetectorEvent("throughput_drop", step, severity, ratio,
                               f"tokens/s {recent:.0f} is {ratio:.0%} of baseline {baseline:.0f}")]

@@ -1,0 +1,18 @@
+"""The runnable examples in public docstrings stay true."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
+           "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike",
+           "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
