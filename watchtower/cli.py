@@ -114,6 +114,22 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     return code
 
 
+def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """Write a Prometheus config that scrapes the ranks through file_sd and loads our rules."""
+    from watchtower.prometheus_config import render_prometheus_config
+
+    for name in ("scrape_interval", "evaluation_interval"):
+        value = getattr(args, name)
+        if not value[:-1].replace(".", "").isdigit() or value[-1] not in "smh":
+            raise ConfigError(f"--{name.replace('_', '-')}", value, "must be a Prometheus duration like 15s or 1m")
+    text = render_prometheus_config(str(Path(args.targets_file).resolve()), args.alertmanager,
+                                    [str(Path(r).resolve()) for r in args.rules] or None,
+                                    args.scrape_interval, args.evaluation_interval)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}: scrapes targets in {args.targets_file}, alerts to {args.alertmanager or 'nobody'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="watchtower", description=__doc__.splitlines()[0])
@@ -124,9 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=120)
     demo.add_argument("--port", type=int, default=9400)
     demo.add_argument("--output-dir", default=None)
+    prom = sub.add_parser("prometheus-config", help="write a Prometheus config for this job")
+    prom.add_argument("--out", default="prometheus.yml")
+    prom.add_argument("--targets-file", default="runs/targets.json", help="file_sd file the supervisor writes")
+    prom.add_argument("--alertmanager", default="127.0.0.1:9093", help="host:port of Alertmanager ('' for none)")
+    prom.add_argument("--rules", action="append", default=[], help="rule file (default: alerts/rules.yml)")
+    prom.add_argument("--scrape-interval", default="15s")
+    prom.add_argument("--evaluation-interval", default="15s")
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    commands = {"train": cmd_train, "demo": cmd_demo}
+    commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config}
     try:
         if rest and args.command not in ("train",):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
