@@ -8,17 +8,15 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO, free_port, wait_for_metrics, value, watchtower_cmd
 from watchtower.metric_catalog import declared_series
-from watchtower.prometheus_config import Target, render_prometheus_config, write_file_sd
+from watchtower.alerting_stack import AlertingStack
+from watchtower.prometheus_config import Target
 
 ALERTS = REPO / "alerts"
 PROMTOOL, AMTOOL = shutil.which("promtool"), shutil.which("amtool")
@@ -67,38 +65,7 @@ def test_alertmanager_config_and_routes():
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-# ---- the fire drill ---------------------------------------------------------------------------
-
-class Pager:
-    """A webhook receiver on loopback that records every notification Alertmanager sends."""
-
-    def __init__(self) -> None:
-        self.alerts: list[dict] = []
-        pager = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                pager.alerts.extend(a for a in body["alerts"] if a["status"] == "firing")
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, alertname: str, timeout: float, **labels: str) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for a in self.alerts:
-                if a["labels"]["alertname"] == alertname and labels.items() <= a["labels"].items():
-                    return a
-            time.sleep(0.2)
-        raise AssertionError(f"no page {alertname} {labels} in {timeout}s; got {[a['labels'] for a in self.alerts]}")
-
+# ---- against real servers -------------------------------------------------------------------
 
 def one_thread_env() -> dict[str, str]:
     """Two trainers beside Prometheus on a 2-core machine: one OpenMP thread each, or spinning
@@ -106,52 +73,44 @@ def one_thread_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"{url} never answered")
-
-
 @pytest.fixture
-def pager():
-    p = Pager()
-    yield p
-    p.server.shutdown()
+def stack(tmp_path):
+    with AlertingStack(tmp_path / "stack", interval="1s") as s:
+        yield s
 
 
-@pytest.fixture
-def alerting_stack(tmp_path, processes, pager):
-    """Real Alertmanager (webhook → pager) and Prometheus (1 s scrape/eval) on loopback."""
-    for binary in (PROMETHEUS, ALERTMANAGER):
-        assert binary, ".ci/run installs Debian's prometheus and prometheus-alertmanager"
-    am_port, prom_port = free_port(), free_port()
-    am_config = tmp_path / "alertmanager.yml"
-    am_config.write_text(json.dumps({
-        "route": {"receiver": "pager", "group_by": ["run", "alertname"], "group_wait": "1s",
-                  "group_interval": "1s", "repeat_interval": "1h"},
-        "receivers": [{"name": "pager", "webhook_configs": [{"url": f"http://127.0.0.1:{pager.port}/page"}]}]}))
-    processes.start([ALERTMANAGER, f"--config.file={am_config}", f"--web.listen-address=127.0.0.1:{am_port}",
-                     "--cluster.listen-address=", f"--storage.path={tmp_path / 'am-data'}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    targets = tmp_path / "targets.json"
-    write_file_sd(targets, [])
-    prom_config = tmp_path / "prometheus.yml"
-    prom_config.write_text(render_prometheus_config(str(targets), f"127.0.0.1:{am_port}", None, "1s", "1s"))
-    processes.start([PROMETHEUS, f"--config.file={prom_config}", f"--web.listen-address=127.0.0.1:{prom_port}",
-                     f"--storage.tsdb.path={tmp_path / 'prom-data'}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_http(f"http://127.0.0.1:{am_port}/-/ready")
-    wait_http(f"http://127.0.0.1:{prom_port}/-/ready")
-    return targets, prom_port
+def test_inhibition_node_down_silences_its_rank_alerts(tmp_path):
+    """The repo's own alertmanager.yml (webhooks pointed at our pager, PagerDuty left out) on a real
+    Alertmanager: a dead node's hang is inhibited; the same alert on another node pages."""
+    config = yaml.safe_load((ALERTS / "alertmanager.yml").read_text())
+    stack = AlertingStack(tmp_path / "am")
+    for receiver in config["receivers"]:
+        receiver.pop("pagerduty_configs", None)
+        for hook in receiver.get("webhook_configs", []):
+            hook["url"] = stack.pager.url
+    config["route"]["group_wait"] = "1s"
+    for route in config["route"]["routes"]:
+        route["group_wait"] = "1s"
+    stack.alertmanager_config = config
+    with stack:
+        node = {"run": "r", "node": "n7", "replica_group": "1"}
+        stack.post_alerts([
+            {"labels": {"alertname": "WatchtowerRankDown", "severity": "page", "rank": "0", **node}},
+            {"labels": {"alertname": "WatchtowerRankHung", "severity": "page", "rank": "1", **node}},
+            {"labels": {"alertname": "WatchtowerRankHung", "severity": "page", "rank": "0", "run": "r",
+                        "node": "n8", "replica_group": "2"}},
+        ])
+        stack.pager.wait_for("WatchtowerRankDown", 20, node="n7")
+        stack.pager.wait_for("WatchtowerRankHung", 20, node="n8")
+        time.sleep(2)
+        state = {(a["labels"]["alertname"], a["labels"]["node"]): a["status"] for a in stack.alertmanager_alerts()}
+        assert state[("WatchtowerRankHung", "n7")]["inhibitedBy"], state
+        assert not state[("WatchtowerRankHung", "n8")]["inhibitedBy"]
+        assert not any(p["labels"]["alertname"] == "WatchtowerRankHung" and p["labels"]["node"] == "n7"
+                       for p in stack.pager.pages)
 
 
-def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes, pager, alerting_stack):
-    targets, prom_port = alerting_stack
+def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes, stack):
     runs = {}
     for run, inject in (("spiky", ["--inject", "loss_spike@80"]), ("clean", [])):
         port = free_port()
@@ -160,15 +119,15 @@ def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes,
             "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120",
             *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
         runs[run] = (port, proc)
-    write_file_sd(targets, [Target(f"127.0.0.1:{port}", run, 0, 0, f"node-{run}") for run, (port, _) in runs.items()])
+    stack.set_targets([Target(f"127.0.0.1:{port}", run, 0, 0, f"node-{run}") for run, (port, _) in runs.items()])
     for run, (port, proc) in runs.items():
         wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
-    page = pager.wait_for("WatchtowerLossSpike", 30, run="spiky")
+    page = stack.pager.wait_for("WatchtowerLossSpike", 30, run="spiky")
     assert {"severity": "page", "rank": "0", "node": "node-spiky", "replica_group": "0"}.items() <= page["labels"].items()
     assert page["annotations"]["summary"].endswith("at step 80")
     assert page["annotations"]["runbook_url"] == "docs/runbooks.md#loss-spike"
     time.sleep(3)  # a few more evaluations: the clean run must still have paged nothing
-    assert all(a["labels"]["run"] == "spiky" for a in pager.alerts), [a["labels"] for a in pager.alerts]
+    assert all(p["labels"]["run"] == "spiky" for p in stack.pager.pages), [p["labels"] for p in stack.pager.pages]
     runs["clean"][1].send_signal(signal.SIGKILL)
-    down = pager.wait_for("WatchtowerRankDown", 40, run="clean")
+    down = stack.pager.wait_for("WatchtowerRankDown", 40, run="clean")
     assert {"severity": "page", "rank": "0", "node": "node-clean", "job": "watchtower-ranks"}.items() <= down["labels"].items()

@@ -161,14 +161,24 @@ class PackedBatches:
     def __iter__(self) -> "PackedBatches":
         return self
 
-    def __next__(self) -> Batch:
+    def _take_global_batch(self) -> int:
+        """Advance past one global batch; returns where it starts in this epoch's order."""
         global_batch = self.batch_size * self.dp_size
         if self.cursor + global_batch > self.num_windows:  # drop the ragged tail, start a new epoch
             self.epoch += 1
             self.cursor = 0
             self._order = self._permutation(self.epoch)
-        picked = self._order[self.cursor + self.dp_rank: self.cursor + global_batch: self.dp_size]
+        start = self.cursor
         self.cursor += global_batch
+        return start
+
+    def skip(self) -> None:
+        """Consume a global batch without reading it (a hot spare keeps its data state in sync)."""
+        self._take_global_batch()
+
+    def __next__(self) -> Batch:
+        start = self._take_global_batch()
+        picked = self._order[start + self.dp_rank: start + self.batch_size * self.dp_size: self.dp_size]
         starts = picked * self.seq_len
         windows = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
         inputs, targets = windows[:, :-1], windows[:, 1:]

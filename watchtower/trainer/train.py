@@ -227,7 +227,7 @@ class Trainer:
             self.step = step
             losses.append(step, loss)
             norms.append(step, norm)
-            log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007})
+            log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007, "time": time.time()})
             if step % t.log_interval == 0 or step == t.steps:
                 self._write_log(log_rows, losses, norms, step - first_step + 1, wall)
                 log_rows = []

@@ -1,0 +1,159 @@
+"""A throwaway alerting stack on loopback: Prometheus, Alertmanager and a webhook "pager".
+
+For fire drills, the alert-latency benchmark and the end-to-end tests: the real Debian binaries,
+started in a temp dir with short intervals, our own `alerts/rules.yml`, and a pager that records
+every notification Alertmanager sends. Everything it starts is stopped on exit, also on errors.
+
+Example:
+    with AlertingStack(Path(tmp), interval="1s") as stack:
+        stack.set_targets([Target("127.0.0.1:9400", "myrun", 0, 0, "node-a")])
+        page = stack.pager.wait_for("WatchtowerLossSpike", timeout=30, run="myrun")
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from watchtower.prometheus_config import Target, render_prometheus_config, write_file_sd
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pager:
+    """A webhook receiver on loopback; `pages` holds every firing alert, with its arrival time."""
+
+    def __init__(self) -> None:
+        self.pages: list[dict] = []
+        pager = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                now = time.time()
+                pager.pages.extend({**a, "received_at": now} for a in body["alerts"] if a["status"] == "firing")
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/page"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, alertname: str, timeout: float, **labels: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for page in self.pages:
+                if page["labels"]["alertname"] == alertname and labels.items() <= page["labels"].items():
+                    return page
+            time.sleep(0.1)
+        seen = [p["labels"] for p in self.pages]
+        raise TimeoutError(f"no page {alertname} {labels} within {timeout}s; pages: {seen}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def wait_ready(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not become ready in {timeout}s")
+
+
+class AlertingStack:
+    def __init__(self, workdir: Path, interval: str = "1s", group_wait: str = "1s",
+                 alertmanager_config: dict | None = None):
+        self.workdir = Path(workdir)
+        self.interval, self.group_wait = interval, group_wait
+        self.pager = Pager()
+        self.alertmanager_config = alertmanager_config
+        self.procs: list[subprocess.Popen] = []
+        self.targets_file = self.workdir / "targets.json"
+
+    def __enter__(self) -> "AlertingStack":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _binary(self, name: str) -> str:
+        path = shutil.which(name)
+        if not path:
+            raise FileNotFoundError(f"{name} is not installed (Debian: apt-get install prometheus prometheus-alertmanager)")
+        return path
+
+    def _start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        am_port, prom_port = _free_port(), _free_port()
+        self.alertmanager_url = f"http://127.0.0.1:{am_port}"
+        self.prometheus_url = f"http://127.0.0.1:{prom_port}"
+        am_config = self.workdir / "alertmanager.yml"
+        am_config.write_text(json.dumps(self.alertmanager_config or {
+            "route": {"receiver": "pager", "group_by": ["run", "alertname"], "group_wait": self.group_wait,
+                      "group_interval": self.group_wait, "repeat_interval": "1h"},
+            "receivers": [{"name": "pager", "webhook_configs": [{"url": self.pager.url}]}]}))
+        self.procs.append(subprocess.Popen(
+            [self._binary("prometheus-alertmanager"), f"--config.file={am_config}",
+             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
+             f"--storage.path={self.workdir / 'alertmanager-data'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        write_file_sd(self.targets_file, [])
+        prom_config = self.workdir / "prometheus.yml"
+        prom_config.write_text(render_prometheus_config(str(self.targets_file), f"127.0.0.1:{am_port}", None,
+                                                        self.interval, self.interval))
+        self.procs.append(subprocess.Popen(
+            [self._binary("prometheus"), f"--config.file={prom_config}", f"--web.listen-address=127.0.0.1:{prom_port}",
+             f"--storage.tsdb.path={self.workdir / 'prometheus-data'}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_ready(f"{self.alertmanager_url}/-/ready")
+        wait_ready(f"{self.prometheus_url}/-/ready")
+
+    def set_targets(self, targets: list[Target]) -> None:
+        write_file_sd(self.targets_file, targets)
+
+    def post_alerts(self, alerts: list[dict]) -> None:
+        """Send alerts straight to Alertmanager's v2 API (for routing and inhibition checks)."""
+        req = urllib.request.Request(f"{self.alertmanager_url}/api/v2/alerts", data=json.dumps(alerts).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        urllib.request.urlopen(req, timeout=5).read()
+
+    def alertmanager_alerts(self) -> list[dict]:
+        with urllib.request.urlopen(f"{self.alertmanager_url}/api/v2/alerts", timeout=5) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+        self.pager.close()
