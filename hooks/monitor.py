@@ -73,6 +73,7 @@ class MonitorState:
     last_event_step: dict[str, int] = field(default_factory=dict)
     parallel_ok: dict[str, int] = field(default_factory=dict)
     parallel_checks: Counter = field(default_factory=Counter)
+    extra_gauges: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -241,6 +242,8 @@ class Monitor:
         """Run the TP/DP fingerprint checks now (every rank of the groups must call it together)."""
         if model is None and self._watched:
             model, tp_group, dp_group = self._watched
+        if model is None:
+            return None
         with self.errors.guard("check_parallel"):
             result = check_parallel(model, tp_group, dp_group)
             failures = {"tp_replicated": result.tp_replicated_mismatch,
@@ -257,6 +260,15 @@ class Monitor:
                                              ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")))
             return result
         return None
+
+    def set_gauge(self, name: str, value: float) -> None:
+        """Export a declared per-rank gauge the loop knows best (e.g. replica participants)."""
+        with self.errors.guard("set_gauge"):
+            from watchtower.metric_catalog import ALL_METRICS
+
+            if ALL_METRICS[name].kind != "gauge" or ALL_METRICS[name].labels != ALL_METRICS["watchtower_loss"].labels:
+                raise ValueError(f"{name} is not a per-rank gauge")
+            self.state.extra_gauges[name] = float(value)
 
     def close(self) -> None:
         """Flush what is buffered (waiting for in-flight copies) and stop the background threads."""
@@ -322,8 +334,13 @@ class Monitor:
         if s.steps_total % self.cfg.log_interval == 0:
             self._flush(wait=False)
         interval = self.cfg.parallel_check_interval
-        if self._watched and interval and (s.steps_total == 1 or handle.step % interval == 0):
-            self.check_parallel()
+        periodic = bool(interval) and handle.step % interval == 0
+        if self._watched and interval and (s.steps_total == 1 or periodic):
+            model, tp_group, dp_group = self._watched
+            # TP checks stay inside this group; the DP check is a collective across replica groups,
+            # so it runs only on global-step multiples, where every group is at the same point
+            # (a group that just joined must not start one on its own first step).
+            self.check_parallel(model, tp_group, dp_group if periodic else None)
 
     def _flush(self, wait: bool) -> None:
         """Turn the interval's records and the device buffers into metrics and detector events."""
@@ -401,6 +418,8 @@ class Monitor:
         for check, ok in s.parallel_ok.items():
             f.add("watchtower_parallel_check_ok", ok, check)
             f.add("watchtower_parallel_checks_total", s.parallel_checks[check], check)
+        for name, v in s.extra_gauges.items():
+            f.add(name, v)
         for hook, n in sorted(self.errors.counts.items()):
             f.add("watchtower_hook_errors_total", n, hook)
         if self._sampler is not None:

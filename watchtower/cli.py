@@ -82,7 +82,15 @@ def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int
         return launch_local(argv, cfg.train.tp, {"WATCHTOWER_RUN": cfg.run.name})
     from watchtower.trainer.train import run
 
-    return run(cfg)
+    code = run(cfg)
+    if is_worker():
+        # Everything is written and closed. Skip interpreter teardown: C++ threads of Gloo and the
+        # TCPStore race their static destructors there and sometimes abort() a finished rank (SIGABRT).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:

@@ -49,6 +49,10 @@ RANK_METRICS = _specs(
     MetricSpec("watchtower_parallel_check_ok", "gauge",
                "1 if the last TP/DP fingerprint check passed, 0 if it failed.", RANK_LABELS + ("check",)),
     MetricSpec("watchtower_parallel_checks_total", "counter", "TP/DP fingerprint checks run.", RANK_LABELS + ("check",)),
+    MetricSpec("watchtower_replica_participants", "gauge",
+               "Replica groups contributing gradients in this rank's current torchft quorum."),
+    MetricSpec("watchtower_replica_participating", "gauge",
+               "1 if this rank's group contributes gradients, 0 while it is a hot spare."),
     MetricSpec("watchtower_hook_errors_total", "counter", "Exceptions caught inside the monitor (never raised).",
                RANK_LABELS + ("hook",)),
     # host (psutil)

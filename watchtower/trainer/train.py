@@ -30,6 +30,7 @@ from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import Batch, PackedBatches, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan
 from watchtower.trainer.model import Transformer, flops_per_token
+from watchtower.trainer.replication import SingleGroup, TorchFTGroup
 from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, local_tensor,
                                          seed_bug_reinit)
 
@@ -99,6 +100,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg.checkpoint_url, self.env.rank, self.env.world_size,
                                          cfg.checkpoint.keep_last, self._agree, self._gather)
         self.step = 0
+        self.replication = self._make_replication()
         self.output = cfg.run.output_path
         self.output.mkdir(parents=True, exist_ok=True)
         identity = RankIdentity(run=cfg.run.name, replica_group=self.env.replica_group, rank=self.env.rank,
@@ -108,7 +110,7 @@ class Trainer:
                                flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
                                model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
                                config_hash=cfg.config_hash())
-        self.monitor.watch(self.model, tp_group=self.tp_group)
+        self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
         self.loader = self.monitor.wrap(DelayedBatches(self.data, self.faults, lambda: self.step + 1))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
@@ -125,6 +127,21 @@ class Trainer:
 
         self._mesh = init_device_mesh(self.device.type, (self.env.world_size,), mesh_dim_names=("tp",))
         return self._mesh.get_group()
+
+    def _make_replication(self):
+        """torchft across replica groups when the supervisor gave us a Lighthouse, else nothing."""
+        env = os.environ
+        if not env.get("WATCHTOWER_LIGHTHOUSE"):
+            return SingleGroup()
+        store_addr, store_port = env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"])
+        if self.env.world_size == 1:  # no torch.distributed store to share: the Manager needs its own
+            self._store = torch.distributed.TCPStore(store_addr, store_port, is_master=True, wait_for_workers=False)
+        return TorchFTGroup(
+            replica_id=env["WATCHTOWER_REPLICA_ID"], group_rank=self.env.rank, group_world_size=self.env.world_size,
+            active_groups=int(env.get("WATCHTOWER_ACTIVE_GROUPS", "1")), lighthouse=env["WATCHTOWER_LIGHTHOUSE"],
+            store_addr=store_addr, store_port=store_port, device=self.device,
+            state_dict=self.state_dict, load_state_dict=self.load_live_state,
+            timeout_s=float(env.get("WATCHTOWER_FT_TIMEOUT_S", "10")))
 
     def _agree(self, flag: bool) -> bool:
         if self.env.world_size == 1:
@@ -151,6 +168,11 @@ class Trainer:
                 "optimizer": optim,
                 "data": self.data.state_dict()}
 
+    def load_live_state(self, state: dict[str, Any]) -> None:
+        """torchft's heal callback: a healthy peer's state, arriving over its checkpoint transport."""
+        self.load_state_dict(state)
+        log.info("healed live from a peer at step %d", self.step)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for name, p in self.model.state_dict().items():
@@ -166,8 +188,12 @@ class Trainer:
         self.step = int(state["step"])
 
     def save_checkpoint(self) -> None:
+        if self.replication.data_shard() not in ((0, self.replication.participants()),):
+            return  # groups are identical: only the participating group of rank 0 writes
         start = time.perf_counter()
-        self.checkpointer.save(self.step, self.state_dict(),
+        state = self.state_dict()
+        state["replication"] = self.replication.state_dict()
+        self.checkpointer.save(self.step, state,
                                {"config_hash": self.cfg.config_hash(), "run": self.cfg.run.name})
         log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url,
                  time.perf_counter() - start)
@@ -180,6 +206,7 @@ class Trainer:
             return
         step, state, _meta = found
         self.load_state_dict(state)
+        self.replication.load_state_dict(state.get("replication", {"step": step}))
         log.info("resumed from checkpoint step %d", step)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -201,41 +228,60 @@ class Trainer:
         losses, norms = DeviceSeries(), DeviceSeries()
         tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
         wall = time.perf_counter()
-        first_step = self.step + 1
-        while self.step < t.steps:
+        steps_done = 0
+        while True:
+            self.replication.start_step()  # quorum; a group that just joined heals here (self.step jumps)
             step = self.step + 1
+            if step > t.steps:
+                break
             self.faults.before_step(step)
+            shard = self.replication.data_shard()  # None: a hot spare, in sync but not contributing
             lr = lr_at(step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            with self.monitor.step(tokens=tokens_per_step, step=step) as s:
+            with self.monitor.step(tokens=tokens_per_step if shard else 0, step=step) as s:
                 signatures, micro_losses = [], []
                 for _ in range(t.grad_accum_steps):
+                    if shard is None:
+                        self.data.skip()
+                        continue
+                    self.data.dp_rank, self.data.dp_size = shard
                     batch = next(self.loader)
                     signatures.append(batch_signature(batch))
                     micro_losses.append(self.forward_backward(batch, self.faults.loss_factor(step)))
-                loss = torch.stack(micro_losses).mean()
+                self.replication.reduce_gradients(self.params)
                 norm = grad_norm(self.params, self.tp_group)
                 if cfg.optim.grad_clip:
                     clip_grads_(self.params, norm, cfg.optim.grad_clip)
-                s.record(loss=loss, grad_norm=norm, lr=lr)
-                if s.should_step():
+                loss = torch.stack(micro_losses).mean() if micro_losses else None
+                s.record(loss=loss, grad_norm=norm if shard else None, lr=lr)
+                committed = self.replication.should_commit()
+                if committed and s.should_step():
                     self.optimizer.step()
-                else:
+                elif committed:
                     log.warning("step %d skipped: non-finite loss or gradient", step)
                 self.optimizer.zero_grad(set_to_none=True)
+            self.monitor.set_gauge("watchtower_replica_participants", self.replication.participants())
+            self.monitor.set_gauge("watchtower_replica_participating", float(shard is not None))
+            if not committed:
+                log.warning("step %d not committed (a peer failed); redoing it", step)
+                continue
             self.step = step
-            losses.append(step, loss)
-            norms.append(step, norm)
-            log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007, "time": time.time()})
-            if step % t.log_interval == 0 or step == t.steps:
-                self._write_log(log_rows, losses, norms, step - first_step + 1, wall)
+            steps_done += 1
+            if loss is not None:
+                losses.append(step, loss)
+                norms.append(step, norm)
+                log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007,
+                                 "time": time.time(), "participants": self.replication.participants()})
+            if log_rows and (step % t.log_interval == 0 or step == t.steps):
+                self._write_log(log_rows, losses, norms, steps_done, wall)
                 log_rows = []
             if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and step < t.steps:
                 self.save_checkpoint()
         self.save_checkpoint()
         self.monitor.close()
         self._write_events()
+        self.replication.shutdown()
         return 0
 
     def _write_events(self) -> None:
