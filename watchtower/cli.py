@@ -122,6 +122,29 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     return code
 
 
+def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """Run a supervised job: Lighthouse, replica groups, hot spares, auto-resume."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.supervisor import Supervisor
+
+    job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
+    supervisor = Supervisor(job, trainer, args.job)
+    print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "
+          f"{job.cluster.spare_groups} spare groups of TP={trainer.train.tp} on {len(job.cluster.nodes)} nodes")
+    print(f"  events: {job.job.output_path / 'events.jsonl'}   targets: {job.job.output_path / 'targets.json'}")
+    code = supervisor.run()
+    print_summary(supervisor.summary(), code)
+    return code
+
+
+def print_summary(summary: dict, code: int) -> None:
+    print("\nsummary")
+    print(f"  steps: {summary['steps']}   failures: {summary['failures']}   restarts: {summary['restarts']}")
+    recovery = summary["recovery_seconds"]
+    print(f"  last recovery: {'-' if recovery is None else f'{recovery:.1f}s'}   goodput: {summary['goodput_ratio']:.0%}"
+          f"   exit: {code}{' (crash loop)' if summary['crash_loop'] else ''}")
+
+
 def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """Write a Prometheus config that scrapes the ranks through file_sd and loads our rules."""
     from watchtower.prometheus_config import render_prometheus_config
@@ -148,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=120)
     demo.add_argument("--port", type=int, default=9400)
     demo.add_argument("--output-dir", default=None)
+    sup = sub.add_parser("supervise", help="run a job file: torchft replica groups with hot spares")
+    sup.add_argument("job", help="job TOML (see configs/demo-job.toml)")
     prom = sub.add_parser("prometheus-config", help="write a Prometheus config for this job")
     prom.add_argument("--out", default="prometheus.yml")
     prom.add_argument("--targets-file", default="runs/targets.json", help="file_sd file the supervisor writes")
@@ -157,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     prom.add_argument("--evaluation-interval", default="15s")
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config}
+    commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
+                "supervise": cmd_supervise}
     try:
-        if rest and args.command not in ("train",):
+        if rest and args.command not in ("train", "supervise"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return commands[args.command](args, rest, argv)
     except ConfigError as err:

@@ -78,7 +78,38 @@ RANK_METRICS = _specs(
                GPU_LABELS + ("xid",)),
 )
 
-ALL_METRICS: dict[str, MetricSpec] = dict(RANK_METRICS)
+SUPERVISOR_LABELS = ("run",)
+
+SUPERVISOR_METRICS = _specs(
+    MetricSpec("watchtower_supervisor_groups", "gauge", "Replica groups by state (active, spare, starting).",
+               SUPERVISOR_LABELS + ("state",)),
+    MetricSpec("watchtower_supervisor_nodes", "gauge", "Nodes by state (busy, free, drained).",
+               SUPERVISOR_LABELS + ("state",)),
+    MetricSpec("watchtower_supervisor_spares_available", "gauge", "Hot-spare groups in sync and ready to take over.",
+               SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_free_nodes", "gauge", "Nodes a new spare could start on.", SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_failures_total", "counter", "Group failures by reason (exit, hang, drained).",
+               SUPERVISOR_LABELS + ("reason",)),
+    MetricSpec("watchtower_supervisor_restarts_total", "counter",
+               "Groups started to recover: a new spare, or the whole job from its checkpoint.",
+               SUPERVISOR_LABELS + ("kind",)),
+    MetricSpec("watchtower_supervisor_recovery_seconds", "gauge",
+               "Seconds from the last failure until the quorum was back at full strength.", SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_quorum_participants", "gauge", "Groups contributing gradients now.",
+               SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_active_groups_target", "gauge", "Groups that should contribute gradients.",
+               SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_job_step", "gauge", "Highest step any live group has finished.",
+               SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_goodput_ratio", "gauge",
+               "Share of wall time since start in which the job's step advanced.", SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_crash_loop", "gauge", "1 once the job was stopped as a crash loop.",
+               SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_heartbeat_timestamp_seconds", "gauge", "Unix time of the supervisor's last loop.",
+               SUPERVISOR_LABELS),
+)
+
+ALL_METRICS: dict[str, MetricSpec] = {**RANK_METRICS, **SUPERVISOR_METRICS}
 
 
 def series_names(spec: MetricSpec) -> set[str]:

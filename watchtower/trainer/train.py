@@ -281,8 +281,21 @@ class Trainer:
         self.save_checkpoint()
         self.monitor.close()
         self._write_events()
+        self._write_fingerprint()
         self.replication.shutdown()
         return 0
+
+    def _write_fingerprint(self) -> None:
+        """The final weights' fingerprint (rank-local) and how many parallel checks ran: lets a
+        test or an operator compare replica groups after the fact."""
+        from watchtower.hooks.fingerprint import fingerprint
+
+        prints = fingerprint([p for p in self.model.parameters()]).tolist()
+        path = self.output / f"fingerprint-r{self.env.rank}.json"
+        path.write_text(json.dumps({"step": self.step, "replica_group": self.env.replica_group,
+                                    "participating": self.replication.data_shard() is not None,
+                                    "parallel_checks": dict(self.monitor.state.parallel_checks),
+                                    "parallel_ok": dict(self.monitor.state.parallel_ok), "fingerprint": prints}))
 
     def _write_events(self) -> None:
         path = self.output / f"events-g{self.env.replica_group}-r{self.env.rank}.jsonl"

@@ -1,0 +1,1 @@
+"""The supervisor (`watchtower supervise job.toml`): torchft Lighthouse, replica groups, hot spares."""
