@@ -80,8 +80,8 @@ class SupervisorSection:
         the nodes, is broken: stop spending spares and page.
     lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
         stalls this long per failure (measured 1 s → ~1.1 s stall).
-    base_port: /metrics of node i's ranks start at base_port + 10·i; the supervisor serves on
-        metrics_port."""
+    base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
+        writes where it really serves); the supervisor serves on metrics_port (0: not at all)."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
@@ -99,7 +99,8 @@ class SupervisorSection:
         require(self.lighthouse_heartbeat_timeout_ms >= 100, "lighthouse_heartbeat_timeout_ms",
                 self.lighthouse_heartbeat_timeout_ms, "must be >= 100 ms")
         require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
-        require(0 <= self.base_port <= 65000, "base_port", self.base_port, "must be a TCP port (0: no /metrics)")
+        require(1024 <= self.base_port <= 65000, "base_port", self.base_port,
+                "must be a TCP port in 1024..65000: the supervisor watches every rank through /metrics")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be a TCP port (0: none)")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
 
@@ -113,6 +114,8 @@ class JobConfig:
     def trainer_overrides(self) -> list[tuple[str, Any]]:
         pairs = [tuple(item.split("=", 1)) for item in self.job.train_overrides]
         pairs.append(("run.name", self.job.name))
+        if not any(key == "checkpoint.dir" for key, _ in pairs):  # the job's own, shared by its groups
+            pairs.append(("checkpoint.dir", str(self.job.output_path / "checkpoints")))
         if self.job.inject:
             pairs.append(("faults.inject", list(self.job.inject)))
         return pairs

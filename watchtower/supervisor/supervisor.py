@@ -17,6 +17,7 @@ What it does each poll (every `poll_interval_s`):
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import urllib.request
@@ -192,8 +193,20 @@ class Supervisor:
         self._track_recovery(now)
         return None
 
+    def _endpoints(self, g: Group) -> list[int]:
+        """Each rank's real /metrics port, from the file the rank writes once it serves."""
+        group_dir = g.process.spec.log_path.parent
+        ports = []
+        for rank in range(self.trainer.train.tp):
+            try:
+                ports.append(json.loads((group_dir / f"endpoint-r{rank}.json").read_text())["port"])
+            except (OSError, ValueError, KeyError):
+                return g.ports
+        g.ports = ports
+        return ports
+
     def _scrape(self, g: Group) -> None:
-        if not g.ports:
+        if not self._endpoints(g):
             return
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{g.ports[0]}/metrics", timeout=1) as r:
@@ -297,8 +310,8 @@ class Supervisor:
         self.seq += 1
         replica_id = f"g{seq:04d}"  # torchft ranks groups by id: later groups sort last and start as spares
         tp = self.trainer.train.tp
-        base = self.cfg.base_port + 10 * self.node_index[node] if self.cfg.base_port else 0
-        ports = [base + r for r in range(tp)] if base else []
+        base = self.cfg.base_port + 10 * self.node_index[node]
+        ports: list[int] = []  # known once each rank has written its endpoint file
         group_dir = self.out / "groups" / replica_id
         argv = ["train", "--config", self.job.job.trainer_config, "--run", self.job.job.name,
                 "--output-dir", str(group_dir), "--port", str(base),

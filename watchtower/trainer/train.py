@@ -111,6 +111,8 @@ class Trainer:
                                model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
                                config_hash=cfg.config_hash())
         self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
+        if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one)
+            (self.output / f"endpoint-r{self.env.rank}.json").write_text(json.dumps({"port": self.monitor.port}))
         self.loader = self.monitor.wrap(DelayedBatches(self.data, self.faults, lambda: self.step + 1))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())

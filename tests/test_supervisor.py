@@ -1,0 +1,174 @@
+"""The supervisor with real processes: torchft Lighthouse and Managers on Gloo, real SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+
+
+def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
+             extra_job="", extra_supervisor="", train_overrides=()) -> Path:
+    out = tmp_path / "job"
+    overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
+                 "monitor.parallel_check_interval=20", *train_overrides]
+    text = f"""
+[job]
+name = "sup"
+trainer_config = "tiny"
+output_dir = "{out}"
+train_overrides = {json.dumps(overrides)}
+inject = {json.dumps(list(inject))}
+{extra_job}
+[cluster]
+nodes = {json.dumps([f"node-{i}" for i in range(nodes)])}
+active_groups = {active}
+spare_groups = {spares}
+
+[supervisor]
+heartbeat_timeout_s = 20
+startup_grace_s = 60
+crash_loop_limit = 3
+base_port = {free_port()}
+metrics_port = 0
+{extra_supervisor}
+"""
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+def events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "job" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train_rows(tmp_path: Path, replica_id: str) -> list[dict]:
+    path = tmp_path / "job" / "groups" / replica_id / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_prints(tmp_path: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "job" / "groups").glob("*/fingerprint-r0.json")}
+
+
+def supervise(path: Path, timeout: float = 280) -> subprocess.CompletedProcess:
+    return subprocess.run(watchtower_cmd("supervise", str(path)), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp_path):
+    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"]))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    ev = events(tmp_path)
+    kinds = [e["event"] for e in ev]
+    failed = next(e for e in ev if e["event"] == "group_failed")
+    assert failed["replica_id"] == "g0000" and failed["reason"] == "exit" and failed["exit_code"] == -9
+    assert "recovered" in kinds and "spares_refilled" in kinds and kinds[-1] == "job_finished"
+    assert [e["replica_id"] for e in ev if e["event"] == "group_started"] == ["g0000", "g0001", "g0002", "g0003"]
+    # the healthy group kept stepping through the outage: every step once, in order, no long gap
+    healthy = train_rows(tmp_path, "g0001")
+    steps = [r["step"] for r in healthy]
+    assert steps == list(range(1, 151)), "the healthy group lost or repeated steps"
+    around = [b["time"] - a["time"] for a, b in zip(healthy, healthy[1:]) if 50 <= a["step"] <= 80]
+    assert max(around) < 5.0, around
+    # the promoted spare contributed after the kill, with a full quorum
+    promoted = [r for r in train_rows(tmp_path, "g0002") if r["step"] > 70]
+    assert promoted and all(r["participants"] == 2 for r in promoted)
+    # every surviving group ends with the same weights, and the DP drift check ran and stayed quiet
+    prints = final_prints(tmp_path)
+    assert set(prints) == {"g0001", "g0002", "g0003"}
+    reference = prints["g0001"]["fingerprint"]
+    for name, p in prints.items():
+        assert p["step"] == 150
+        assert p["parallel_checks"].get("dp_replicas", 0) >= 1 and p["parallel_ok"]["dp_replicas"] == 1, name
+        for a, b in zip(p["fingerprint"], reference):
+            assert a == pytest.approx(b, rel=1e-6, abs=1e-9), name
+    for group_dir in (tmp_path / "job" / "groups").iterdir():
+        for path in group_dir.glob("events-*.jsonl"):
+            assert "dp_drift" not in path.read_text()
+
+
+def test_crash_on_every_node_is_stopped_as_a_crash_loop(tmp_path):
+    result = supervise(job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10))
+    assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+    ev = events(tmp_path)
+    failures = [e for e in ev if e["event"] == "group_failed"]
+    assert len(failures) == 3  # the limit, and not one group more
+    assert len({f["node"] for f in failures}) == 3, "each retry must run on a fresh node"
+    assert [e["event"] for e in ev].count("restart_from_checkpoint") == 2
+    assert ev[-1]["event"] == "job_stopped" and "crash loop" in ev[-1]["message"]
+    assert "crash loop" in result.stdout
+
+
+def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
+    path = job_file(tmp_path, steps=200, active=2, spares=0, interval=20)
+    proc = subprocess.Popen(watchtower_cmd("supervise", str(path)), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        killed_at_step = None
+        while time.monotonic() < deadline and killed_at_step is None:
+            ckpts = sorted((tmp_path / "job" / "checkpoints").glob("step-*/manifest.json"))
+            if ckpts and int(ckpts[-1].parent.name[5:]) >= 40:
+                rows = train_rows(tmp_path, "g0000")
+                killed_at_step = rows[-1]["step"] if rows else None
+                for e in events(tmp_path):
+                    if e["event"] == "group_started":
+                        os.killpg(e["pid"], signal.SIGKILL)
+            time.sleep(0.1)
+        assert killed_at_step is not None, "no checkpoint at step >= 40 in time"
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err[-3000:]
+    ev = events(tmp_path)
+    assert [e["event"] for e in ev].count("restart_from_checkpoint") == 1
+    restarted = [e["replica_id"] for e in ev if e["event"] == "group_started" and e["reason"] == "restart"]
+    assert len(restarted) == 2
+    first_step_after = train_rows(tmp_path, restarted[0])[0]["step"]
+    last_checkpoint_before = (first_step_after - 1)
+    assert last_checkpoint_before % 20 == 0
+    assert killed_at_step - last_checkpoint_before <= 20 + 5, "lost more than the steps since the checkpoint"
+    assert ev[-1]["event"] == "job_finished"
+
+
+def test_hung_group_is_detected_and_replaced(tmp_path):
+    path = job_file(tmp_path, steps=120, inject=["hang@50:group=1"], extra_supervisor="heartbeat_timeout_s = 5")
+    path.write_text(path.read_text().replace("heartbeat_timeout_s = 20\n", ""))
+    result = supervise(path)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    ev = events(tmp_path)
+    hung = [e for e in ev if e["event"] == "group_failed"]
+    assert [(e["replica_id"], e["reason"]) for e in hung] == [("g0001", "hang")]
+    assert ev[-1]["event"] == "job_finished"
+    assert "g0003" in {e["replica_id"] for e in ev if e["event"] == "group_started"}
+
+
+@pytest.mark.parametrize("edit,field", [
+    ({"exclude": 'exclude = ["node-9"]'}, "cluster.exclude[0]"),
+    ({"overrides": ["train.tp=3"]}, "train.tp"),
+    ({"active": 4, "spares": 1}, "cluster.active_groups"),
+    ({"no_trainer": True}, "job.trainer_config"),
+])
+def test_bad_job_files_are_refused_before_anything_starts(tmp_path, edit, field):
+    path = job_file(tmp_path, train_overrides=edit.get("overrides", ()), active=edit.get("active", 2),
+                    spares=edit.get("spares", 1))
+    text = path.read_text()
+    if "exclude" in edit:
+        text = text.replace("[cluster]\n", f"[cluster]\n{edit['exclude']}\n")
+    if edit.get("no_trainer"):
+        text = text.replace('trainer_config = "tiny"\n', "")
+    path.write_text(text)
+    result = run_watchtower("supervise", str(path))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert field in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not (tmp_path / "job").exists(), "nothing may start before the job file is valid"
