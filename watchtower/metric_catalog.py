@@ -53,6 +53,8 @@ RANK_METRICS = _specs(
                "Replica groups contributing gradients in this rank's current torchft quorum."),
     MetricSpec("watchtower_replica_participating", "gauge",
                "1 if this rank's group contributes gradients, 0 while it is a hot spare."),
+    MetricSpec("watchtower_replica_in_collective", "gauge",
+               "1 while this rank waits on other replica groups (quorum, gradient all-reduce, commit)."),
     MetricSpec("watchtower_hook_errors_total", "counter", "Exceptions caught inside the monitor (never raised).",
                RANK_LABELS + ("hook",)),
     # host (psutil)

@@ -50,6 +50,7 @@ class Group:
     heartbeat: float | None = None
     participating: bool | None = None
     participants: int = 0
+    in_collective: bool = False
     exited: int | None = None
 
     @property
@@ -176,7 +177,7 @@ class Supervisor:
             self._last_scrape = now
             for g in self.live():
                 self._scrape(g)
-                self._check_hang(g, now)
+            self._check_hangs(now)
             if self.job_step > step_before and step_before > 0:
                 self.productive_s += min(since, 2 * SCRAPE_INTERVAL_S)  # the job moved in this window
         if self.crash_loop:
@@ -219,17 +220,30 @@ class Supervisor:
                 values[s.name] = s.value
         g.step = int(values.get("watchtower_train_step", g.step))
         g.heartbeat = values.get("watchtower_heartbeat_timestamp_seconds", g.heartbeat)
+        g.in_collective = values.get("watchtower_replica_in_collective", 0) == 1
         if "watchtower_replica_participating" in values:
             g.participating = values["watchtower_replica_participating"] == 1
             g.participants = int(values.get("watchtower_replica_participants", 0))
         self.job_step = max(self.job_step, g.step)
 
-    def _check_hang(self, g: Group, now: float) -> None:
+    def _staleness(self, g: Group, now: float) -> float:
+        """Seconds past the allowed silence (negative while fine)."""
         if g.heartbeat is None:
-            stale = now - g.launched_at > self.cfg.startup_grace_s
-        else:
-            stale = now - max(g.heartbeat, g.launched_at) > self.cfg.heartbeat_timeout_s
-        if stale and g.exited is None:
+            return now - g.launched_at - self.cfg.startup_grace_s
+        return now - max(g.heartbeat, g.launched_at) - self.cfg.heartbeat_timeout_s
+
+    def _check_hangs(self, now: float) -> None:
+        """Kill the hung group, not its victims.
+
+        A group stuck in its own code stops finishing steps; so do the healthy groups waiting for it in
+        the quorum or the gradient all-reduce. Those report `watchtower_replica_in_collective = 1`
+        and are spared. If every stale group is waiting on peers for three timeouts, nobody can be
+        blamed: it is a deadlock, and all of them are restarted."""
+        stale = [g for g in self.live() if self._staleness(g, now) > 0]
+        culprits = [g for g in stale if not g.in_collective]
+        if not culprits and stale and all(self._staleness(g, now) > 2 * self.cfg.heartbeat_timeout_s for g in stale):
+            culprits = stale
+        for g in culprits:
             g.process.kill()
             g.exited = -9
             self._fail(g, "hang", None)

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,16 @@ class Trainer:
             state_dict=self.state_dict, load_state_dict=self.load_live_state,
             timeout_s=float(env.get("WATCHTOWER_FT_TIMEOUT_S", "10")))
 
+    @contextmanager
+    def _waiting_on_peers(self):
+        """Mark the span where this rank blocks on other groups: a supervisor seeing a stale heartbeat
+        then knows this group is a victim of a hang elsewhere, not the hung one."""
+        self.monitor.set_gauge("watchtower_replica_in_collective", 1)
+        try:
+            yield
+        finally:
+            self.monitor.set_gauge("watchtower_replica_in_collective", 0)
+
     def _agree(self, flag: bool) -> bool:
         if self.env.world_size == 1:
             return flag
@@ -232,7 +242,8 @@ class Trainer:
         wall = time.perf_counter()
         steps_done = 0
         while True:
-            self.replication.start_step()  # quorum; a group that just joined heals here (self.step jumps)
+            with self._waiting_on_peers():
+                self.replication.start_step()  # quorum; a group that just joined heals here (self.step jumps)
             step = self.step + 1
             if step > t.steps:
                 break
@@ -251,13 +262,15 @@ class Trainer:
                     batch = next(self.loader)
                     signatures.append(batch_signature(batch))
                     micro_losses.append(self.forward_backward(batch, self.faults.loss_factor(step)))
-                self.replication.reduce_gradients(self.params)
+                with self._waiting_on_peers():
+                    self.replication.reduce_gradients(self.params)
                 norm = grad_norm(self.params, self.tp_group)
                 if cfg.optim.grad_clip:
                     clip_grads_(self.params, norm, cfg.optim.grad_clip)
                 loss = torch.stack(micro_losses).mean() if micro_losses else None
                 s.record(loss=loss, grad_norm=norm if shard else None, lr=lr)
-                committed = self.replication.should_commit()
+                with self._waiting_on_peers():
+                    committed = self.replication.should_commit()
                 if committed and s.should_step():
                     self.optimizer.step()
                 elif committed:
