@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,31 +95,26 @@ def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int
 
 
 def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
-    """A monitored CPU run of the tiny trainer (TP=2) with a loss spike injected part-way."""
-    from watchtower.config import load_config
-    from watchtower.launch import launch_local
+    """The supervised demo: 2 replica groups + 1 hot spare of the tiny trainer on CPU, group 0
+    SIGKILLed at step 100, the spare taking over, a new spare healing in, and a summary."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.supervisor import Supervisor
 
-    out = Path(args.output_dir or "runs/demo")
-    if out.exists():
-        shutil.rmtree(out)  # a demo starts fresh: no resume from an earlier demo's checkpoint
-    train_argv = ["train", "--config", "tiny", "--run", "demo", "--output-dir", str(out), "--steps", str(args.steps),
-                  "--tp", "2", "--port", str(args.port), "--inject", f"loss_spike@{args.steps // 2}"]
-    cfg = load_config("tiny", [("run.output_dir", str(out)), ("monitor.port", args.port)])
-    print(f"watchtower demo: {args.steps} steps of the tiny model, TP=2 on CPU, loss spike injected at step "
-          f"{args.steps // 2}")
-    print(f"  metrics while it runs: http://127.0.0.1:{cfg.monitor.port}/metrics (TP rank 0), "
-          f":{cfg.monitor.port + 1} (TP rank 1)")
-    code = launch_local(train_argv, 2, {"WATCHTOWER_RUN": "demo"})
-    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()] if code == 0 else []
-    events = []
-    for path in sorted(out.glob("events-*.jsonl")):
-        events += [json.loads(line) for line in path.read_text().splitlines()]
-    print("\nsummary")
-    if rows:
-        print(f"  steps: {rows[-1]['step']}   loss: {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}")
-    for e in events:
-        print(f"  detector {e['detector']} ({e['severity']}) at step {e['step']} on rank {e['rank']}: {e['detail']}")
-    print(f"  train log: {out / 'train_log.jsonl'}   checkpoints: {out / 'checkpoints'}")
+    job_path = str(Path(__file__).resolve().parent.parent / "configs" / "demo-job.toml")
+    overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
+    job, trainer = load_job(job_path, overrides)
+    if job.job.output_path.exists():
+        shutil.rmtree(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
+    print(f"watchtower demo: {job.cluster.active_groups} replica groups + {job.cluster.spare_groups} hot spare "
+          f"of the tiny trainer on CPU (torchft, Gloo), {trainer.train.steps} steps; fault: {', '.join(job.job.inject)}")
+    print(f"  supervisor metrics: http://127.0.0.1:{job.supervisor.metrics_port}/metrics   ranks: see "
+          f"{job.job.output_path / 'targets.json'}   events: {job.job.output_path / 'events.jsonl'}")
+    supervisor = Supervisor(job, trainer, job_path)
+    code = supervisor.run()
+    print("\nwhat happened")
+    for e in supervisor.events.events:
+        print(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}  {e['event']:<24} {e['message']}")
+    print_summary(supervisor.summary(), code)
     return code
 
 
@@ -168,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train the bundled model (spawns --tp ranks)")
     add_train_flags(train)
     demo = sub.add_parser("demo", help="a monitored CPU run with an injected fault")
-    demo.add_argument("--steps", type=int, default=120)
-    demo.add_argument("--port", type=int, default=9400)
-    demo.add_argument("--output-dir", default=None)
+    demo.add_argument("--output-dir", default=None, help="default: runs/demo")
     sup = sub.add_parser("supervise", help="run a job file: torchft replica groups with hot spares")
     sup.add_argument("job", help="job TOML (see configs/demo-job.toml)")
     prom = sub.add_parser("prometheus-config", help="write a Prometheus config for this job")
