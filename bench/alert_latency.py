@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,15 +23,12 @@ import urllib.request
 from pathlib import Path
 
 from watchtower.alerting_stack import AlertingStack
+from watchtower.launch import free_port
 from watchtower.prometheus_config import Target
 
 SPIKE_STEP = 150
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer(out: Path, run: str, port: int, steps: int, *extra: str) -> subprocess.Popen:

@@ -9,11 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from watchtower.launch import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 class Lighthouse:

@@ -33,7 +33,8 @@ from watchtower.prometheus_config import Target, write_file_sd
 from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, Launcher, LocalLauncher
-from watchtower.supervisor.lighthouse import Lighthouse, free_port
+from watchtower.launch import free_port
+from watchtower.supervisor.lighthouse import Lighthouse
 
 log = logging.getLogger("watchtower.supervisor")
 
