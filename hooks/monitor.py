@@ -46,6 +46,7 @@ from watchtower.hooks.flops import peak_flops_for
 from watchtower.hooks.identity import RankIdentity
 from watchtower.hooks.safety import HookErrors
 from watchtower.hooks.system import SystemSampler
+from watchtower.metric_catalog import ALL_METRICS, RANK_LABELS
 
 log = logging.getLogger("watchtower.hooks")
 
@@ -264,9 +265,8 @@ class Monitor:
     def set_gauge(self, name: str, value: float) -> None:
         """Export a declared per-rank gauge the loop knows best (e.g. replica participants)."""
         with self.errors.guard("set_gauge"):
-            from watchtower.metric_catalog import ALL_METRICS
-
-            if ALL_METRICS[name].kind != "gauge" or ALL_METRICS[name].labels != ALL_METRICS["watchtower_loss"].labels:
+            spec = ALL_METRICS[name]
+            if spec.kind != "gauge" or spec.labels != RANK_LABELS:
                 raise ValueError(f"{name} is not a per-rank gauge")
             self.state.extra_gauges[name] = float(value)
 

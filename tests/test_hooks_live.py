@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-import pytest
-
 from conftest import free_port_pair, scrape_text, value, wait_for_metrics, watchtower_cmd
 
 DETECTORS = ("loss_spike", "nonfinite", "data_stall", "data_wait_rising", "throughput_drop",

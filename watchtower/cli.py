@@ -9,7 +9,6 @@ Config errors are one line on stderr and exit code 2, before any process starts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil

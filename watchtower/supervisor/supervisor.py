@@ -22,7 +22,6 @@ import logging
 import time
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -324,7 +323,6 @@ class Supervisor:
         seq = self.seq
         self.seq += 1
         replica_id = f"g{seq:04d}"  # torchft ranks groups by id: later groups sort last and start as spares
-        tp = self.trainer.train.tp
         base = self.cfg.base_port + 10 * self.node_index[node]
         ports: list[int] = []  # known once each rank has written its endpoint file
         group_dir = self.out / "groups" / replica_id
