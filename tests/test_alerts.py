@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import REPO, free_port, wait_for_metrics, value, watchtower_cmd
+from conftest import REPO, free_port, run_watchtower, wait_for_metrics, value, watchtower_cmd
 from watchtower.metric_catalog import declared_series
 from watchtower.alerting_stack import AlertingStack
 from watchtower.prometheus_config import Target
@@ -130,3 +130,18 @@ def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes,
     runs["clean"][1].send_signal(signal.SIGKILL)
     down = stack.pager.wait_for("WatchtowerRankDown", 40, run="clean")
     assert {"severity": "page", "rank": "0", "node": "node-clean", "job": "watchtower-ranks"}.items() <= down["labels"].items()
+
+
+def test_prometheus_config_command_writes_a_config_promtool_accepts(tmp_path):
+    out = tmp_path / "prometheus.yml"
+    result = run_watchtower("prometheus-config", "--out", str(out), "--targets-file", str(tmp_path / "targets.json"),
+                            "--scrape-interval", "5s", "--evaluation-interval", "5s")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(out.read_text())
+    jobs = {job["job_name"]: job["file_sd_configs"][0]["files"][0] for job in config["scrape_configs"]}
+    assert jobs == {"watchtower-ranks": str(tmp_path / "targets.json"),
+                    "watchtower-supervisor": str(tmp_path / "supervisor_targets.json")}
+    checked = tool("promtool", "check", "config", str(out))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    bad = run_watchtower("prometheus-config", "--out", str(out), "--scrape-interval", "fast")
+    assert bad.returncode == 2 and "--scrape-interval" in bad.stderr

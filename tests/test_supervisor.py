@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from watchtower.alerting_stack import AlertingStack
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
 
 
 def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
-             extra_job="", extra_supervisor="", train_overrides=()) -> Path:
+             extra_job="", extra_supervisor="", train_overrides=(), metrics_port=0) -> Path:
     out = tmp_path / "job"
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
                  "monitor.parallel_check_interval=20", *train_overrides]
@@ -37,7 +38,7 @@ heartbeat_timeout_s = 20
 startup_grace_s = 60
 crash_loop_limit = 3
 base_port = {free_port()}
-metrics_port = 0
+metrics_port = {metrics_port}
 {extra_supervisor}
 """
     path = tmp_path / "job.toml"
@@ -65,7 +66,7 @@ def supervise(path: Path, timeout: float = 280) -> subprocess.CompletedProcess:
 
 
 def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp_path):
-    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"]))
+    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"], train_overrides=["data.stage=always"]))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     kinds = [e["event"] for e in ev]
@@ -81,6 +82,11 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp
     assert steps[0] <= 5 and steps == list(range(steps[0], 151)), "the healthy group lost or repeated steps"
     around = [b["time"] - a["time"] for a, b in zip(healthy, healthy[1:]) if 50 <= a["step"] <= 80]
     assert max(around) < 5.0, around
+    # the spare was hot: its node had staged the data into its own cache before the failure
+    started = {e["replica_id"]: e for e in ev if e["event"] == "group_started"}
+    spare_cache = tmp_path / "job" / "nodes" / started["g0002"]["node"] / "cache"
+    staged = list(spare_cache.rglob("*.py"))
+    assert staged and max(p.stat().st_mtime for p in staged) < failed["time"]
     # the promoted spare contributed after the kill, with a full quorum
     promoted = [r for r in train_rows(tmp_path, "g0002") if r["step"] > 70]
     assert promoted and all(r["participants"] == 2 for r in promoted)
@@ -98,8 +104,19 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp
             assert "dp_drift" not in path.read_text()
 
 
-def test_crash_on_every_node_is_stopped_as_a_crash_loop(tmp_path):
-    result = supervise(job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10))
+def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
+    """Through a real Prometheus + Alertmanager scraping the supervisor's file_sd targets: the stop
+    is paged as WatchtowerCrashLoop while the supervisor lingers, and the next page is not spent."""
+    out = tmp_path / "job"
+    job = job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10,
+                   metrics_port=free_port(), extra_supervisor="linger_s = 15")
+    with AlertingStack(tmp_path / "stack", targets_file=out / "targets.json",
+                       supervisor_targets_file=out / "supervisor_targets.json") as stack:
+        result = supervise(job)
+        page = stack.pager.wait_for("WatchtowerCrashLoop", 10, run="sup")
+    assert page["labels"]["severity"] == "page"
+    assert page["annotations"]["runbook_url"] == "docs/runbooks.md#crash-loop"
+    assert json.loads((out / "supervisor_targets.json").read_text()) == [], "a stopped supervisor must leave no target"
     assert result.returncode == 3, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     failures = [e for e in ev if e["event"] == "group_failed"]

@@ -77,13 +77,17 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 
 class AlertingStack:
     def __init__(self, workdir: Path, interval: str = "1s", group_wait: str = "1s",
-                 alertmanager_config: dict | None = None):
+                 alertmanager_config: dict | None = None, targets_file: Path | None = None,
+                 supervisor_targets_file: Path | None = None):
+        """targets_file / supervisor_targets_file: file_sd files to scrape, e.g. the ones a supervisor
+        writes; by default an empty targets file of our own that set_targets() fills."""
         self.workdir = Path(workdir)
         self.interval, self.group_wait = interval, group_wait
         self.pager = Pager()
         self.alertmanager_config = alertmanager_config
         self.procs: list[subprocess.Popen] = []
-        self.targets_file = self.workdir / "targets.json"
+        self.targets_file = Path(targets_file) if targets_file else self.workdir / "targets.json"
+        self.supervisor_targets_file = supervisor_targets_file
 
     def __enter__(self) -> "AlertingStack":
         try:
@@ -117,10 +121,14 @@ class AlertingStack:
              f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
              f"--storage.path={self.workdir / 'alertmanager-data'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        write_file_sd(self.targets_file, [])
+        for path in (self.targets_file, self.supervisor_targets_file):
+            if path is not None and not Path(path).exists():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_file_sd(Path(path), [])
         prom_config = self.workdir / "prometheus.yml"
-        prom_config.write_text(render_prometheus_config(str(self.targets_file), f"127.0.0.1:{am_port}", None,
-                                                        self.interval, self.interval))
+        prom_config.write_text(render_prometheus_config(
+            str(self.targets_file), f"127.0.0.1:{am_port}", None, self.interval, self.interval,
+            str(self.supervisor_targets_file) if self.supervisor_targets_file else None))
         self.procs.append(subprocess.Popen(
             [self._binary("prometheus"), f"--config.file={prom_config}", f"--web.listen-address=127.0.0.1:{prom_port}",
              f"--storage.tsdb.path={self.workdir / 'prometheus-data'}"],

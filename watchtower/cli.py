@@ -148,11 +148,17 @@ def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[
         value = getattr(args, name)
         if not value[:-1].replace(".", "").isdigit() or value[-1] not in "smh":
             raise ConfigError(f"--{name.replace('_', '-')}", value, "must be a Prometheus duration like 15s or 1m")
+    supervisor_file = args.supervisor_targets_file
+    if supervisor_file is None:
+        supervisor_file = str(Path(args.targets_file).parent / "supervisor_targets.json")
     text = render_prometheus_config(str(Path(args.targets_file).resolve()), args.alertmanager,
                                     [str(Path(r).resolve()) for r in args.rules] or None,
-                                    args.scrape_interval, args.evaluation_interval)
+                                    args.scrape_interval, args.evaluation_interval,
+                                    str(Path(supervisor_file).resolve()) if supervisor_file else None)
     Path(args.out).write_text(text)
-    print(f"wrote {args.out}: scrapes targets in {args.targets_file}, alerts to {args.alertmanager or 'nobody'}")
+    print(f"wrote {args.out}: scrapes ranks in {args.targets_file}"
+          f"{' and the supervisor in ' + supervisor_file if supervisor_file else ''}, "
+          f"alerts to {args.alertmanager or 'nobody'}")
     return 0
 
 
@@ -169,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     prom = sub.add_parser("prometheus-config", help="write a Prometheus config for this job")
     prom.add_argument("--out", default="prometheus.yml")
     prom.add_argument("--targets-file", default="runs/targets.json", help="file_sd file the supervisor writes")
+    prom.add_argument("--supervisor-targets-file", default=None,
+                      help="file_sd file of the supervisor itself (default: supervisor_targets.json beside "
+                           "--targets-file; '' for none)")
     prom.add_argument("--alertmanager", default="127.0.0.1:9093", help="host:port of Alertmanager ('' for none)")
     prom.add_argument("--rules", action="append", default=[], help="rule file (default: alerts/rules.yml)")
     prom.add_argument("--scrape-interval", default="15s")

@@ -101,6 +101,8 @@ SUPERVISOR_METRICS = _specs(
                SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_active_groups_target", "gauge", "Groups that should contribute gradients.",
                SUPERVISOR_LABELS),
+    MetricSpec("watchtower_supervisor_spare_groups_target", "gauge", "Hot-spare groups the job asks for.",
+               SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_job_step", "gauge", "Highest step any live group has finished.",
                SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_goodput_ratio", "gauge",

@@ -51,7 +51,8 @@ def render_prometheus_config(targets_file: str, alertmanager: str | None, rule_f
     }
     if supervisor_targets_file:
         config["scrape_configs"].append({"job_name": SUPERVISOR_JOB,
-                                         "file_sd_configs": [{"files": [supervisor_targets_file]}]})
+                                         "file_sd_configs": [{"files": [supervisor_targets_file]}],
+                                         "scrape_timeout": min_duration(scrape_interval, "10s")})
     if alertmanager:
         config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     return json.dumps(config, indent=2) + "\n"

@@ -81,7 +81,9 @@ class SupervisorSection:
     lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
         stalls this long per failure (measured 1 s → ~1.1 s stall).
     base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
-        writes where it really serves); the supervisor serves on metrics_port (0: not at all)."""
+        writes where it really serves); the supervisor serves on metrics_port (0: not at all).
+    linger_s: after a stop that needs a person (crash loop, no nodes left) keep /metrics up this long,
+        so Prometheus scrapes the reason and the page goes out before the process is gone."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
@@ -91,6 +93,7 @@ class SupervisorSection:
     base_port: int = 9400
     metrics_port: int = 9390
     poll_interval_s: float = 0.2
+    linger_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
@@ -102,6 +105,7 @@ class SupervisorSection:
         require(1024 <= self.base_port <= 65000, "base_port", self.base_port,
                 "must be a TCP port in 1024..65000: the supervisor watches every rank through /metrics")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be a TCP port (0: none)")
+        require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
 
 

@@ -60,9 +60,19 @@ class Launcher(Protocol):
 
 
 class LocalLauncher:
+    """Nodes are slots on this machine. Node NAME's local disk is `nodes_dir/NAME/`: its data cache
+    (WATCHTOWER_CACHE_DIR) lives there, so two nodes never share staged files, as on a real cluster."""
+
+    def __init__(self, nodes_dir: Path):
+        self.nodes_dir = Path(nodes_dir)
+
+    def node_cache_dir(self, node: str) -> Path:
+        return self.nodes_dir / node / "cache"
+
     def launch(self, spec: GroupSpec) -> GroupProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(spec.log_path, "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "watchtower.cli", *spec.argv], env={**os.environ, **spec.env},
+        env = {**os.environ, "WATCHTOWER_CACHE_DIR": str(self.node_cache_dir(spec.node)), **spec.env}
+        proc = subprocess.Popen([sys.executable, "-m", "watchtower.cli", *spec.argv], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         return GroupProcess(spec, proc, log)

@@ -82,8 +82,8 @@ class Supervisor:
     def __init__(self, job: JobConfig, trainer: TrainConfig, job_path: str, launcher: Launcher | None = None):
         self.job, self.trainer, self.job_path = job, trainer, job_path
         self.cfg = job.supervisor
-        self.launcher = launcher or LocalLauncher()
         self.out = job.job.output_path
+        self.launcher = launcher or LocalLauncher(self.out / "nodes")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "drain").mkdir(exist_ok=True)
         self.events = EventLog(self.out / "events.jsonl")
@@ -134,17 +134,25 @@ class Supervisor:
             code = self._poll()
             self._write_targets()
             if code is not None:
+                if code != EXIT_DONE and self._server is not None:
+                    self._kill_live()
+                    self._write_targets()
+                    time.sleep(self.cfg.linger_s)  # the crash-loop / no-nodes gauges must reach a scrape
                 return code
             time.sleep(self.cfg.poll_interval_s)
 
+    def _kill_live(self) -> None:
+        for g in self.live():
+            g.process.kill()
+            g.exited = -9
+
     def shutdown(self) -> None:
-        for g in self.groups.values():
-            if g.exited is None:
-                g.process.kill()
+        self._kill_live()
         if self.lighthouse:
             self.lighthouse.stop()
             self.lighthouse = None
         if self._server is not None:
+            write_file_sd(self.out / "supervisor_targets.json", [])  # a stopped supervisor is not "down"
             self._server.shutdown()
             self._server.server_close()
             self._server = None
@@ -382,6 +390,7 @@ class Supervisor:
         f.add("watchtower_supervisor_recovery_seconds", self.recovery_s)
         f.add("watchtower_supervisor_quorum_participants", max((g.participants for g in live if g.participating), default=0))
         f.add("watchtower_supervisor_active_groups_target", self.job.cluster.active_groups)
+        f.add("watchtower_supervisor_spare_groups_target", self.job.cluster.spare_groups)
         f.add("watchtower_supervisor_job_step", self.job_step)
         f.add("watchtower_supervisor_goodput_ratio", self.goodput())
         f.add("watchtower_supervisor_crash_loop", int(self.crash_loop))

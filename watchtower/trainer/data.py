@@ -17,6 +17,7 @@ runs this package, so the demo needs no download.
 from __future__ import annotations
 
 import logging
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +25,14 @@ from pathlib import Path
 import fsspec
 import torch
 
+from watchtower.trainer.staging import stage
 from watchtower.validation import ConfigError, require
 
 log = logging.getLogger(__name__)
 
 BOS = 256  # one past the byte range
 BYTE_VOCAB = 257
+STAGE_MODES = ("auto", "always", "never")
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".csv", ".html", ".tex")
 
 
@@ -42,16 +45,23 @@ class DataConfig:
     max_bytes: read at most this much text (keeps CPU demos fast; raise it for real runs).
     document_masking: attend only within a document inside a packed window (the Playbook's choice
         for short-context pretraining); turn off to compare with plain causal attention.
+    stage: copy the source into the node-local cache before reading it — "auto": when it is remote
+        (not a local path); "always": also local paths (a shared NFS/Lustre mount); "never".
+    cache_dir: the node-local cache; empty: $WATCHTOWER_CACHE_DIR (the supervisor gives each node
+        its own), else ~/.cache/watchtower/data.
     """
 
     source: str = ""
     max_bytes: int = 4_000_000
     shuffle_seed: int = 1234
     document_masking: bool = True
+    stage: str = "auto"
+    cache_dir: str = ""
 
     def __post_init__(self) -> None:
         require(self.max_bytes > 0, "max_bytes", self.max_bytes, "must be a positive number of bytes")
         require(self.shuffle_seed >= 0, "shuffle_seed", self.shuffle_seed, "must be >= 0")
+        require(self.stage in STAGE_MODES, "stage", self.stage, f"must be one of {', '.join(STAGE_MODES)}")
         if self.source and "://" not in self.source and not any(c in self.source for c in "*?["):
             require(Path(self.source).exists(), "source", self.source,
                     "no such file or directory (give a local path, a glob, or an fsspec URL)")
@@ -83,11 +93,25 @@ def list_source_files(source: str) -> list[str]:
     return [f if protocol == "file" else f"{protocol}://{f}" for f in files]
 
 
+def resolve_cache_dir(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("WATCHTOWER_CACHE_DIR")
+                or Path.home() / ".cache" / "watchtower" / "data")
+
+
+def readable_files(cfg: DataConfig) -> list[str]:
+    """The files to read: the source's own, or their staged copies in the node-local cache."""
+    urls = list_source_files(cfg.source)
+    remote = any("://" in u and not u.startswith("file://") for u in urls)
+    if cfg.stage == "always" or (cfg.stage == "auto" and remote):
+        return stage(urls, resolve_cache_dir(cfg), cfg.max_bytes).files
+    return urls
+
+
 def load_tokens(cfg: DataConfig) -> torch.Tensor:
     """All documents as one int64 tensor: BOS doc0 BOS doc1 ... (bytes are their own token ids)."""
     chunks: list[torch.Tensor] = []
     total = 0
-    for url in list_source_files(cfg.source):
+    for url in readable_files(cfg):
         with fsspec.open(url, "rb") as f:
             data = f.read(cfg.max_bytes - total)
         if not data:
