@@ -15,10 +15,15 @@ from typing import Iterator
 
 log = logging.getLogger("watchtower.hooks")
 
+# Every guarded entry point. Their counters start at 0, so `increase()` over them is defined from the
+# first scrape on (a counter that appears only with its first error hides that first error from rate()).
+HOOKS = ("start", "wrap", "step", "step_enter", "step_exit", "should_step", "record", "set_gauge",
+         "check_parallel", "scrape", "close")
+
 
 class HookErrors:
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter({hook: 0 for hook in HOOKS})
         self._lock = threading.Lock()
 
     def record(self, hook: str, err: BaseException) -> None:

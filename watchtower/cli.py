@@ -132,6 +132,41 @@ def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) ->
     return code
 
 
+def cmd_dashboards(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """`build`: regenerate dashboards/json from code (needs the dev extra); `push`: upload them."""
+    from watchtower.dashboards import JSON_DIR, load_dashboards
+
+    if args.action == "build":
+        try:
+            from watchtower.dashboards import build
+        except ImportError as err:
+            raise ConfigError("dashboards build", str(err), "needs grafana-foundation-sdk (Python >= 3.11): "
+                              "pip install -e '.[dev]'") from None
+        out = Path(args.out) if args.out else JSON_DIR
+        if args.check:
+            stale = [name for name, text in build.render().items()
+                     if not (out / name).exists() or (out / name).read_text() != text]
+            print(f"stale: {', '.join(stale)} (run: watchtower dashboards build)" if stale else "dashboards up to date")
+            return 1 if stale else 0
+        for path in build.write(out):
+            print(f"wrote {path}")
+        return 0
+    from watchtower.dashboards.push import PushError, push
+
+    if not args.url:
+        raise ConfigError("--url", args.url, "give Grafana's base URL, e.g. --url https://grafana.example.com")
+    try:
+        result = push(args.url, args.token or os.environ.get("GRAFANA_TOKEN", ""), load_dashboards(),
+                      folder_title=args.folder)
+    except PushError as err:
+        print(f"dashboards push: {err}", file=sys.stderr)
+        return 1
+    print(f"folder '{args.folder}': {result.folder}")
+    for uid, what in result.dashboards.items():
+        print(f"  {uid}: {what}")
+    return 0
+
+
 def print_summary(summary: dict, code: int) -> None:
     print("\nsummary")
     print(f"  steps: {summary['steps']}   failures: {summary['failures']}   restarts: {summary['restarts']}")
@@ -182,10 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     prom.add_argument("--rules", action="append", default=[], help="rule file (default: alerts/rules.yml)")
     prom.add_argument("--scrape-interval", default="15s")
     prom.add_argument("--evaluation-interval", default="15s")
+    dash = sub.add_parser("dashboards", help="build the Grafana dashboards from code, or push them to a Grafana")
+    dash.add_argument("action", choices=["build", "push"])
+    dash.add_argument("--out", default=None, help="build: directory for the JSON (default: the package's)")
+    dash.add_argument("--check", action="store_true", help="build: only say whether the JSON is up to date")
+    dash.add_argument("--url", default=None, help="push: Grafana base URL")
+    dash.add_argument("--token", default=None, help="push: service-account token (default: $GRAFANA_TOKEN)")
+    dash.add_argument("--folder", default="Watchtower", help="push: folder title")
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
-                "supervise": cmd_supervise}
+                "supervise": cmd_supervise, "dashboards": cmd_dashboards}
     try:
         if rest and args.command not in ("train", "supervise"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
