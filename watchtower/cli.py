@@ -167,6 +167,42 @@ def cmd_dashboards(args: argparse.Namespace, rest: list[str], argv: list[str]) -
     return 0
 
 
+def tui_source(args: argparse.Namespace):
+    """The TUI's data source from its flags, validated before the screen opens."""
+    from watchtower.tui.sources import PrometheusSource, ScrapeSource
+
+    if not args.interval > 0:
+        raise ConfigError("--interval", args.interval, "must be > 0 seconds")
+    targets = [t.strip() for t in (args.targets or "").split(",") if t.strip()]
+    for t in targets:
+        host, _, port = t.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError("--targets", t, "each target is host:port, e.g. --targets node1:9400,node1:9401")
+    targets_file = Path(args.targets_file) if args.targets_file else None
+    if targets_file is None and not targets and not args.prometheus and Path("runs/demo/targets.json").exists():
+        targets_file = Path("runs/demo/targets.json")  # what `watchtower demo` writes
+    if targets_file is not None and not targets_file.exists():
+        raise ConfigError("--targets-file", str(targets_file), "no such file: give the targets.json the supervisor writes")
+    events = Path(args.events) if args.events else (targets_file.parent / "events.jsonl" if targets_file else None)
+    if args.prometheus:
+        if not args.prometheus.startswith(("http://", "https://")):
+            raise ConfigError("--prometheus", args.prometheus, "must be a URL like http://prometheus:9090")
+        return PrometheusSource(args.prometheus, args.alertmanager, events)
+    if not targets and targets_file is None:
+        raise ConfigError("--targets", "", "give --prometheus URL, --targets host:port,... or --targets-file "
+                          "(the supervisor's targets.json)")
+    return ScrapeSource(targets, targets_file, events)
+
+
+def cmd_tui(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """The terminal UI (Textual) for the login node."""
+    source = tui_source(args)
+    from watchtower.tui.app import WatchtowerApp
+
+    WatchtowerApp(source, interval=args.interval, run=args.run).run()
+    return 0
+
+
 def print_summary(summary: dict, code: int) -> None:
     print("\nsummary")
     print(f"  steps: {summary['steps']}   failures: {summary['failures']}   restarts: {summary['restarts']}")
@@ -224,10 +260,18 @@ def main(argv: list[str] | None = None) -> int:
     dash.add_argument("--url", default=None, help="push: Grafana base URL")
     dash.add_argument("--token", default=None, help="push: service-account token (default: $GRAFANA_TOKEN)")
     dash.add_argument("--folder", default="Watchtower", help="push: folder title")
+    tui = sub.add_parser("tui", help="terminal UI: ranks, alerts and supervisor events of running jobs")
+    tui.add_argument("--prometheus", default=None, help="Prometheus base URL (else scrape the ranks directly)")
+    tui.add_argument("--alertmanager", default=None, help="Alertmanager base URL for alerts (with --prometheus)")
+    tui.add_argument("--targets", default=None, help="host:port,... of rank /metrics endpoints")
+    tui.add_argument("--targets-file", default=None, help="file_sd targets.json the supervisor writes")
+    tui.add_argument("--events", default=None, help="supervisor events.jsonl (default: beside --targets-file)")
+    tui.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    tui.add_argument("--run", default=None, help="open this run's view at start")
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
-                "supervise": cmd_supervise, "dashboards": cmd_dashboards}
+                "supervise": cmd_supervise, "dashboards": cmd_dashboards, "tui": cmd_tui}
     try:
         if rest and args.command not in ("train", "supervise"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -1,0 +1,239 @@
+"""The terminal UI: Pilot tests drive the keys, snapshot tests pin the screens, a real trainer's
+numbers appear in the table, a target that dies turns "DOWN" within two polls, and tmux shows it
+working in a real terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable
+
+from conftest import REPO, free_port, run_watchtower, value, wait_for_metrics, watchtower_cmd
+from watchtower.tui.app import HelpScreen, RunScreen, RunsScreen, WatchtowerApp
+from watchtower.tui.sources import ScrapeSource
+
+DATA = Path(__file__).parent / "data" / "tui"
+HEARTBEAT = re.compile(r"^(watchtower_heartbeat_timestamp_seconds\{[^}]*\}) \S+$", re.M)
+
+
+class RecordedRanks:
+    """Serves /metrics recorded from a real TP=2 run (tests/data/tui/*.prom), one port per rank,
+    with the heartbeat set to the time of each scrape (so the heartbeat age reads 0s)."""
+
+    def __init__(self) -> None:
+        self.servers = []
+        self.targets = []
+        for path in sorted(DATA.glob("*.prom")):
+            text = path.read_text()
+
+            class Handler(BaseHTTPRequestHandler):
+                body = text
+
+                def do_GET(self):  # noqa: N802 - http.server's naming
+                    data = HEARTBEAT.sub(lambda m: f"{m.group(1)} {time.time()}", self.body).encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+                def log_message(self, *args):
+                    pass
+
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            self.servers.append(server)
+            self.targets.append(f"127.0.0.1:{server.server_address[1]}")
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.shutdown()
+            s.server_close()
+
+
+@pytest.fixture
+def recorded():
+    ranks = RecordedRanks()
+    yield ranks
+    ranks.close()
+
+
+@pytest.fixture
+def utc():
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    yield
+    if old is None:
+        os.environ.pop("TZ")
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
+
+
+def recorded_app(recorded, run=None, dead=False) -> WatchtowerApp:
+    targets = recorded.targets + ([f"127.0.0.1:{free_port()}"] if dead else [])
+    return WatchtowerApp(ScrapeSource(targets, events_file=DATA / "events.jsonl"), interval=3600, run=run,
+                         timestamps=False)
+
+
+async def polls(app: WatchtowerApp, pilot, n: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while app.polls < n:
+        assert time.monotonic() < deadline, f"only {app.polls} polls in {timeout}s"
+        await pilot.pause(0.05)
+    await pilot.pause()
+
+
+def table_rows(app: WatchtowerApp, table_id: str) -> list[list[str]]:
+    table = app.screen.query_one(f"#{table_id}", DataTable)
+    return [[str(c).strip() for c in table.get_row_at(i)] for i in range(table.row_count)]
+
+
+async def first_poll(pilot) -> None:
+    await polls(pilot.app, pilot, 1)
+
+
+# ---- Pilot: keys ------------------------------------------------------------------------------------
+
+def test_keys_open_a_run_sort_filter_jump_to_the_worst_and_help(recorded):
+    async def drive():
+        app = recorded_app(recorded, dead=True)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await polls(app, pilot, 1)
+            assert isinstance(app.screen, RunsScreen)
+            runs = {row[0]: row for row in table_rows(app, "runs")}
+            assert runs["smol"][1:4] == ["2", "4", "0"] and runs["unreachable"][3] == "1"
+            assert runs["smol"][7] == "1", "the loss-spike detector event counts as an alert of run smol"
+            await pilot.press("down" if table_rows(app, "runs")[0][0] != "smol" else "up", "enter")
+            assert isinstance(app.screen, RunScreen) and app.screen.run == "smol"
+            rows = table_rows(app, "ranks")
+            assert rows[0][:2] == ["1", "1"] and rows[0][9].endswith("!"), "worst first: the straggler, marked"
+            await pilot.press("s")  # worst -> rank
+            assert [(r[0], r[1]) for r in table_rows(app, "ranks")] == [("0", "0"), ("0", "1"), ("1", "0"), ("1", "1")]
+            await pilot.press("w")
+            assert app.screen.query_one("#ranks", DataTable).cursor_row == 3
+            await pilot.press("slash", *"node-a", "enter")
+            assert {r[2] for r in table_rows(app, "ranks")} == {"node-a"}
+            await pilot.press("escape")  # clears the filter
+            assert len(table_rows(app, "ranks")) == 4
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            assert isinstance(app.screen, RunScreen)
+            await pilot.press("escape")
+            assert isinstance(app.screen, RunsScreen)
+            await pilot.press("q")
+        assert app.return_code == 0
+
+    asyncio.run(drive())
+
+
+# ---- snapshots -------------------------------------------------------------------------------------
+
+def test_snapshot_runs_view(recorded, utc, snap_compare):
+    assert snap_compare(recorded_app(recorded, dead=True), terminal_size=(80, 24), run_before=first_poll)
+
+
+def test_snapshot_run_view(recorded, utc, snap_compare):
+    assert snap_compare(recorded_app(recorded, run="smol"), terminal_size=(80, 24), run_before=first_poll)
+
+
+def test_snapshot_help(recorded, utc, snap_compare):
+    assert snap_compare(recorded_app(recorded, run="smol"), press=["question_mark"], terminal_size=(80, 24),
+                        run_before=first_poll)
+
+
+# ---- a real trainer ----------------------------------------------------------------------------------
+
+def start_trainer(processes, tmp_path, run: str, steps: int) -> tuple[int, subprocess.Popen]:
+    port = free_port()
+    proc = processes.start(watchtower_cmd(
+        "train", "--config", "tiny", "--steps", str(steps), "--run", run, "--port", str(port),
+        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120"),
+        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return port, proc
+
+
+def test_real_trainer_numbers_appear_and_a_dead_rank_turns_down_within_two_polls(processes, tmp_path):
+    port, proc = start_trainer(processes, tmp_path, "live", 30)
+    scraped = wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 30, proc=proc)
+
+    async def drive():
+        app = WatchtowerApp(ScrapeSource([f"127.0.0.1:{port}"]), interval=0.5, run="live")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await polls(app, pilot, 1)
+            row = table_rows(app, "ranks")[0]
+            assert row[3] == "up" and row[4] == "30"
+            assert row[5] == f"{value(scraped, 'watchtower_loss'):.3f}"
+            assert row[8] == f"{value(scraped, 'watchtower_data_wait_ratio'):.0%}"
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            killed_at = app.polls
+            await polls(app, pilot, killed_at + 2)
+            row = table_rows(app, "ranks")[0]
+            assert row[3] == "DOWN" and row[4] == "-", row
+            assert "up 0/1" in app.status_line()
+
+    asyncio.run(drive())
+
+
+def test_tmux_smoke_in_a_real_terminal(recorded):
+    assert shutil.which("tmux"), "tmux is missing: .ci/run installs it"
+    session = f"wt{os.getpid()}"
+    cmd = " ".join(watchtower_cmd("tui", "--targets", ",".join(recorded.targets), "--interval", "1"))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "80", "-y", "24", f"cd {REPO} && {cmd}"],
+                   check=True)
+    try:
+        def screen() -> str:
+            return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+        def wait_for(text: str, timeout: float = 60) -> str:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                shown = screen()
+                if text in shown:
+                    return shown
+                time.sleep(0.2)
+            raise AssertionError(f"{text!r} never appeared:\n{screen()}")
+
+        shown = wait_for("smol")
+        assert "up 4/4" in shown
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        shown = wait_for("node-b")
+        assert "loss" in shown and "tokens/s" in shown
+        subprocess.run(["tmux", "send-keys", "-t", session, "?"], check=True)
+        wait_for("jump to the worst rank")
+        subprocess.run(["tmux", "send-keys", "-t", session, "Escape"], check=True)
+        deadline = time.monotonic() + 15  # (a key sent right after Escape would read as Alt+key)
+        while "jump to the worst rank" in screen():
+            assert time.monotonic() < deadline, "escape did not close the help"
+            time.sleep(0.2)
+        subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
+        deadline = time.monotonic() + 15
+        while subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "q did not quit"
+            time.sleep(0.2)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--targets", "nohost"], "--targets"),
+    (["--prometheus", "prometheus:9090"], "--prometheus"),
+    (["--targets-file", "/nonexistent/targets.json"], "--targets-file"),
+    (["--targets", "127.0.0.1:1", "--interval", "0"], "--interval"),
+])
+def test_bad_tui_arguments_are_refused_naming_the_flag(args, field, tmp_path):
+    result = run_watchtower("tui", *args, cwd=tmp_path)
+    assert result.returncode == 2 and field in result.stderr, result.stderr

@@ -1,0 +1,153 @@
+"""What the TUI shows, independent of where it came from (ranks' /metrics or Prometheus) and of Textual.
+
+A source turns one poll into a `Snapshot`: one `RankRow` per rank it knows (a rank that stopped
+answering stays, marked down, with its last labels), the alerts firing, the supervisor's events.
+`History` keeps a short per-run series of loss and throughput for the sparklines.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+# metric name -> RankRow field, for the per-rank gauges both sources read
+RANK_GAUGES = {
+    "watchtower_train_step": "step",
+    "watchtower_loss": "loss",
+    "watchtower_tokens_per_second": "tokens_per_s",
+    "watchtower_mfu_ratio": "mfu",
+    "watchtower_data_wait_ratio": "data_wait",
+    "watchtower_step_time_seconds": "step_time",
+    "watchtower_heartbeat_timestamp_seconds": "heartbeat",
+    "watchtower_replica_participating": "participating",
+}
+# per-GPU gauges, reduced over a rank's GPUs (a rank normally drives one)
+GPU_GAUGES = {
+    "watchtower_gpu_utilization_ratio": ("gpu_util", max),
+    "watchtower_gpu_memory_used_bytes": ("gpu_mem_used", sum),
+    "watchtower_gpu_memory_total_bytes": ("gpu_mem_total", sum),
+    "watchtower_gpu_temperature_celsius": ("gpu_temp", max),
+}
+RANK_KEY = ("run", "replica_group", "rank", "node")
+STALE_HEARTBEAT_S = 60.0  # no finished step for this long reads as a possible hang
+
+
+@dataclass
+class RankRow:
+    run: str
+    replica_group: str
+    rank: str
+    node: str
+    target: str = ""
+    up: bool = True
+    step: float | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    data_wait: float | None = None
+    step_time: float | None = None
+    heartbeat: float | None = None
+    participating: float | None = None
+    gpu_util: float | None = None
+    gpu_mem_used: float | None = None
+    gpu_mem_total: float | None = None
+    gpu_temp: float | None = None
+    step_ratio: float | None = None  # step time ÷ the run's median, set by Snapshot.finish()
+    heartbeat_age: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.run, self.replica_group, self.rank, self.node)
+
+    @property
+    def gpu_mem(self) -> float | None:
+        if self.gpu_mem_used is None or not self.gpu_mem_total:
+            return None
+        return self.gpu_mem_used / self.gpu_mem_total
+
+    def badness(self) -> tuple:
+        """Sort key for "worst first": down, then a stale heartbeat, then the slowest step."""
+        age = self.heartbeat_age or 0.0
+        return (not self.up, age if age > STALE_HEARTBEAT_S else 0.0, self.step_ratio or 0.0)
+
+
+@dataclass
+class Alert:
+    name: str
+    severity: str
+    summary: str
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def run(self) -> str:
+        return self.labels.get("run", "")
+
+
+@dataclass
+class RunSummary:
+    run: str
+    ranks: int
+    down: int
+    groups: int
+    step: float | None
+    loss: float | None
+    tokens_per_s: float | None
+    alerts: int
+
+
+@dataclass
+class Snapshot:
+    rows: list[RankRow] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    source: str = ""
+    error: str = ""  # the source itself failed (Prometheus unreachable): shown, never raised
+    taken_at: float = 0.0
+
+    def finish(self, now: float) -> "Snapshot":
+        """Derived columns: heartbeat age, step time relative to the run's median."""
+        self.taken_at = now
+        for row in self.rows:
+            row.heartbeat_age = None if row.heartbeat is None else max(now - row.heartbeat, 0.0)
+        for run in self.runs():
+            times = [r.step_time for r in self.rows if r.run == run and r.up and r.step_time]
+            median = statistics.median(times) if times else None
+            for r in self.rows:
+                if r.run == run:
+                    r.step_ratio = r.step_time / median if (median and r.step_time and r.up) else None
+        return self
+
+    def runs(self) -> list[str]:
+        return sorted({r.run for r in self.rows} | {a.run for a in self.alerts if a.run})
+
+    def summaries(self) -> list[RunSummary]:
+        out = []
+        for run in self.runs():
+            rows = [r for r in self.rows if r.run == run]
+            up = [r for r in rows if r.up]
+            first = [r for r in up if r.rank == "0"]  # TP ranks of a group share tokens and loss
+            losses = [r.loss for r in first if r.loss is not None]
+            out.append(RunSummary(
+                run, len(rows), len(rows) - len(up), len({r.replica_group for r in rows}),
+                max((r.step for r in up if r.step is not None), default=None),
+                statistics.fmean(losses) if losses else None,
+                sum(r.tokens_per_s for r in first if r.tokens_per_s is not None) if first else None,
+                sum(1 for a in self.alerts if a.run == run)))
+        return out
+
+
+class History:
+    """Per-run series of the mean loss and total tokens/s, one point per poll, for sparklines."""
+
+    def __init__(self, length: int = 120):
+        self.length = length
+        self.loss: dict[str, deque[float]] = {}
+        self.tokens: dict[str, deque[float]] = {}
+
+    def add(self, snapshot: Snapshot) -> None:
+        for s in snapshot.summaries():
+            if s.loss is not None:
+                self.loss.setdefault(s.run, deque(maxlen=self.length)).append(s.loss)
+            if s.tokens_per_s is not None:
+                self.tokens.setdefault(s.run, deque(maxlen=self.length)).append(s.tokens_per_s)

@@ -1,0 +1,185 @@
+"""Where the TUI's numbers come from: the ranks' own /metrics, or a Prometheus that scrapes them.
+
+Both are polled from a worker thread and must never raise into the app: a target that does not answer
+becomes a row marked down (with the labels it last had, or those its file_sd entry gives), and a
+Prometheus or Alertmanager that does not answer becomes `Snapshot.error`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from watchtower.tui.model import GPU_GAUGES, RANK_GAUGES, RANK_KEY, Alert, RankRow, Snapshot
+
+HTTP_TIMEOUT_S = 2.0
+EVENTS_SHOWN = 200
+
+
+def _get(url: str, timeout: float = HTTP_TIMEOUT_S) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read()
+
+
+def _fill(row: RankRow, name: str, labels: dict[str, str], value: float, gpu: dict) -> None:
+    if name in RANK_GAUGES:
+        setattr(row, RANK_GAUGES[name], value)
+    elif name in GPU_GAUGES:
+        gpu.setdefault(name, []).append(value)
+
+
+def _reduce_gpu(row: RankRow, gpu: dict[str, list[float]]) -> None:
+    for name, values in gpu.items():
+        field, reduce = GPU_GAUGES[name]
+        setattr(row, field, reduce(values))
+
+
+def read_events(path: Path | None) -> list[dict]:
+    """The supervisor's events.jsonl, newest last; a torn last line (being written) is skipped."""
+    if path is None or not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines()[-EVENTS_SHOWN:]:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+class ScrapeSource:
+    """Scrapes each rank's /metrics directly: `targets` (host:port) and/or a file_sd `targets_file`
+    re-read every poll, so ranks the supervisor adds or removes appear and go."""
+
+    def __init__(self, targets: list[str] = (), targets_file: Path | None = None, events_file: Path | None = None):
+        self.static = list(targets)
+        self.targets_file = targets_file
+        self.events_file = events_file
+        self.known: dict[str, dict[str, str]] = {}  # target -> last labels seen, so a dead rank keeps its name
+        self.pool = ThreadPoolExecutor(max_workers=8)
+        parts = ([f"{len(self.static)} targets"] if self.static else []) + ([targets_file.name] if targets_file else [])
+        self.describe = " + ".join(parts)
+
+    def _targets(self) -> dict[str, dict[str, str]]:
+        out = {t: {} for t in self.static}
+        if self.targets_file and self.targets_file.exists():
+            try:
+                for group in json.loads(self.targets_file.read_text()):
+                    for t in group.get("targets", []):
+                        out[t] = dict(group.get("labels", {}))
+            except ValueError:
+                pass  # being rewritten; the next poll reads it
+        return out
+
+    def _scrape(self, target: str) -> str | None:
+        try:
+            return _get(f"http://{target}/metrics").decode()
+        except Exception:  # noqa: BLE001 - refused, timeout, reset: all mean "down"
+            return None
+
+    @staticmethod
+    def _down(target: str, labels: dict[str, str]) -> RankRow:
+        """A rank that does not answer: its last labels, or (never seen) its address as the node."""
+        defaults = {"run": "unreachable", "replica_group": "?", "rank": "?", "node": target}
+        return RankRow(*(labels.get(k, defaults[k]) for k in RANK_KEY), target=target, up=False)
+
+    def poll(self) -> Snapshot:
+        now = time.time()
+        targets = self._targets()
+        snap = Snapshot(source=f"scrape {self.describe}")
+        for target, text in zip(targets, self.pool.map(self._scrape, targets)):
+            labels = {**self.known.get(target, {}), **targets[target]}
+            if text is None:
+                snap.rows.append(self._down(target, labels))
+                continue
+            rows: dict[tuple, tuple[RankRow, dict]] = {}
+            try:
+                for family in text_string_to_metric_families(text):
+                    for sample in family.samples:
+                        if not all(k in sample.labels for k in RANK_KEY):
+                            continue
+                        key = tuple(sample.labels[k] for k in RANK_KEY)
+                        if key not in rows:
+                            rows[key] = (RankRow(*key, target=target), {})
+                        row, gpu = rows[key]
+                        _fill(row, sample.name, sample.labels, sample.value, gpu)
+                        if sample.name == "watchtower_detector_events_total" and sample.value > 0:
+                            snap.alerts.append(Alert(
+                                f"detector {sample.labels.get('detector')}", sample.labels.get("severity", ""),
+                                f"{int(sample.value)} events on rank {key[2]} of group {key[1]}", dict(sample.labels)))
+            except ValueError:  # not a Prometheus exposition: something else listens there
+                snap.rows.append(self._down(target, labels))
+                continue
+            for row, gpu in rows.values():
+                _reduce_gpu(row, gpu)
+                snap.rows.append(row)
+                self.known[target] = dict(zip(RANK_KEY, row.key))
+        snap.events = read_events(self.events_file)
+        return snap.finish(now)
+
+
+class PrometheusSource:
+    """Reads the same numbers from Prometheus (instant queries), `up` for dead ranks, and the alerts
+    from Alertmanager when given (what pages) or else from Prometheus's rule state."""
+
+    def __init__(self, url: str, alertmanager: str | None = None, events_file: Path | None = None,
+                 job: str = "watchtower-ranks"):
+        self.url = url.rstrip("/")
+        self.alertmanager = alertmanager.rstrip("/") if alertmanager else None
+        self.events_file = events_file
+        self.job = job
+        self.describe = self.url
+
+    def _query(self, promql: str) -> list[dict]:
+        body = json.loads(_get(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"))
+        if body.get("status") != "success":
+            raise RuntimeError(body.get("error", "query failed"))
+        return body["data"]["result"]
+
+    def _alerts(self) -> list[Alert]:
+        if self.alertmanager:
+            raw = json.loads(_get(f"{self.alertmanager}/api/v2/alerts?active=true&silenced=false&inhibited=false"))
+            return [Alert(a["labels"].get("alertname", "?"), a["labels"].get("severity", ""),
+                          a.get("annotations", {}).get("summary", ""), a["labels"]) for a in raw]
+        raw = json.loads(_get(f"{self.url}/api/v1/alerts"))["data"]["alerts"]
+        return [Alert(a["labels"].get("alertname", "?"), a["labels"].get("severity", ""),
+                      a.get("annotations", {}).get("summary", ""), a["labels"])
+                for a in raw if a.get("state") == "firing"]
+
+    def poll(self) -> Snapshot:
+        now = time.time()
+        snap = Snapshot(source=f"prometheus {self.url}")
+        try:
+            names = "|".join(list(RANK_GAUGES) + list(GPU_GAUGES))
+            rows: dict[tuple, tuple[RankRow, dict]] = {}
+            for series in self._query(f'{{__name__=~"{names}"}}'):
+                labels = series["metric"]
+                if not all(k in labels for k in RANK_KEY):
+                    continue
+                key = tuple(labels[k] for k in RANK_KEY)
+                if key not in rows:
+                    rows[key] = (RankRow(*key, target=labels.get("instance", "")), {})
+                row, gpu = rows[key]
+                _fill(row, labels["__name__"], labels, float(series["value"][1]), gpu)
+            for series in self._query(f'up{{job="{self.job}"}}'):
+                labels = series["metric"]
+                key = tuple(labels.get(k, "?") for k in RANK_KEY)
+                if float(series["value"][1]) == 0:
+                    if key in rows:
+                        rows[key][0].up = False
+                    else:
+                        rows[key] = (RankRow(*key, target=labels.get("instance", ""), up=False), {})
+            for row, gpu in rows.values():
+                _reduce_gpu(row, gpu)
+                snap.rows.append(row)
+            snap.alerts = self._alerts()
+        except Exception as err:  # noqa: BLE001 - shown in the status line, never raised into the app
+            snap.error = f"{self.describe}: {err}"
+        snap.events = read_events(self.events_file)
+        return snap.finish(now)
