@@ -156,11 +156,11 @@ def test_snapshot_help(recorded, utc, snap_compare):
 
 # ---- a real trainer ----------------------------------------------------------------------------------
 
-def start_trainer(processes, tmp_path, run: str, steps: int) -> tuple[int, subprocess.Popen]:
+def start_trainer(processes, tmp_path, run: str, steps: int, *extra: str) -> tuple[int, subprocess.Popen]:
     port = free_port()
     proc = processes.start(watchtower_cmd(
         "train", "--config", "tiny", "--steps", str(steps), "--run", run, "--port", str(port),
-        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120"),
+        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120", *extra),
         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return port, proc
 
@@ -237,3 +237,39 @@ def test_tmux_smoke_in_a_real_terminal(recorded):
 def test_bad_tui_arguments_are_refused_naming_the_flag(args, field, tmp_path):
     result = run_watchtower("tui", *args, cwd=tmp_path)
     assert result.returncode == 2 and field in result.stderr, result.stderr
+
+
+def test_prometheus_source_reads_ranks_alerts_and_down_targets(processes, tmp_path):
+    """Through a real Prometheus and Alertmanager: the trainers' numbers, the loss-spike page as an
+    alert, and a killed rank as DOWN (Prometheus's `up`)."""
+    from watchtower.alerting_stack import AlertingStack
+    from watchtower.prometheus_config import Target
+    from watchtower.tui.sources import PrometheusSource
+
+    spiky_port, spiky = start_trainer(processes, tmp_path, "spiky", 60, "--inject", "loss_spike@40")
+    victim_port, victim = start_trainer(processes, tmp_path, "victim", 60)
+    with AlertingStack(tmp_path / "stack") as stack:
+        stack.set_targets([Target(f"127.0.0.1:{spiky_port}", "spiky", 0, 0, "node-s"),
+                           Target(f"127.0.0.1:{victim_port}", "victim", 0, 0, "node-v")])
+        for port, proc in ((spiky_port, spiky), (victim_port, victim)):
+            wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 60, proc=proc)
+        stack.pager.wait_for("WatchtowerLossSpike", 60, run="spiky")
+        source = PrometheusSource(stack.prometheus_url, stack.alertmanager_url)
+        deadline = time.monotonic() + 30
+        while True:
+            snap = source.poll()
+            rows = {r.run: r for r in snap.rows}
+            if {"spiky", "victim"} <= set(rows) and all(r.step == 60 for r in rows.values()):
+                break
+            assert time.monotonic() < deadline, (snap.error, snap.rows)
+            time.sleep(0.5)
+        assert not snap.error
+        assert rows["spiky"].node == "node-s" and rows["spiky"].loss is not None and rows["spiky"].up
+        assert any(a.name == "WatchtowerLossSpike" and a.run == "spiky" and a.severity == "page" for a in snap.alerts)
+        os.killpg(victim.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not any(r.run == "victim" and not r.up for r in source.poll().rows):
+            assert time.monotonic() < deadline, "the killed rank never turned down"
+            time.sleep(0.5)
+    broken = PrometheusSource(f"http://127.0.0.1:{free_port()}").poll()
+    assert broken.error and not broken.rows  # an unreachable Prometheus is a status line, not a crash

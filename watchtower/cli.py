@@ -108,6 +108,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
           f"of the tiny trainer on CPU (torchft, Gloo), {trainer.train.steps} steps; fault: {', '.join(job.job.inject)}")
     print(f"  supervisor metrics: http://127.0.0.1:{job.supervisor.metrics_port}/metrics   ranks: see "
           f"{job.job.output_path / 'targets.json'}   events: {job.job.output_path / 'events.jsonl'}")
+    print(f"  watch it live from another terminal: watchtower tui --targets-file {job.job.output_path / 'targets.json'}")
     supervisor = Supervisor(job, trainer, job_path)
     code = supervisor.run()
     print("\nwhat happened")
