@@ -190,6 +190,7 @@ class RunScreen(Screen):
             needle = self.filter.lower()
             rows = [r for r in rows if needle in " ".join(
                 (r.node, f"g{r.replica_group}", f"r{r.rank}", "down" if not r.up else "up")).lower()]
+        rows = sorted(rows, key=sort_key("rank"))  # ties keep group/rank order (sorted() is stable)
         return sorted(rows, key=sort_key(self.sort))
 
     def refresh_from(self, snap: Snapshot) -> None:
