@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from watchtower.launch import free_port
+from watchtower.supervisor.jobfile import job_toml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,22 +41,10 @@ def job_file(out: Path, name: str, steps: int, interval: int, active: int, spare
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "train.log_interval=1",
                  "monitor.system_interval_s=2.0"]
     path = out / f"{name}.toml"
-    path.write_text(f"""
-[job]
-name = "{name}"
-trainer_config = "tiny"
-output_dir = "{out / name}"
-train_overrides = {json.dumps(overrides)}
-
-[cluster]
-nodes = {json.dumps([f"node-{i}" for i in range(nodes)])}
-active_groups = {active}
-spare_groups = {spares}
-
-[supervisor]
-base_port = {free_port()}
-metrics_port = 0
-""")
+    path.write_text(job_toml(
+        {"name": name, "trainer_config": "tiny", "output_dir": str(out / name), "train_overrides": overrides},
+        {"nodes": [f"node-{i}" for i in range(nodes)], "active_groups": active, "spare_groups": spares},
+        {"base_port": free_port(), "metrics_port": 0}))
     return path
 
 

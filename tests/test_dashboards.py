@@ -22,6 +22,7 @@ from conftest import REPO, free_port, run_watchtower, watchtower_cmd
 from watchtower.alerting_stack import AlertingStack
 from watchtower.dashboards import FOLDER_UID, JSON_DIR, PROVISIONING_DIR, load_dashboards, panel_queries
 from watchtower.metric_catalog import declared_series
+from watchtower.supervisor.jobfile import job_toml
 
 RUN = "dash"
 
@@ -88,21 +89,11 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
     overrides = ["train.steps=2000", "monitor.system_interval_s=1.0", "checkpoint.interval_steps=500",
                  "monitor.peak_flops=1e12"]
     job = tmp_path / "job.toml"
-    job.write_text(f"""
-[job]
-name = "{RUN}"
-trainer_config = "tiny"
-output_dir = "{job_dir}"
-train_overrides = {json.dumps(overrides)}
-inject = ["loss_spike@30", "crash@50:group=0"]
-[cluster]
-nodes = ["n0", "n1", "n2", "n3"]
-active_groups = 2
-spare_groups = 1
-[supervisor]
-base_port = {free_port()}
-metrics_port = {free_port()}
-""")
+    job.write_text(job_toml(
+        {"name": RUN, "trainer_config": "tiny", "output_dir": str(job_dir), "train_overrides": overrides,
+         "inject": ["loss_spike@30", "crash@50:group=0"]},
+        {"nodes": ["n0", "n1", "n2", "n3"], "active_groups": 2, "spare_groups": 1},
+        {"base_port": free_port(), "metrics_port": free_port()}))
     with AlertingStack(tmp_path / "stack", targets_file=job_dir / "targets.json",
                        supervisor_targets_file=job_dir / "supervisor_targets.json") as stack:
         proc = subprocess.Popen(watchtower_cmd("supervise", str(job)), cwd=REPO, stdout=subprocess.DEVNULL,

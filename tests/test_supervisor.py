@@ -12,37 +12,23 @@ from pathlib import Path
 import pytest
 
 from watchtower.alerting_stack import AlertingStack
+from watchtower.supervisor.jobfile import job_toml
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
 
 
 def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
-             extra_job="", extra_supervisor="", train_overrides=(), metrics_port=0) -> Path:
-    out = tmp_path / "job"
+             job=None, cluster=None, supervisor=None, train_overrides=(), metrics_port=0) -> Path:
+    """A job of the tiny trainer in tmp_path/job; `job`, `cluster`, `supervisor` add or replace keys."""
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
                  "monitor.parallel_check_interval=20", *train_overrides]
-    text = f"""
-[job]
-name = "sup"
-trainer_config = "tiny"
-output_dir = "{out}"
-train_overrides = {json.dumps(overrides)}
-inject = {json.dumps(list(inject))}
-{extra_job}
-[cluster]
-nodes = {json.dumps([f"node-{i}" for i in range(nodes)])}
-active_groups = {active}
-spare_groups = {spares}
-
-[supervisor]
-heartbeat_timeout_s = 20
-startup_grace_s = 60
-crash_loop_limit = 3
-base_port = {free_port()}
-metrics_port = {metrics_port}
-{extra_supervisor}
-"""
     path = tmp_path / "job.toml"
-    path.write_text(text)
+    path.write_text(job_toml(
+        {"name": "sup", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
+         "train_overrides": overrides, "inject": list(inject), **(job or {})},
+        {"nodes": [f"node-{i}" for i in range(nodes)], "active_groups": active, "spare_groups": spares,
+         **(cluster or {})},
+        {"heartbeat_timeout_s": 20, "startup_grace_s": 60, "crash_loop_limit": 3, "base_port": free_port(),
+         "metrics_port": metrics_port, **(supervisor or {})}))
     return path
 
 
@@ -109,7 +95,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
     is paged as WatchtowerCrashLoop while the supervisor lingers, and the next page is not spent."""
     out = tmp_path / "job"
     job = job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10,
-                   metrics_port=free_port(), extra_supervisor="linger_s = 15")
+                   metrics_port=free_port(), supervisor={"linger_s": 15})
     with AlertingStack(tmp_path / "stack", targets_file=out / "targets.json",
                        supervisor_targets_file=out / "supervisor_targets.json") as stack:
         result = supervise(job)
@@ -161,8 +147,7 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
 
 
 def test_hung_group_is_detected_and_replaced(tmp_path):
-    path = job_file(tmp_path, steps=120, inject=["hang@50:group=1"], extra_supervisor="heartbeat_timeout_s = 5")
-    path.write_text(path.read_text().replace("heartbeat_timeout_s = 20\n", ""))
+    path = job_file(tmp_path, steps=120, inject=["hang@50:group=1"], supervisor={"heartbeat_timeout_s": 5})
     result = supervise(path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
@@ -173,20 +158,13 @@ def test_hung_group_is_detected_and_replaced(tmp_path):
 
 
 @pytest.mark.parametrize("edit,field", [
-    ({"exclude": 'exclude = ["node-9"]'}, "cluster.exclude[0]"),
-    ({"overrides": ["train.tp=3"]}, "train.tp"),
+    ({"cluster": {"exclude": ["node-9"]}}, "cluster.exclude[0]"),
+    ({"train_overrides": ["train.tp=3"]}, "train.tp"),
     ({"active": 4, "spares": 1}, "cluster.active_groups"),
-    ({"no_trainer": True}, "job.trainer_config"),
+    ({"job": {"trainer_config": None}}, "job.trainer_config"),
 ])
 def test_bad_job_files_are_refused_before_anything_starts(tmp_path, edit, field):
-    path = job_file(tmp_path, train_overrides=edit.get("overrides", ()), active=edit.get("active", 2),
-                    spares=edit.get("spares", 1))
-    text = path.read_text()
-    if "exclude" in edit:
-        text = text.replace("[cluster]\n", f"[cluster]\n{edit['exclude']}\n")
-    if edit.get("no_trainer"):
-        text = text.replace('trainer_config = "tiny"\n', "")
-    path.write_text(text)
+    path = job_file(tmp_path, **edit)
     result = run_watchtower("supervise", str(path))
     assert result.returncode == 2, result.stdout + result.stderr
     assert field in result.stderr.strip().splitlines()[-1], result.stderr
