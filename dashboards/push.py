@@ -27,9 +27,6 @@ class PushResult:
     folder: str = "unchanged"  # created | unchanged | renamed
     dashboards: dict[str, str] = field(default_factory=dict)  # uid -> created | updated | unchanged
 
-    def changed(self) -> bool:
-        return self.folder != "unchanged" or any(v != "unchanged" for v in self.dashboards.values())
-
 
 def _content(dashboard: dict) -> dict:
     return {k: v for k, v in dashboard.items() if k not in VOLATILE}
@@ -84,8 +81,6 @@ def push(url: str, token: str, dashboards: dict[str, dict] | None = None, folder
             api.dashboard.update_dashboard({"dashboard": {**_content(dashboard), "id": None}, "folderUid": folder_uid,
                                             "overwrite": True, "message": "watchtower dashboards push"})
             result.dashboards[uid] = "created" if held is None else "updated"
-    except PushError:
-        raise
     except Exception as err:  # noqa: BLE001 - every transport/API failure becomes one clear line
         raise _explain(err, url) from err
     return result

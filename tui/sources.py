@@ -27,17 +27,40 @@ def _get(url: str, timeout: float = HTTP_TIMEOUT_S) -> bytes:
         return r.read()
 
 
-def _fill(row: RankRow, name: str, labels: dict[str, str], value: float, gpu: dict) -> None:
-    if name in RANK_GAUGES:
-        setattr(row, RANK_GAUGES[name], value)
-    elif name in GPU_GAUGES:
-        gpu.setdefault(name, []).append(value)
+class RankRows:
+    """Per-rank rows from (metric name, labels, value) samples, whichever source they came from."""
 
+    def __init__(self) -> None:
+        self._rows: dict[tuple, tuple[RankRow, dict[str, list[float]]]] = {}
 
-def _reduce_gpu(row: RankRow, gpu: dict[str, list[float]]) -> None:
-    for name, values in gpu.items():
-        field, reduce = GPU_GAUGES[name]
-        setattr(row, field, reduce(values))
+    def _entry(self, labels: dict[str, str], target: str):
+        key = tuple(labels.get(k, "?") for k in RANK_KEY)
+        if key not in self._rows:
+            self._rows[key] = (RankRow(*key, target=target), {})
+        return self._rows[key]
+
+    def add(self, name: str, labels: dict[str, str], value: float, target: str) -> bool:
+        """Fill a rank's column from one sample; False for a sample without the rank labels."""
+        if not all(k in labels for k in RANK_KEY):
+            return False
+        row, gpu = self._entry(labels, target)
+        if name in RANK_GAUGES:
+            setattr(row, RANK_GAUGES[name], value)
+        elif name in GPU_GAUGES:
+            gpu.setdefault(name, []).append(value)
+        return True
+
+    def mark_down(self, labels: dict[str, str], target: str) -> None:
+        self._entry(labels, target)[0].up = False
+
+    def rows(self) -> list[RankRow]:
+        out = []
+        for row, gpu in self._rows.values():
+            for name, values in gpu.items():
+                column, reduce = GPU_GAUGES[name]
+                setattr(row, column, reduce(values))
+            out.append(row)
+        return out
 
 
 def read_events(path: Path | None) -> list[dict]:
@@ -98,26 +121,20 @@ class ScrapeSource:
             if text is None:
                 snap.rows.append(self._down(target, labels))
                 continue
-            rows: dict[tuple, tuple[RankRow, dict]] = {}
+            rows = RankRows()
             try:
                 for family in text_string_to_metric_families(text):
                     for sample in family.samples:
-                        if not all(k in sample.labels for k in RANK_KEY):
-                            continue
-                        key = tuple(sample.labels[k] for k in RANK_KEY)
-                        if key not in rows:
-                            rows[key] = (RankRow(*key, target=target), {})
-                        row, gpu = rows[key]
-                        _fill(row, sample.name, sample.labels, sample.value, gpu)
-                        if sample.name == "watchtower_detector_events_total" and sample.value > 0:
+                        if rows.add(sample.name, sample.labels, sample.value, target) and \
+                                sample.name == "watchtower_detector_events_total" and sample.value > 0:
                             snap.alerts.append(Alert(
-                                f"detector {sample.labels.get('detector')}", sample.labels.get("severity", ""),
-                                f"{int(sample.value)} events on rank {key[2]} of group {key[1]}", dict(sample.labels)))
+                                f"detector {sample.labels['detector']}", sample.labels.get("severity", ""),
+                                f"{int(sample.value)} events on rank {sample.labels['rank']} of group "
+                                f"{sample.labels['replica_group']}", dict(sample.labels)))
             except ValueError:  # not a Prometheus exposition: something else listens there
                 snap.rows.append(self._down(target, labels))
                 continue
-            for row, gpu in rows.values():
-                _reduce_gpu(row, gpu)
+            for row in rows.rows():
                 snap.rows.append(row)
                 self.known[target] = dict(zip(RANK_KEY, row.key))
         snap.events = read_events(self.events_file)
@@ -157,27 +174,14 @@ class PrometheusSource:
         snap = Snapshot(source=f"prometheus {self.url}")
         try:
             names = "|".join(list(RANK_GAUGES) + list(GPU_GAUGES))
-            rows: dict[tuple, tuple[RankRow, dict]] = {}
+            rows = RankRows()
             for series in self._query(f'{{__name__=~"{names}"}}'):
                 labels = series["metric"]
-                if not all(k in labels for k in RANK_KEY):
-                    continue
-                key = tuple(labels[k] for k in RANK_KEY)
-                if key not in rows:
-                    rows[key] = (RankRow(*key, target=labels.get("instance", "")), {})
-                row, gpu = rows[key]
-                _fill(row, labels["__name__"], labels, float(series["value"][1]), gpu)
+                rows.add(labels["__name__"], labels, float(series["value"][1]), labels.get("instance", ""))
             for series in self._query(f'up{{job="{self.job}"}}'):
-                labels = series["metric"]
-                key = tuple(labels.get(k, "?") for k in RANK_KEY)
                 if float(series["value"][1]) == 0:
-                    if key in rows:
-                        rows[key][0].up = False
-                    else:
-                        rows[key] = (RankRow(*key, target=labels.get("instance", ""), up=False), {})
-            for row, gpu in rows.values():
-                _reduce_gpu(row, gpu)
-                snap.rows.append(row)
+                    rows.mark_down(series["metric"], series["metric"].get("instance", ""))
+            snap.rows.extend(rows.rows())
             snap.alerts = self._alerts()
         except Exception as err:  # noqa: BLE001 - shown in the status line, never raised into the app
             snap.error = f"{self.describe}: {err}"
