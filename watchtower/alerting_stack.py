@@ -25,8 +25,6 @@ from watchtower.launch import free_port
 from watchtower.prometheus_config import Target, render_prometheus_config, write_file_sd
 
 
-
-
 class Pager:
     """A webhook receiver on loopback; `pages` holds every firing alert, with its arrival time."""
 
@@ -123,8 +121,7 @@ class AlertingStack:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for path in (self.targets_file, self.supervisor_targets_file):
             if path is not None and not Path(path).exists():
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                write_file_sd(Path(path), [])
+                write_file_sd(path, [])  # Prometheus must find the file; the supervisor fills it later
         prom_config = self.workdir / "prometheus.yml"
         prom_config.write_text(render_prometheus_config(
             str(self.targets_file), f"127.0.0.1:{am_port}", None, self.interval, self.interval,

@@ -46,13 +46,11 @@ def render_prometheus_config(targets_file: str, alertmanager: str | None, rule_f
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
         "rule_files": rule_files,
-        "scrape_configs": [{"job_name": RANK_JOB, "file_sd_configs": [{"files": [targets_file]}],
-                            "scrape_timeout": min_duration(scrape_interval, "10s")}],
+        "scrape_configs": [{"job_name": job, "file_sd_configs": [{"files": [path]}],
+                            "scrape_timeout": min_duration(scrape_interval, "10s")}  # must not exceed the interval
+                           for job, path in ((RANK_JOB, targets_file), (SUPERVISOR_JOB, supervisor_targets_file))
+                           if path],
     }
-    if supervisor_targets_file:
-        config["scrape_configs"].append({"job_name": SUPERVISOR_JOB,
-                                         "file_sd_configs": [{"files": [supervisor_targets_file]}],
-                                         "scrape_timeout": min_duration(scrape_interval, "10s")})
     if alertmanager:
         config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     return json.dumps(config, indent=2) + "\n"

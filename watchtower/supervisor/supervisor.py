@@ -141,10 +141,14 @@ class Supervisor:
                 return code
             time.sleep(self.cfg.poll_interval_s)
 
+    @staticmethod
+    def _kill(g: Group) -> None:
+        g.process.kill()
+        g.exited = -9
+
     def _kill_live(self) -> None:
         for g in self.live():
-            g.process.kill()
-            g.exited = -9
+            self._kill(g)
 
     def shutdown(self) -> None:
         self._kill_live()
@@ -177,8 +181,7 @@ class Supervisor:
                 else:
                     self._fail(g, "exit", code)
             elif (self.out / "drain" / g.node).exists():
-                g.process.kill()
-                g.exited = -9
+                self._kill(g)
                 self._fail(g, "drained", None)
         if now - self._last_scrape >= SCRAPE_INTERVAL_S:
             step_before, since = self.job_step, now - self._last_scrape
@@ -252,8 +255,7 @@ class Supervisor:
         if not culprits and stale and all(self._staleness(g, now) > 2 * self.cfg.heartbeat_timeout_s for g in stale):
             culprits = stale
         for g in culprits:
-            g.process.kill()
-            g.exited = -9
+            self._kill(g)
             self._fail(g, "hang", None)
 
     # ---- failures and recovery -----------------------------------------------------------------
