@@ -1,10 +1,23 @@
-"""Bad configuration is refused before anything starts: exit 2, one line, the full key named."""
+"""Bad configuration is refused before anything starts: exit 2, one line, the full key named.
+
+The table runs `cli.main` in this process (a row costs milliseconds, not an interpreter start); one
+case runs the real `watchtower` process to prove the exit code and the single line hold there too.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+import torch
 
 from conftest import run_watchtower
+from watchtower import cli
+from watchtower.supervisor.jobfile import job_toml
+
+needs_no_s3fs = pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None,
+                                   reason="s3fs is installed here: the s3:// backend is not missing")
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 BAD_FLAGS = [
     (["--model.dim", "-3"], "model.dim"),
@@ -22,18 +35,45 @@ BAD_FLAGS = [
     (["--checkpoint.keep_last", "0"], "checkpoint.keep_last"),
     (["--data.source", "/no/such/corpus"], "data.source"),
     (["--model.vocab_size", "100"], "model.vocab_size"),
+    # accepted before, then never fired (no group -1, no rank 99 at tp=1) or injected NaN as a "spike"
+    (["--inject", "crash@5:group=-1"], "faults.inject[0]", "group"),
+    (["--inject", "crash@5:rank=99"], "faults.inject[0]", "train.tp = 1"),
+    (["--tp", "2", "--inject", "stall@5:1s:rank=2"], "faults.inject[0]", "train.tp = 2"),
+    (["--inject", "loss_spike@5:nan"], "faults.inject[0]", "nonfinite@5"),
+    (["--inject", "loss_spike@5:inf"], "faults.inject[0]", "nonfinite@5"),
+    (["--inject", "loss_spike@5", "--inject", "loss_spike@5:-2"], "faults.inject[1]", "> 0"),
+    # a traceback before: the fsspec backend is missing, or the protocol is unknown
+    pytest.param(["--data.source", "s3://bucket/corpus/"], "data.source", "pip install s3fs",
+                 marks=needs_no_s3fs, id="s3-without-s3fs"),
+    (["--data.source", "nosuchproto://bucket/x"], "data.source", "protocol"),
+    # an AttributeError from deep in torch before
+    pytest.param(["--train.device", "cuda"], "train.device", "--train.device cpu",
+                 marks=needs_no_cuda, id="cuda-without-cuda"),
 ]
+BAD_FLAGS = [row if len(row.values if hasattr(row, "values") else row) == 3 else (*row, "")
+             for row in BAD_FLAGS]
 
 
-@pytest.mark.parametrize("flags,field", BAD_FLAGS, ids=[f for _, f in BAD_FLAGS])
-def test_bad_flag_exits_2_naming_the_field(tmp_path, flags, field):
+def refused(capsys, *argv: str) -> str:
+    """Run the CLI in this process; it must return 2 with exactly one line on stderr, which is returned."""
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_CONFIG, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags,field,says", BAD_FLAGS)
+def test_bad_flag_exits_2_naming_the_field(tmp_path, capsys, flags, field, says):
     out = tmp_path / "run"
-    result = run_watchtower("train", "--config", "tiny", "--output-dir", str(out), *flags)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"config error: {field} ="), lines[0]
+    line = refused(capsys, "train", "--config", "tiny", "--output-dir", str(out), *flags)
+    assert line.startswith(f"config error: {field} ="), line
+    assert says in line, line
     assert not out.exists(), "nothing may start before the config is valid"
+
+
+NOT_UTF8 = "[run]\nname = \"caf\u00e9\"\n".encode("latin-1")  # é as one latin-1 byte, 0xe9
 
 
 @pytest.mark.parametrize("toml,field", [
@@ -41,16 +81,43 @@ def test_bad_flag_exits_2_naming_the_field(tmp_path, flags, field):
     ("[model\ndim = 3\n", "--config"),
     ("[trainer]\nsteps = 3\n", "trainer"),
     ("[train]\ntp = 2\n[model]\nn_heads = 4\nn_kv_heads = 1\n", "train.tp"),
-], ids=["wrong-type", "bad-toml", "unknown-section", "tp-vs-kv-heads"])
-def test_bad_toml_file_exits_2(tmp_path, toml, field):
+    (NOT_UTF8, "--config"),
+], ids=["wrong-type", "bad-toml", "unknown-section", "tp-vs-kv-heads", "not-utf8"])
+def test_bad_toml_file_exits_2(tmp_path, capsys, toml, field):
     path = tmp_path / "job.toml"
-    path.write_text(toml)
-    result = run_watchtower("train", "--config", str(path), "--output-dir", str(tmp_path / "run"))
+    path.write_bytes(toml if isinstance(toml, bytes) else toml.encode())
+    line = refused(capsys, "train", "--config", str(path), "--output-dir", str(tmp_path / "run"))
+    assert line.startswith(f"config error: {field} "), line
+
+
+def test_job_file_not_utf8_is_refused_naming_the_job_file(tmp_path, capsys):
+    path = tmp_path / "job.toml"
+    path.write_bytes(b"[job]\nname = \"caf\xe9\"\n")
+    line = refused(capsys, "supervise", str(path))
+    assert line.startswith("config error: job file = ") and "UTF-8" in line, line
+
+
+@needs_no_cuda
+def test_supervised_cuda_job_on_a_machine_without_cuda_is_refused_before_the_lighthouse(tmp_path, capsys):
+    out = tmp_path / "job-out"
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "cj", "trainer_config": "tiny", "output_dir": str(out),
+                              "train_overrides": ["train.device=cuda"]}, {"nodes": ["a"]}))
+    line = refused(capsys, "supervise", str(path))
+    assert line.startswith("config error: train.device = 'cuda': "), line
+    assert not out.exists(), "nothing may start before the config is valid"
+
+
+def test_missing_config_file_names_presets(capsys):
+    line = refused(capsys, "train", "--config", "no-such-preset")
+    assert "--config" in line and "tiny" in line
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
+    """The one subprocess case: the installed entry point, not just `main`, keeps the contract."""
+    out = tmp_path / "run"
+    result = run_watchtower("train", "--config", "tiny", "--output-dir", str(out), "--model.dim", "-3")
     assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().startswith(f"config error: {field} "), result.stderr
-
-
-def test_missing_config_file_names_presets(tmp_path):
-    result = run_watchtower("train", "--config", "no-such-preset")
-    assert result.returncode == 2
-    assert "--config" in result.stderr and "tiny" in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("config error: model.dim = -3: "), result.stderr
+    assert not out.exists()

@@ -77,7 +77,10 @@ def setup_logging() -> None:
 def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     from watchtower.launch import is_worker, launch_local
 
+    from watchtower.config import check_this_machine
+
     cfg = config_from_args(args, rest)  # validated here, before anything starts
+    check_this_machine(cfg)
     if cfg.train.tp > 1 and not is_worker():
         return launch_local(argv, cfg.train.tp, {"WATCHTOWER_RUN": cfg.run.name})
     from watchtower.trainer.train import run
@@ -93,6 +96,27 @@ def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int
     return code
 
 
+DEMO_MARKER = ".watchtower-demo"  # written into every directory `watchtower demo` creates
+
+
+def claim_demo_dir(path: Path) -> None:
+    """An empty output directory for the demo, carrying the marker that says the demo made it.
+
+    The demo starts fresh, so it deletes an earlier demo's directory; it deletes nothing else. A path
+    that exists without the marker (a user's results, an empty directory, a file) is refused.
+    """
+    if path.exists() or path.is_symlink():
+        if not (path.is_dir() and not path.is_symlink() and (path / DEMO_MARKER).is_file()):
+            raise ConfigError("--output-dir", str(path), f"exists and was not made by `watchtower demo` (no "
+                              f"{DEMO_MARKER} in it), so the demo will not delete it; give a new path")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True)
+    except OSError as err:  # a parent that is a file, no permission
+        raise ConfigError("--output-dir", str(path), f"cannot be created: {err.strerror}") from None
+    (path / DEMO_MARKER).write_text("made by `watchtower demo`; the next demo deletes this directory\n")
+
+
 def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """The supervised demo: 2 replica groups + 1 hot spare of the tiny trainer on CPU, group 0
     SIGKILLed at step 100, the spare taking over, a new spare healing in, and a summary."""
@@ -102,8 +126,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     job_path = str(Path(__file__).resolve().parent.parent / "configs" / "demo-job.toml")
     overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
     job, trainer = load_job(job_path, overrides)
-    if job.job.output_path.exists():
-        shutil.rmtree(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
+    claim_demo_dir(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
     print(f"watchtower demo: {job.cluster.active_groups} replica groups + {job.cluster.spare_groups} hot spare "
           f"of the tiny trainer on CPU (torchft, Gloo), {trainer.train.steps} steps; fault: {', '.join(job.job.inject)}")
     print(f"  supervisor metrics: http://127.0.0.1:{job.supervisor.metrics_port}/metrics   ranks: see "
@@ -123,7 +146,11 @@ def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) ->
     from watchtower.supervisor.config import load_job
     from watchtower.supervisor.supervisor import Supervisor
 
+    from watchtower.config import check_this_machine
+
     job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
+    if job.cluster.launcher == "local":
+        check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse
     supervisor = Supervisor(job, trainer, args.job)
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "
           f"{job.cluster.spare_groups} spare groups of TP={trainer.train.tp} on {len(job.cluster.nodes)} nodes")

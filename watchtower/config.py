@@ -147,6 +147,9 @@ class TrainConfig:
                 f"must be >= {BYTE_VOCAB} (256 bytes + BOS)")
         require(self.checkpoint.interval_steps <= t.steps, "checkpoint.interval_steps",
                 self.checkpoint.interval_steps, f"must be <= train.steps = {t.steps}")
+        for i, fault in enumerate(self.faults.parsed()):  # a rank the group does not have: never fires
+            require(fault.rank is None or fault.rank < t.tp, f"faults.inject[{i}]", self.faults.inject[i],
+                    f"rank={fault.rank} is beyond train.tp = {t.tp} (ranks 0..{t.tp - 1})")
 
     @property
     def checkpoint_url(self) -> str:
@@ -264,11 +267,40 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError("--config", name, f"no such file; give a TOML path or a preset ({presets})")
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, field: str = "--config") -> dict[str, Any]:
+    """A TOML file as a dict; unreadable, non-UTF-8 (TOML is UTF-8 by definition) or malformed files
+    are a ConfigError naming `field` (`--config`, or the supervisor's `job file`)."""
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise ConfigError(field, str(path), f"cannot be read: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(field, str(path), f"is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}): TOML files are UTF-8; re-save it as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ConfigError("--config", str(path), f"is not valid TOML: {err}") from None
+        raise ConfigError(field, str(path), f"is not valid TOML: {err}") from None
+
+
+def check_this_machine(cfg: TrainConfig) -> None:
+    """What only the machine that runs the ranks can answer: is there CUDA, and a GPU per TP rank.
+
+    Called by `watchtower train` on that machine before it spawns anything, not in `__post_init__`:
+    a job file is also validated by the supervisor, which may sit on a login node without GPUs.
+    Costs a CUDA driver query (`torch.cuda.is_available()`), well under a second.
+    """
+    import torch
+
+    if cfg.train.device != "cuda":
+        return
+    require(torch.cuda.is_available(), "train.device", "cuda",
+            "this machine has no usable CUDA device (no GPU, no driver, or a CPU-only torch build); "
+            "use --train.device cpu, or auto to take a GPU only when there is one")
+    count = torch.cuda.device_count()
+    require(count >= cfg.train.tp, "train.device", "cuda",
+            f"train.tp = {cfg.train.tp} needs one GPU per rank, this machine shows {count}; "
+            "lower --tp or set CUDA_VISIBLE_DEVICES")
 
 
 def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:

@@ -141,7 +141,7 @@ def load_job(path: str, overrides: list[tuple[str, Any]] = ()) -> tuple[JobConfi
     file = Path(path)
     if not file.is_file():
         raise ConfigError("job file", path, "no such file")
-    data = read_toml(file)
+    data = read_toml(file, "job file")
     for key, value in overrides:
         set_dotted(data, key, value)
     job = build(JobConfig, data)

@@ -25,7 +25,7 @@ from pathlib import Path
 import fsspec
 import torch
 
-from watchtower.trainer.staging import stage
+from watchtower.trainer.staging import require_fsspec_backend, stage
 from watchtower.validation import ConfigError, require
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class DataConfig:
         if self.source and "://" not in self.source and not any(c in self.source for c in "*?["):
             require(Path(self.source).exists(), "source", self.source,
                     "no such file or directory (give a local path, a glob, or an fsspec URL)")
+        require_fsspec_backend(self.source)  # s3:// without s3fs: refused here, not as a traceback later
 
 
 def builtin_corpus_files() -> list[str]:

@@ -14,6 +14,7 @@ Spec grammar, one fault per `--inject`:  KIND[@STEP][:VALUE][:group=G][:rank=R]
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -75,6 +76,13 @@ def parse_fault(spec: str, field: str = "faults.inject") -> Fault:
             raise ConfigError(field, spec, f"cannot read {part!r}; " + grammar) from None
     if kind in NEEDS_SECONDS and value <= 0:
         raise ConfigError(field, spec, f"{kind} needs a duration, e.g. {kind}@{step}:2s")
+    # A fault aimed at no group or rank would silently never fire; a NaN "spike" is nonfinite's job.
+    for name, target in (("group", group), ("rank", rank)):
+        if target is not None and target < 0:
+            raise ConfigError(field, spec, f"{name}={target} matches nothing: {name}s count from 0")
+    if kind == "loss_spike" and not (math.isfinite(value) and value > 0):
+        raise ConfigError(field, spec, f"the spike factor must be a finite number > 0 (e.g. loss_spike@{step}:25); "
+                          f"for a NaN loss use nonfinite@{step}")
     return Fault(kind, step, value, group, rank)
 
 

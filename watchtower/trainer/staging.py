@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+from fsspec.registry import known_implementations
+
+from watchtower.validation import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,33 @@ def cache_path(cache_dir: Path, url: str) -> Path:
     sources with the same file names) plus its base name (readable in `ls`)."""
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     return cache_dir / digest / Path(url.split("://", 1)[-1]).name
+
+
+def require_fsspec_backend(url: str, field: str = "source") -> None:
+    """Refuse a URL whose fsspec backend is not installed (`s3://` without s3fs) or whose protocol fsspec
+    does not know, with one line naming the package to install, so a run fails at validation and not
+    with a traceback after its processes have started. Costs one import of the backend; no I/O.
+
+        >>> require_fsspec_backend("/data/corpus.txt")  # a local path needs nothing
+        >>> require_fsspec_backend("nosuch://bucket/x")
+        Traceback (most recent call last):
+        ...
+        watchtower.validation.ConfigError: config error: source = 'nosuch://bucket/x': fsspec knows no protocol 'nosuch' (give a local path or a URL like s3://bucket/corpus/)
+    """
+    for part in url.split("::"):  # chained URLs: simplecache::s3://bucket/x
+        protocol = fsspec.core.split_protocol(part)[0]
+        if protocol is None:
+            continue
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise ConfigError(field, url, f"fsspec knows no protocol {protocol!r} (give a local path or a URL "
+                              "like s3://bucket/corpus/)") from None
+        except ImportError as err:
+            backend = known_implementations.get(protocol, {}).get("class", "")
+            package = backend.split(".")[0]
+            fix = f"pip install {package}" if package and package != "fsspec" else str(err)
+            raise ConfigError(field, url, f"the {protocol}:// backend of fsspec is not installed: {fix}") from None
 
 
 def _remote_size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:

@@ -1,0 +1,47 @@
+"""`watchtower demo --output-dir X` deletes only what an earlier demo made: a directory it did not
+create (no marker file) is refused before anything starts, with exit 2 and one line."""
+
+from __future__ import annotations
+
+import pytest
+
+from watchtower import cli
+from watchtower.supervisor import supervisor
+
+
+@pytest.fixture(autouse=True)
+def nothing_starts(monkeypatch):
+    """A refusal comes before any process: building the Supervisor fails the test (and keeps an
+    unfixed `demo` from running for minutes)."""
+    def started(*args, **kwargs):
+        raise AssertionError("the demo started a Supervisor instead of refusing")
+    monkeypatch.setattr(supervisor, "Supervisor", started)
+
+
+def test_demo_refuses_an_output_dir_it_did_not_create_and_leaves_it_alone(tmp_path, capsys):
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "sentinel.txt").write_text("a week of work")
+    assert cli.main(["demo", "--output-dir", str(mine)]) == cli.EXIT_CONFIG
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: --output-dir = "), lines
+    assert (mine / "sentinel.txt").read_text() == "a week of work"
+    assert sorted(p.name for p in mine.iterdir()) == ["sentinel.txt"], "nothing may be written into it either"
+
+
+@pytest.mark.parametrize("kind", ["empty-dir", "file"])
+def test_demo_refuses_any_other_existing_path(tmp_path, capsys, kind):
+    path = tmp_path / "out"
+    path.mkdir() if kind == "empty-dir" else path.write_text("not a directory")
+    assert cli.main(["demo", "--output-dir", str(path)]) == cli.EXIT_CONFIG
+    assert "--output-dir" in capsys.readouterr().err
+    assert path.exists()
+
+
+def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path):
+    path = tmp_path / "demo"
+    cli.claim_demo_dir(path)  # a first demo: creates it, with its marker
+    (path / "events.jsonl").write_text("{}\n")
+    (path / "group-0").mkdir()
+    cli.claim_demo_dir(path)  # the next demo starts fresh in the same place
+    assert sorted(p.name for p in path.iterdir()) == [cli.DEMO_MARKER]
