@@ -42,6 +42,11 @@ def fmt_age(age: float | None) -> str:
     return f"{age:.0f}s" if age < 120 else f"{age / 60:.0f}m"
 
 
+# Names, alert and event text, a source's error and the user's filter are not ours: anything shown
+# from them goes through `Text(...)` (never a str, which Static and DataTable parse as Rich markup,
+# where a run named `a[/x]` raises MarkupError and kills the app).
+
+
 def rank_cells(r: RankRow) -> list[Text]:
     state = "DOWN" if not r.up else ("spare" if r.participating == 0 else "up")
     slow = r.step_ratio is not None and r.step_ratio > SLOW_RATIO
@@ -119,12 +124,12 @@ class RunsScreen(Screen):
         self.refresh_from(self.app.snapshot)
 
     def refresh_from(self, snap: Snapshot) -> None:
-        self.query_one("#status", Static).update(self.app.status_line())
+        self.query_one("#status", Static).update(Text(self.app.status_line()))
         table = self.query_one("#runs", DataTable)
         cursor = table.cursor_row
         table.clear()
         for s in snap.summaries():
-            table.add_row(s.run[:24], str(s.groups), str(s.ranks),
+            table.add_row(Text(s.run[:24]), str(s.groups), str(s.ranks),
                           Text(str(s.down), style="bold red" if s.down else ""),
                           fmt(s.step, ".0f"), fmt(s.loss, ".3f"), fmt_si(s.tokens_per_s),
                           Text(str(s.alerts), style="bold red" if s.alerts else ""), key=s.run)
@@ -194,8 +199,8 @@ class RunScreen(Screen):
         return sorted(rows, key=sort_key(self.sort))
 
     def refresh_from(self, snap: Snapshot) -> None:
-        self.query_one("#status", Static).update(
-            self.app.status_line() + f"  sort {self.sort}" + (f"  filter {self.filter}" if self.filter else ""))
+        self.query_one("#status", Static).update(Text(
+            self.app.status_line() + f"  sort {self.sort}" + (f"  filter {self.filter}" if self.filter else "")))
         table = self.query_one("#ranks", DataTable)
         keep = None
         if table.row_count:
