@@ -38,10 +38,27 @@ def test_demo_refuses_any_other_existing_path(tmp_path, capsys, kind):
     assert path.exists()
 
 
-def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path):
+def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monkeypatch, capsys):
     path = tmp_path / "demo"
-    cli.claim_demo_dir(path)  # a first demo: creates it, with its marker
+    cli.claim_demo_dir(path)  # what a first demo did: created it, with its marker
     (path / "events.jsonl").write_text("{}\n")
     (path / "group-0").mkdir()
-    cli.claim_demo_dir(path)  # the next demo starts fresh in the same place
-    assert sorted(p.name for p in path.iterdir()) == [cli.DEMO_MARKER]
+    seen = []
+
+    class Finished:
+        """Stands in for the Supervisor: records what the demo handed it, runs nothing."""
+
+        def __init__(self, job, trainer, job_path):
+            seen.append(sorted(p.name for p in job.job.output_path.iterdir()))
+            self.events = type("Events", (), {"events": []})()
+
+        def run(self) -> int:
+            return 0
+
+        def summary(self) -> dict:
+            return {"steps": 0, "failures": 0, "restarts": 0, "recovery_seconds": None, "goodput_ratio": 1.0,
+                    "crash_loop": False}
+
+    monkeypatch.setattr(supervisor, "Supervisor", Finished)
+    assert cli.main(["demo", "--output-dir", str(path)]) == 0, capsys.readouterr().err
+    assert seen == [[cli.DEMO_MARKER]], "the next demo starts fresh in the same place"
