@@ -1,6 +1,8 @@
 """Fault injection: fire drills for the pager and the spares, and how the e2e tests prove each path.
 
 Spec grammar, one fault per `--inject`:  KIND[@STEP][:VALUE][:group=G][:rank=R]
+(G >= 0; 0 <= R < train.tp; a spec that could never fire, or a spike factor that is not a finite
+number > 0, is refused when the config is built)
 
     loss_spike@120          multiply the loss of step 120 by `value` (default 25); it is also
                             back-propagated, so the grad norm spikes too (clipping bounds the damage)
