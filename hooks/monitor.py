@@ -101,6 +101,10 @@ class StepHandle:
         if exc_type is None:
             with self.monitor.errors.guard("step_exit"):
                 self.monitor._step_finished(self)
+            # apart from the bookkeeping above: a failure there must not make this rank alone
+            # leave out a collective its peers are waiting in
+            with self.monitor.errors.guard("check_parallel"):
+                self.monitor._check_parallel_if_due(self.step)
         return False  # the trainer's own exceptions are its own: never swallowed
 
     def record(self, loss: Any = None, grad_norm: Any = None, lr: Any = None) -> None:
@@ -135,23 +139,61 @@ class _NullStep:
         return True
 
 
-class _TimedIterator:
-    """Times each `next()` as data wait; anything else is forwarded to the wrapped loader."""
+class _PassThrough:
+    """Reads, writes and `len()` reach the wrapped loader, as if it were not wrapped at all."""
 
-    def __init__(self, iterable: Iterable, monitor: "Monitor"):
-        self._source, self._it, self._monitor = iterable, iter(iterable), monitor
+    __slots__ = ("_source", "_monitor")
+
+    def __init__(self, source: Any, monitor: "Monitor"):
+        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_monitor", monitor)
+
+    def __getattr__(self, name: str):  # only for names the wrapper itself lacks: sampler, set_epoch, ...
+        if name in _PassThrough.__slots__:  # half-built (copy, pickle): no endless recursion
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._source, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        delattr(self._source, name)
+
+    def __len__(self) -> int:
+        return len(self._source)  # the loader's own TypeError when it has no length
+
+    def __bool__(self) -> bool:
+        return bool(self._source)
+
+    def __repr__(self) -> str:
+        return f"<timed {self._source!r}>"
+
+
+class _TimedIterator(_PassThrough):
+    """An iterator whose every `next()` is timed as data wait."""
+
+    __slots__ = ()
 
     def __iter__(self) -> Iterator:
         return self
 
     def __next__(self):
         start = time.perf_counter()
-        item = next(self._it)  # StopIteration and the loader's own errors pass through untouched
+        item = next(self._source)  # StopIteration and the loader's own errors pass through untouched
         self._monitor._add_wait(time.perf_counter() - start)
         return item
 
-    def __getattr__(self, name: str):
-        return getattr(self._source, name)
+
+class _TimedLoader(_PassThrough):
+    """A re-iterable loader (a DataLoader, a list): every `iter()` is a fresh timed iterator."""
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator:
+        start = time.perf_counter()
+        it = iter(self._source)  # a DataLoader starts its workers here: waiting on that is data wait too
+        self._monitor._add_wait(time.perf_counter() - start)
+        return _TimedIterator(it, self._monitor)
 
 
 class Monitor:
@@ -179,6 +221,8 @@ class Monitor:
         self._pending_wait = 0.0
         self._last_exit: float | None = None
         self._watched: tuple[Any, GroupLike, GroupLike] | None = None
+        self._first_step: int | None = None  # the first step's parallel check, whatever its number
+        self._skip_logged = False
         self._spike = LossSpikeDetector(self.cfg.loss_spike)
         self._stall = DataStallDetector(self.cfg.data_stall)
         self._throughput = ThroughputDropDetector(self.cfg.throughput)
@@ -214,14 +258,23 @@ class Monitor:
     # ---- the loop's API ------------------------------------------------------------------
 
     def wrap(self, iterable: Iterable) -> Iterable:
-        """Wrap a data loader so every wait for the next batch is timed."""
+        """Wrap a data loader so every wait for the next batch is timed; otherwise it is the loader.
+
+        A re-iterable loader (a DataLoader, a list) stays re-iterable: each `for` gets a fresh timed
+        iterator, so every epoch is seen. An iterator or generator stays an iterator (`next()` works).
+        `len()`, attributes (`sampler`, `dataset`, `set_epoch`, ...) and attribute writes reach the
+        loader. Costs two `perf_counter` calls per batch and per epoch.
+        """
         if not self.cfg.enabled:
             return iterable
-        try:
+        kind = type(iterable)
+        if hasattr(kind, "__next__"):
             return _TimedIterator(iterable, self)
-        except Exception as err:  # noqa: BLE001 - an un-iterable thing is the loop's problem, not ours
-            self.errors.record("wrap", err)
-            return iterable
+        if hasattr(kind, "__iter__") or hasattr(kind, "__getitem__"):
+            return _TimedLoader(iterable, self)
+        # not iterable: the loop's problem, not ours; counted and handed back untouched
+        self.errors.record("wrap", TypeError(f"{kind.__name__} is not iterable"))
+        return iterable
 
     def step(self, tokens: Any = 0, step: int | None = None) -> StepHandle | _NullStep:
         """Context manager around one optimizer step. `step`: the global step (default: count)."""
@@ -240,13 +293,24 @@ class Monitor:
 
     def check_parallel(self, model: Any = None, tp_group: GroupLike = None,
                        dp_group: GroupLike = None) -> ParallelCheckResult | None:
-        """Run the TP/DP fingerprint checks now (every rank of the groups must call it together)."""
+        """Run the TP/DP fingerprint checks now (every rank of the groups must call it together).
+
+        A rank that cannot fingerprint its parameters counts a `check_parallel` hook error; every
+        rank of the group then skips that check (it neither passes nor fails), and none hangs.
+        """
         if model is None and self._watched:
             model, tp_group, dp_group = self._watched
         if model is None:
             return None
         with self.errors.guard("check_parallel"):
             result = check_parallel(model, tp_group, dp_group)
+            for err in result.errors:
+                self.errors.record("check_parallel", err)
+            if result.skipped:
+                level = logging.DEBUG if self._skip_logged else logging.WARNING
+                self._skip_logged = True
+                log.log(level, "watchtower skipped the %s check(s) at step %d: a rank of the group could not "
+                        "fingerprint its parameters", ", ".join(sorted(result.skipped)), self.state.step)
             failures = {"tp_replicated": result.tp_replicated_mismatch,
                         "tp_shards_distinct": result.tp_identical_shards,
                         "dp_replicas": result.dp_drift}
@@ -333,9 +397,21 @@ class Monitor:
         self._records.append(_StepRecord(handle.step, seconds, wait, handle.tokens))
         if s.steps_total % self.cfg.log_interval == 0:
             self._flush(wait=False)
+
+    def _check_parallel_if_due(self, step: int) -> None:
+        """The watched model's TP/DP checks, at the first step this monitor sees and every
+        parallel_check_interval-th step.
+
+        Whether a check is due depends on the step number only (and the first one, which every rank
+        of a group shares), never on what succeeded on this rank: every rank enters the collectives.
+        """
         interval = self.cfg.parallel_check_interval
-        periodic = bool(interval) and handle.step % interval == 0
-        if self._watched and interval and (s.steps_total == 1 or periodic):
+        if not (self._watched and interval):
+            return
+        if self._first_step is None:
+            self._first_step = step
+        periodic = step % interval == 0
+        if periodic or step == self._first_step:
             model, tp_group, dp_group = self._watched
             # TP checks stay inside this group; the DP check is a collective across replica groups,
             # so it runs only on global-step multiples, where every group is at the same point

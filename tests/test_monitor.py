@@ -124,3 +124,49 @@ def test_hooks_import_contract():
             "print(','.join(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+class _EpochLoader(torch.utils.data.DataLoader):
+    """A user's loader with its own `set_epoch` (as many training loops write it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def test_wrapped_dataloader_yields_every_epoch_and_passes_len_sampler_set_epoch_through():
+    """wrap() used to call iter() once: a wrapped DataLoader gave [4, 0, 0] over three epochs."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(8.0))
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    source = _EpochLoader(dataset, batch_size=2, sampler=sampler)
+    monitor = make()
+    loader = monitor.wrap(source)
+    assert len(loader) == 4
+    assert loader.sampler is sampler and loader.dataset is dataset and loader.batch_size == 2
+    counts, waits, orders = [], [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert sampler.epoch == epoch
+        seen = []
+        for (batch,) in loader:
+            with monitor.step(tokens=batch.numel()):
+                seen.append(batch)
+        counts.append(len(seen))
+        orders.append(torch.cat(seen).tolist())
+        waits.append(monitor.state.data_wait_total_s)
+    monitor.close()
+    assert counts == [4, 4, 4]
+    assert all(sorted(order) == list(range(8)) for order in orders)
+    assert orders[0] != orders[1], "set_epoch reached the sampler: a new shuffle each epoch"
+    assert 0 < waits[0] < waits[1] < waits[2], "every epoch's batch waits are timed"
+    assert monitor.state.steps_total == 12
+
+
+def test_wrapped_iterator_stays_a_timed_iterator():
+    """A generator or iterator wrapped is still one: next() works and it is exhausted once."""
+    monitor = make()
+    loader = monitor.wrap(x for x in range(3))
+    assert next(loader) == 0
+    assert list(loader) == [1, 2] and list(loader) == []
+    assert monitor.state.data_wait_total_s == 0 and monitor._pending_wait > 0
+    assert monitor.errors.counts["wrap"] == 0
+    monitor.close()
