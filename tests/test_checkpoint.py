@@ -1,17 +1,112 @@
-"""Checkpointer rules on one rank: the manifest commits a save, corrupt ones are skipped, K kept."""
+"""Checkpointer rules: the manifest commits a save, corrupt ones are skipped, K of this run's kept,
+other runs' checkpoints and debris left alone, a failed save costs nothing but itself."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import os
+import threading
 
+import pytest
 import torch
 
+from watchtower import cli
 from watchtower.trainer.checkpoint import Checkpointer
 
 
-def single_rank(url) -> Checkpointer:
-    return Checkpointer(str(url), rank=0, world_size=1, keep_last=2, agree=lambda f: f, gather=lambda o: [o])
+def single_rank(url, keep_last: int = 2) -> Checkpointer:
+    return Checkpointer(str(url), rank=0, world_size=1, keep_last=keep_last, agree=lambda f: f, gather=lambda o: [o])
 
+
+def weights(step: int) -> dict:
+    return {"w": torch.full((64,), float(step))}
+
+
+def leftovers(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+class ThreadGroup:
+    """`world_size` ranks as threads: gather/agree over a barrier, as the trainer's all-gather does.
+
+    The barrier's timeout turns a rank left waiting in a collective (a hang in a real group) into a
+    BrokenBarrierError the test reports."""
+
+    def __init__(self, world_size: int):
+        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.slots: list = [None] * world_size
+
+    def gather(self, rank: int):
+        def gather(obj):
+            self.slots[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+            return out
+        return gather
+
+    def checkpointer(self, url, rank: int, world_size: int, keep_last: int = 2) -> Checkpointer:
+        gather = self.gather(rank)
+        return Checkpointer(str(url), rank, world_size, keep_last, agree=lambda f: all(gather(f)), gather=gather)
+
+
+def run_ranks(world_size: int, body) -> list:
+    """body(rank) on every rank at once; returns each rank's result or the exception it raised."""
+    results: list = [None] * world_size
+
+    def target(rank):
+        try:
+            results[rank] = body(rank)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            results[rank] = err
+
+    threads = [threading.Thread(target=target, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+class FullDisk:
+    """A file whose device fills up after `room` bytes: the write stops half-way with ENOSPC."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        self.f.write(bytes(data[: self.room]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fail_writes(monkeypatch, fs, matches, error=None):
+    """Writes to paths for which `matches(path)` holds fail half-way (ENOSPC, or raise `error`)."""
+    real_open = fs.open
+
+    def open_(path, mode="rb", **kwargs):
+        f = real_open(path, mode, **kwargs)
+        if "w" in mode and matches(path):
+            if error is not None:
+                f.close()
+                raise error
+            return FullDisk(f, room=100)
+        return f
+
+    monkeypatch.setattr(fs, "open", open_)
+
+
+# ---- the basics ---------------------------------------------------------------------------------
 
 def test_keeps_last_k_and_skips_uncommitted(tmp_path):
     ck = single_rank(tmp_path)
@@ -41,3 +136,178 @@ def test_manifest_records_checksums(tmp_path):
     ck.save(5, {"w": torch.ones(2)}, {"run": "x"})
     manifest = json.loads((tmp_path / "step-00000005" / "manifest.json").read_text())
     assert manifest["files"][0]["file"] == "rank-00.pt" and len(manifest["files"][0]["sha256"]) == 64
+    assert sorted(p.name for p in (tmp_path / "step-00000005").iterdir()) == ["manifest.json", "rank-00.pt"]
+
+
+# ---- item 1: whose checkpoints a run prunes and loads ----------------------------------------------
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    """keep_last=1, an old run's valid step-00001000 in a reused dir: save(10) must survive."""
+    single_rank(tmp_path, keep_last=1).save(1000, weights(1000), {"run": "old"})
+    fresh = single_rank(tmp_path, keep_last=1)  # a new run (resume=false) in the same directory
+    fresh.save(10, weights(10), {"run": "new"})
+    assert (tmp_path / "step-00000010" / "manifest.json").exists()
+    step, state, meta = fresh.load_latest()
+    assert (step, meta) == (10, {"run": "new"}) and state["w"][0] == 10
+    assert (tmp_path / "step-00001000" / "manifest.json").exists(), "another run's checkpoint is never pruned"
+
+
+def test_restart_resumes_its_own_newest_and_prunes_only_its_own(tmp_path):
+    """A restarted job resumes the newest save (not the highest step) and keeps K of its own."""
+    single_rank(tmp_path, keep_last=1).save(1000, weights(1000), {"run": "old"})
+    single_rank(tmp_path, keep_last=1).save(10, weights(10), {"run": "new"})
+    restarted = single_rank(tmp_path, keep_last=1)
+    step, _, meta = restarted.load_latest()
+    assert (step, meta) == (10, {"run": "new"})
+    for s in (20, 30):
+        restarted.save(s, weights(s), {"run": "new"})
+    assert restarted.steps() == [1000, 30], "K=1 of this run, the old run's untouched"
+    assert restarted.load_latest()[0] == 30
+
+
+def test_prune_keeps_the_newest_save_when_the_timeline_rewinds(tmp_path):
+    """Resumed from 20 after 30 turned out corrupt: the re-saved 25 is newer than the stale 30."""
+    ck = single_rank(tmp_path, keep_last=2)
+    for s in (10, 20, 30):
+        ck.save(s, weights(s), {})
+    (tmp_path / "step-00000030" / "rank-00.pt").write_bytes(b"truncated")
+    restarted = single_rank(tmp_path, keep_last=2)
+    assert restarted.load_latest()[0] == 20
+    restarted.save(25, weights(25), {})
+    assert restarted.steps() == [25, 20] and restarted.load_latest()[0] == 25
+
+
+def test_reused_memory_url_keeps_the_new_save(tmp_path):
+    url = f"memory://ck-{tmp_path.name}"
+    single_rank(url, keep_last=1).save(1000, weights(1000), {"run": "old"})
+    fresh = single_rank(url, keep_last=1)
+    fresh.save(10, weights(10), {"run": "new"})
+    assert fresh.load_latest()[0] == 10 and sorted(fresh.steps()) == [10, 1000]
+    fresh.fs.rm(fresh.root, recursive=True)
+
+
+def make_checkpoint(tmp_path, lr: str) -> str:
+    ckpt = str(tmp_path / "ckpt")
+    assert cli.main(["train", "--config", "tiny", "--port", "0", "--steps", "2", "--output-dir",
+                     str(tmp_path / f"run-{lr}"), "--checkpoint.dir", ckpt, "--optim.lr", lr]) == 0
+    return ckpt
+
+
+def test_resume_with_another_config_hash_is_refused(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path, "0.001")
+    saved = json.loads((tmp_path / "ckpt" / "step-00000002" / "manifest.json").read_text())["meta"]["config_hash"]
+    capsys.readouterr()
+    code = cli.main(["train", "--config", "tiny", "--port", "0", "--steps", "4", "--output-dir",
+                     str(tmp_path / "other"), "--checkpoint.dir", ckpt, "--optim.lr", "0.002"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("config error: checkpoint"), err
+    assert saved in err[0] and "allow_config_change" in err[0], err[0]
+    other = err[0].split("this run has ")[1].split(";")[0]
+    assert len(other) == 12 and other != saved, err[0]
+
+
+def test_allow_config_change_resumes_anyway(tmp_path, caplog):
+    ckpt = make_checkpoint(tmp_path, "0.001")
+    with caplog.at_level(logging.INFO):
+        code = cli.main(["train", "--config", "tiny", "--port", "0", "--steps", "3", "--output-dir",
+                         str(tmp_path / "other"), "--checkpoint.dir", ckpt, "--optim.lr", "0.002",
+                         "--checkpoint.allow_config_change", "true"])
+    assert code == 0
+    assert "resumed from checkpoint step 2" in caplog.text
+    assert "config_hash" in caplog.text and "allow_config_change" in caplog.text
+
+
+# ---- item 2: durability ----------------------------------------------------------------------------
+
+def test_data_is_fsynced_before_the_manifest_commits(tmp_path, monkeypatch):
+    """Power loss after the rename must not leave a manifest pointing at data still in the page cache."""
+    ck = single_rank(tmp_path)
+    events: list[tuple[str, str]] = []
+    real_fsync, real_mv = os.fsync, ck.fs.mv
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(ck.fs, "mv", lambda a, b, **kw: (events.append(("mv", str(b))), real_mv(a, b, **kw))[1])
+    ck.save(7, weights(7), {})
+    directory = str(tmp_path / "step-00000007")
+    commit = events.index(("mv", f"{directory}/manifest.json"))
+    before = events[:commit]
+    assert ("fsync", f"{directory}/rank-00.pt.tmp") in before, events
+    assert ("mv", f"{directory}/rank-00.pt") in before
+    assert ("fsync", directory) in before[before.index(("mv", f"{directory}/rank-00.pt")):], events
+    assert ("fsync", f"{directory}/manifest.json.tmp") in before, events
+    assert ("fsync", directory) in events[commit:], "the commit itself is made durable"
+
+
+def test_enospc_mid_write_keeps_the_previous_checkpoint_and_leaves_no_tmp(tmp_path, monkeypatch):
+    ck = single_rank(tmp_path)
+    ck.save(10, weights(10), {})
+    with monkeypatch.context() as m:
+        fail_writes(m, ck.fs, lambda p: "step-00000020/rank" in str(p))
+        with pytest.raises(OSError) as raised:
+            ck.save(20, weights(20), {})
+    assert raised.value.errno == errno.ENOSPC
+    step, state, _ = single_rank(tmp_path).load_latest()
+    assert step == 10 and state["w"][0] == 10
+    ck.save(30, weights(30), {})
+    assert leftovers(tmp_path) == []
+    assert ck.steps() == [30, 10], "the failed save's directory is gone"
+    assert ck.load_latest()[0] == 30
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL in the middle of a write: no `except Exception` handler runs for it."""
+
+
+def test_killed_save_debris_is_swept_by_the_next_good_save_but_never_another_runs(tmp_path, monkeypatch):
+    other = single_rank(tmp_path / "dir")  # another run that also died mid-save in this directory
+    with monkeypatch.context() as m:
+        fail_writes(m, other.fs, lambda p: "step-00000500/rank" in str(p), error=Killed())
+        with pytest.raises(Killed):
+            other.save(500, weights(500), {})
+    ck = single_rank(tmp_path / "dir")
+    ck.save(10, weights(10), {})
+    with monkeypatch.context() as m:
+        fail_writes(m, ck.fs, lambda p: "step-00000020/rank" in str(p), error=Killed())
+        with pytest.raises(Killed):
+            ck.save(20, weights(20), {})
+    assert leftovers(tmp_path / "dir") == ["step-00000020/rank-00.pt.tmp", "step-00000500/rank-00.pt.tmp"]
+    restarted = single_rank(tmp_path / "dir")
+    assert restarted.load_latest()[0] == 10
+    restarted.save(30, weights(30), {})
+    assert not (tmp_path / "dir" / "step-00000020").exists(), "this run's interrupted save is swept"
+    assert (tmp_path / "dir" / "step-00000500").exists(), "another run's interrupted save is left alone"
+    assert [p for p in leftovers(tmp_path / "dir") if "step-00000500" not in p] == []
+
+
+def test_manifest_without_files_or_meta_is_skipped_with_a_warning(tmp_path, caplog):
+    ck = single_rank(tmp_path)
+    ck.save(5, weights(5), {"run": "x"})
+    for step, manifest in ((9, {"step": 1}), (8, {"step": 8, "world_size": 1, "seq": 99})):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        step, _, meta = ck.load_latest()
+    assert (step, meta) == (5, {"run": "x"})
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for name in ("step-00000009", "step-00000008"):
+        assert any(name in w and "lacks a 'files' list" in w for w in warned), warned
+    ck.save(6, weights(6), {})  # neither save nor prune trips over them
+    assert (tmp_path / "step-00000009" / "manifest.json").exists()
+    assert ck.load_latest()[0] == 6
+
+
+def test_a_rank_failing_its_write_fails_the_save_on_every_rank_without_a_hang(tmp_path, monkeypatch):
+    """TP=2, rank 1's disk is full: both ranks raise (none waits forever), step 10 stays loadable."""
+    group = ThreadGroup(2)
+    cks = [group.checkpointer(tmp_path, r, 2) for r in range(2)]
+    assert run_ranks(2, lambda r: cks[r].save(10, weights(10 + r), {})) == [None, None]
+    fail_writes(monkeypatch, cks[0].fs, lambda p: str(p).endswith("step-00000020/rank-01.pt.tmp"))
+    results = run_ranks(2, lambda r: cks[r].save(20, weights(20 + r), {}))
+    assert all(isinstance(e, OSError) for e in results), results
+    assert results[1].errno == errno.ENOSPC and "rank 1" in str(results[0]), results
+    monkeypatch.undo()
+    loaded = run_ranks(2, lambda r: group.checkpointer(tmp_path, r, 2).load_latest())
+    assert [(s, st["w"][0].item()) for s, st, _ in loaded] == [(10, 10.0), (10, 11.0)]
+    assert run_ranks(2, lambda r: cks[r].save(30, weights(30 + r), {})) == [None, None]
+    assert leftovers(tmp_path) == [] and cks[0].steps() == [30, 10]

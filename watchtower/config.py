@@ -159,9 +159,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Short hash of everything that shapes the numbers (not steps, ports or faults)."""
+        """Short hash of everything that shapes the numbers (not steps, ports, faults or where and how
+        often checkpoints go: a resume compares it with the checkpoint's, see checkpoint.py)."""
         d = self.to_dict()
-        for volatile in ("faults", "monitor", "run"):
+        for volatile in ("faults", "monitor", "run", "checkpoint"):
             d.pop(volatile)
         d["train"].pop("steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]

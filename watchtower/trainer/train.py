@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
-from watchtower.trainer.checkpoint import Checkpointer
+from watchtower.trainer.checkpoint import Checkpointer, check_resume_config
 from watchtower.trainer.data import Batch, PackedBatches, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan
 from watchtower.trainer.model import Transformer, flops_per_token
@@ -101,6 +101,7 @@ class Trainer:
                                          cfg.checkpoint.keep_last, self._agree, self._gather)
         self.step = 0
         self.replication = self._make_replication()
+        self.maybe_resume()  # before the monitor starts: a refused resume is a config error, nothing runs
         self.output = cfg.run.output_path
         self.output.mkdir(parents=True, exist_ok=True)
         identity = RankIdentity(run=cfg.run.name, replica_group=self.env.replica_group, rank=self.env.rank,
@@ -216,7 +217,9 @@ class Trainer:
         found = self.checkpointer.load_latest()
         if found is None:
             return
-        step, state, _meta = found
+        step, state, meta = found
+        check_resume_config(self.cfg.checkpoint_url, step, meta, self.cfg.config_hash(),
+                            self.cfg.checkpoint.allow_config_change)
         self.load_state_dict(state)
         self.replication.load_state_dict(state.get("replication", {"step": step}))
         log.info("resumed from checkpoint step %d", step)
@@ -235,7 +238,6 @@ class Trainer:
 
     def train(self) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.maybe_resume()
         log_rows: list[dict[str, Any]] = []
         losses, norms = DeviceSeries(), DeviceSeries()
         tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
