@@ -161,9 +161,11 @@ def run_overview() -> dict:
           unit="percentunit", min=0),
         P("timeseries", "Step time", [
             Q(f"max by (replica_group) (watchtower_step_time_seconds{{{RUN}, {g}}})", "last g{{replica_group}}"),
-            Q(f"sum by (replica_group) (rate(watchtower_step_time_seconds_total{{{RUN}, {g}}}[{RATE}])) / "
-              f"sum by (replica_group) (rate(watchtower_steps_total{{{RUN}, {g}}}[{RATE}]))", "mean g{{replica_group}}")],
-          unit="s", min=0),
+            Q(f"sum by (replica_group) (rate(watchtower_step_seconds_total{{{RUN}, {g}}}[{RATE}])) / "
+              f"(sum by (replica_group) (rate(watchtower_steps_total{{{RUN}, {g}}}[{RATE}])) + "
+              f"sum by (replica_group) (rate(watchtower_skipped_steps_total{{{RUN}, {g}}}[{RATE}])))",
+              "mean g{{replica_group}}")],
+          unit="s", min=0, description="Wall time per step, skipped steps included (they took the time too)."),
         P("timeseries", "Data-wait share", [Q(f"max by (replica_group) (watchtower_data_wait_ratio{{{RUN}, {g}}})",
                                               "group {{replica_group}}")], unit="percentunit", min=0),
         P("timeseries", "Learning rate", [Q(f'max(watchtower_learning_rate{{{RUN}}})', "lr")], unit="short", w=8),
@@ -171,6 +173,10 @@ def run_overview() -> dict:
           unit="percentunit", min=0, max=1, w=8),
         P("timeseries", "Detector events", [Q(f"sum by (detector) (increase(watchtower_detector_events_total{{{RUN}}}[{RATE}]))",
                                               "{{detector}}")], w=8),
+        P("bars", "Skipped steps", [Q(f'max by (replica_group) (increase(watchtower_skipped_steps_total{{{RUN}, {g}}}[{RATE}]))',
+                                      "group {{replica_group}}")], w=24, h=6,
+          description="Steps not applied because the loss or grad norm was non-finite (nonfinite_action = "
+                      "skip_step); they are not in steps or tokens. Repeated skips: WatchtowerStepsSkipped."),
     ]
     alerts = [P("table", "Active alerts", [Q(f'ALERTS{{{RUN}, alertstate="firing"}}', instant=True)], w=24, h=7,
                 description="Prometheus's firing alerts for this run (rules in alerts/rules.yml).")]

@@ -36,7 +36,7 @@ class Families:
         fam = self.families.get(name)
         if fam is None:
             cls = CounterMetricFamily if spec.kind == "counter" else GaugeMetricFamily
-            fam = cls(name[:-6] if spec.kind == "counter" else name, spec.help, labels=list(spec.labels))
+            fam = cls(spec.family, spec.help, labels=list(spec.labels))
             self.families[name] = fam
         fam.add_metric(list(self.base) + [str(v) for v in extra], float(value))
 

@@ -58,7 +58,8 @@ class MonitorState:
     """Plain numbers the exporter reads at scrape time."""
 
     step: int = 0
-    steps_total: int = 0
+    steps_total: int = 0  # applied steps; a skipped one goes to skipped_steps_total
+    skipped_steps_total: int = 0
     step_time_s: float | None = None
     step_time_total_s: float = 0.0
     tokens_total: float = 0.0
@@ -91,6 +92,7 @@ class StepHandle:
     def __init__(self, monitor: "Monitor", step: int, tokens: float):
         self.monitor, self.step, self.tokens = monitor, step, tokens
         self._loss = self._grad_norm = None
+        self.skipped = False  # set by should_step(): the loop was told not to apply this step
 
     def __enter__(self) -> "StepHandle":
         with self.monitor.errors.guard("step_enter"):
@@ -117,12 +119,21 @@ class StepHandle:
 
         With the default nonfinite_action=count this is always True and reads nothing from the
         device; with skip_step it costs one host sync per step (that is the price of skipping).
+        A step it answers False for is exported as skipped, not as a step, and its tokens are not
+        counted (the loop is expected to follow the answer).
         """
         try:
-            return self.monitor._should_step(self)
+            ok = self.monitor._should_step(self)
         except Exception as err:  # noqa: BLE001
             self.monitor.errors.record("should_step", err)
-            return True
+            ok = True
+        self.skipped = not ok
+        return ok
+
+    def mark_skipped(self) -> None:
+        """Tell the monitor this step's update was not applied although `should_step()` said to
+        (e.g. replica groups voted to skip it): it counts as skipped, not as a step or tokens."""
+        self.skipped = True
 
 
 class _NullStep:
@@ -137,6 +148,9 @@ class _NullStep:
 
     def should_step(self) -> bool:
         return True
+
+    def mark_skipped(self) -> None:
+        pass
 
 
 class _PassThrough:
@@ -388,14 +402,19 @@ class Monitor:
             end.record()
             self._cuda_events.append((handle.step, handle._cuda_start, end))
         s = self.state
-        s.step = handle.step
-        s.steps_total += 1
-        s.step_time_total_s += seconds
-        s.tokens_total += handle.tokens
+        s.step = handle.step  # a skipped step is still done: the step and heartbeat move on
+        tokens = 0.0 if handle.skipped else handle.tokens
+        if handle.skipped:
+            s.skipped_steps_total += 1
+        else:
+            s.steps_total += 1
+        s.step_time_total_s += seconds  # wall time of every step, skipped or not
+        s.tokens_total += tokens
         s.data_wait_total_s += wait
         s.heartbeat = time.time()
-        self._records.append(_StepRecord(handle.step, seconds, wait, handle.tokens))
-        if s.steps_total % self.cfg.log_interval == 0:
+        self._records.append(_StepRecord(handle.step, seconds, wait, tokens))
+        finished = s.steps_total + s.skipped_steps_total
+        if finished % self.cfg.log_interval == 0:
             self._flush(wait=False)
 
     def _check_parallel_if_due(self, step: int) -> None:
@@ -474,8 +493,9 @@ class Monitor:
         f.add("watchtower_run_info", 1, self.info["model"], self.info["config_hash"], self.info["version"])
         f.add("watchtower_train_step", s.step)
         f.add("watchtower_steps_total", s.steps_total)
+        f.add("watchtower_skipped_steps_total", s.skipped_steps_total)
         f.add("watchtower_step_time_seconds", s.step_time_s)
-        f.add("watchtower_step_time_seconds_total", s.step_time_total_s)
+        f.add("watchtower_step_seconds_total", s.step_time_total_s)
         f.add("watchtower_tokens_total", s.tokens_total)
         f.add("watchtower_tokens_per_second", s.tokens_per_s)
         f.add("watchtower_mfu_ratio", s.mfu)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
-from conftest import free_port_pair, scrape_text, value, wait_for_metrics, watchtower_cmd
+from conftest import free_port_pair, value, wait_for_metrics, watchtower_cmd
+from test_metrics import assert_promtool_clean
 
 DETECTORS = ("loss_spike", "nonfinite", "data_stall", "data_wait_rising", "throughput_drop",
              "tp_replicated_divergence", "tp_identical_shards", "dp_drift")
@@ -83,12 +83,21 @@ def test_tp_seed_bug_is_flagged_at_the_first_check(processes, tmp_path):
         assert events(s, rank)["tp_identical_shards"] == 1
 
 
-def test_promtool_finds_nothing_in_a_live_scrape(processes, tmp_path):
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: .ci/run installs Debian's prometheus package"
-    port, proc, final = start_run(processes, tmp_path, 20, "--inject", "loss_spike@15")
-    wait_for_metrics(port, final, proc=proc)
-    text = scrape_text(port)
-    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert result.returncode == 0 and result.stdout.strip() == "" and result.stderr.strip() == "", (
-        result.stdout + result.stderr)
+def test_live_rank_scrape_is_promtool_clean_in_text_and_openmetrics(processes, tmp_path):
+    """Both TP ranks, asked for each format the way Prometheus asks (OpenMetrics first)."""
+    port, proc, final = start_run(processes, tmp_path, 20, "--inject", "loss_spike@15", "--inject", "nonfinite@12")
+    for p in (port, port + 1):
+        wait_for_metrics(p, final, proc=proc)
+        assert_promtool_clean(p)
+
+
+def test_skipped_nonfinite_step_counts_as_skipped_not_as_a_step(processes, tmp_path):
+    steps = 10
+    port, proc, final = start_run(processes, tmp_path, steps, "--inject", "nonfinite@5",
+                                  "--monitor.nonfinite_action", "skip_step")
+    for rank, p in (("0", port), ("1", port + 1)):
+        s = wait_for_metrics(p, final, proc=proc)
+        assert value(s, "watchtower_skipped_steps_total", rank=rank) == 1
+        assert value(s, "watchtower_steps_total", rank=rank) == steps - 1
+        assert value(s, "watchtower_tokens_total", rank=rank) == (steps - 1) * 8 * 128
+        assert value(s, "watchtower_train_step", rank=rank) == steps, "the skipped step still counts as done"

@@ -4,6 +4,17 @@ The exporter builds its families from this table; alert rules, dashboards and th
 names declared here, and a test fails when one does not. Names follow Prometheus conventions (base
 units, `_total` on counters, `_seconds`, `_bytes`, `_ratio`) so `promtool check metrics` is clean.
 Labels never carry a step, a loss value or anything unbounded.
+
+Every name must stay unique in both formats Prometheus reads. It asks for OpenMetrics first, where a
+counter's family is named without `_total` (its samples keep it, and `_created` is reserved): a gauge
+`x_seconds` beside a counter `x_seconds_total` would be two families named `x_seconds`, which is
+a parse error for promtool and a clash for Prometheus. A test checks the whole table.
+
+Steps: `watchtower_steps_total` and `watchtower_tokens_total` count only steps whose update was
+applied; a step skipped for a non-finite loss or grad norm (nonfinite_action = "skip_step") adds to
+`watchtower_skipped_steps_total` instead. Its wall time still counts: the step-time gauge and
+`watchtower_step_seconds_total` are per iteration, skipped or not (the rank was busy all the same),
+and tokens/s is applied tokens per wall second, so skips show up as lost throughput.
 """
 
 from __future__ import annotations
@@ -21,6 +32,11 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = RANK_LABELS
 
+    @property
+    def family(self) -> str:
+        """The family name prometheus-client is given: a counter's without `_total` (it adds it back)."""
+        return self.name[: -len("_total")] if self.kind == "counter" else self.name
+
 
 def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
     return {s.name: s for s in specs}
@@ -30,11 +46,16 @@ RANK_METRICS = _specs(
     MetricSpec("watchtower_run_info", "gauge", "Always 1; labels describe the run (model, config hash, version).",
                RANK_LABELS + ("model", "config_hash", "version")),
     MetricSpec("watchtower_train_step", "gauge", "Last optimizer step this rank completed."),
-    MetricSpec("watchtower_steps_total", "counter", "Steps completed by this process."),
-    MetricSpec("watchtower_step_time_seconds", "gauge", "Mean wall time per step over the last log interval."),
-    MetricSpec("watchtower_step_time_seconds_total", "counter", "Wall time spent in steps."),
-    MetricSpec("watchtower_tokens_total", "counter", "Tokens processed by this rank."),
-    MetricSpec("watchtower_tokens_per_second", "gauge", "Tokens per second over the last log interval."),
+    MetricSpec("watchtower_steps_total", "counter",
+               "Steps this process applied (a step skipped for a non-finite loss or grad norm is not one)."),
+    MetricSpec("watchtower_skipped_steps_total", "counter",
+               "Steps whose update was skipped: non-finite loss or grad norm with nonfinite_action=skip_step."),
+    MetricSpec("watchtower_step_time_seconds", "gauge",
+               "Mean wall time per step over the last log interval, skipped steps included."),
+    MetricSpec("watchtower_step_seconds_total", "counter", "Wall time spent in steps, skipped steps included."),
+    MetricSpec("watchtower_tokens_total", "counter", "Tokens of the steps this rank applied."),
+    MetricSpec("watchtower_tokens_per_second", "gauge",
+               "Tokens of applied steps per second of wall time over the last log interval."),
     MetricSpec("watchtower_mfu_ratio", "gauge", "Model FLOPs utilisation: achieved / peak FLOP/s of the device."),
     MetricSpec("watchtower_data_wait_seconds_total", "counter", "Time spent waiting for the next batch."),
     MetricSpec("watchtower_data_wait_ratio", "gauge", "Share of step time spent waiting for data, last interval."),
