@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 
 from watchtower.alerting_stack import AlertingStack
+from watchtower.config import load_config
 from watchtower.supervisor.jobfile import job_toml
+from watchtower.trainer.data import PackedBatches, load_tokens
+from watchtower.trainer.train import batch_signature
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
 
 
@@ -46,13 +51,40 @@ def final_prints(tmp_path: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "job" / "groups").glob("*/fingerprint-r0.json")}
 
 
+def assert_every_window_read_once(tmp_path: Path, last_step: int) -> None:
+    """Replay the data order from the rows every group logged (one per committed step it took part
+    in): each row read the slice of its (dp_rank, participants), each rank of each step was read by
+    exactly one group, and no window was read twice in an epoch."""
+    cfg = load_config("tiny")
+    replay = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
+                           cfg.data.shuffle_seed, micro_steps=cfg.train.grad_accum_steps)
+    by_step = defaultdict(list)
+    for log in (tmp_path / "job" / "groups").glob("*/train_log.jsonl"):  # a group that stayed a spare has none
+        for row in train_rows(tmp_path, log.parent.name):
+            by_step[row["step"]].append(row)
+    assert sorted(by_step) == list(range(1, last_step + 1)), "a committed step has no group's rows"
+    seen: set[tuple[int, int]] = set()
+    for step in range(1, last_step + 1):
+        (participants,) = {r["participants"] for r in by_step[step]}
+        assert sorted(r["dp_rank"] for r in by_step[step]) == list(range(participants)), step
+        for row in by_step[step]:
+            replay.begin_step(row["dp_rank"], participants)
+            signature = sum(batch_signature(next(replay)) for _ in range(replay.micro_steps)) % 1_000_000_007
+            assert row["data_sig"] == signature, f"step {step}: group {row['replica_group']} read other windows"
+            windows = {(replay.epoch, int(w)) for w in replay.windows(row["dp_rank"], participants).flatten()}
+            assert not windows & seen, f"step {step}: group {row['replica_group']} re-read windows"
+            seen |= windows
+        replay.end_step(committed=True)
+
+
 def supervise(path: Path, timeout: float = 280) -> subprocess.CompletedProcess:
     return subprocess.run(watchtower_cmd("supervise", str(path)), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp_path):
-    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"], train_overrides=["data.stage=always"]))
+    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"],
+                                train_overrides=["data.stage=always", "train.log_interval=1"]))
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     kinds = [e["event"] for e in ev]
@@ -88,6 +120,25 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp
     for group_dir in (tmp_path / "job" / "groups").iterdir():
         for path in group_dir.glob("events-*.jsonl"):
             assert "dp_drift" not in path.read_text()
+    # the promoted spare read the windows of the seat it took: every window once, across groups
+    assert_every_window_read_once(tmp_path, 150)
+
+
+def test_spare_skips_the_nonfinite_step_with_the_participants(tmp_path):
+    """With skip_step, a spare (no loss of its own) used to apply the NaN gradient the participants
+    skipped. The skip verdict is agreed by every group: all end with the same finite weights."""
+    result = supervise(job_file(tmp_path, steps=34, active=2, spares=1, nodes=3, inject=["nonfinite@30"],
+                                train_overrides=["monitor.nonfinite_action=skip_step"]))
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    prints = final_prints(tmp_path)
+    assert set(prints) == {"g0000", "g0001", "g0002"}
+    at_fault = {g: [r for r in train_rows(tmp_path, g) if r["step"] == 30] for g in prints}
+    assert sorted(len(rows) for rows in at_fault.values()) == [0, 1, 1], "step 30 needs 2 participants and a spare"
+    assert all(math.isnan(rows[0]["loss"]) for rows in at_fault.values() if rows), "the fault did not fire"
+    flat = {g: [v for values in p["fingerprint"] for v in values] for g, p in prints.items()}
+    for name, p in prints.items():
+        assert p["step"] == 34 and all(map(math.isfinite, flat[name])), f"{name} ended with non-finite weights"
+        assert flat[name] == pytest.approx(flat["g0000"], rel=1e-6, abs=1e-9), name
 
 
 def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):

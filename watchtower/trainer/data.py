@@ -7,8 +7,11 @@ the head of the next, so every window also carries
   - `doc_ids`: a per-window document counter, used for intra-document attention masking.
 
 Order: windows are visited in a permutation drawn from `shuffle_seed + epoch`; replica groups take
-interleaved slices of each global batch. `PackedBatches.state_dict()` is two integers (epoch,
-cursor), so a resumed run continues on exactly the next batch.
+interleaved slices of each step's global batch. The cursor moves once per *committed* step, by that
+step's global batch, in every group alike (hot spares included), so a promoted spare reads exactly
+the windows the group it replaces would have read, and a step torchft redoes reads its windows again.
+`PackedBatches.state_dict()` is two integers (epoch, cursor), so a resumed or healed group continues
+on exactly the next batch.
 
 Default corpus: the Python standard library's own `.py` files, which exist on every machine that
 runs this package, so the demo needs no download.
@@ -152,59 +155,118 @@ def window_layout(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PackedBatches:
-    """An endless, resumable iterator of packed batches for one data-parallel rank.
+    """An endless, resumable source of packed batches, in one order shared by every replica group.
+
+    A step's global batch is `batch_size × micro_steps × participants` windows from the cursor on;
+    participant `rank` reads every `participants`-th window of each micro-batch, starting at `rank`.
+    Every group, participant or hot spare, brackets each step with `begin_step(rank, participants)`
+    (rank None for a spare: it reads nothing) and `end_step(committed)`: the cursor then moves by the
+    same global batch everywhere, and only when the step commits. Used as a plain iterator, without
+    `begin_step`, it is one group alone and each `micro_steps` calls to `next()` make one step.
+
+    Cost: a step's plan is one slice of a cached permutation; `next()` copies batch_size windows.
 
     Example:
         >>> tokens = torch.arange(1000) % 250
         >>> it = PackedBatches(tokens, seq_len=8, batch_size=2, seed=0)
         >>> b = next(it); b.inputs.shape, it.state_dict()
         (torch.Size([2, 8]), {'epoch': 0, 'cursor': 2})
+        >>> spare = PackedBatches(tokens, seq_len=8, batch_size=2, seed=0)
+        >>> spare.begin_step(None, participants=2); spare.end_step(committed=True); spare.state_dict()
+        {'epoch': 0, 'cursor': 4}
     """
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, document_masking: bool = True):
+                 document_masking: bool = True, micro_steps: int = 1):
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
+        self.micro_steps = micro_steps  # micro-batches per step and group (train.grad_accum_steps)
         self.seed = seed
-        self.dp_rank = dp_rank  # mutable: a promoted spare reads the shard of the rank it replaces
-        self.dp_size = dp_size
         self.document_masking = document_masking
         self.num_windows = (len(tokens) - 1) // seq_len
-        if self.num_windows < batch_size * dp_size:
-            raise ConfigError("data.max_bytes", len(tokens), f"the corpus holds {self.num_windows} windows of "
-                              f"{seq_len} tokens, fewer than one global batch ({batch_size * dp_size}); "
-                              "add data or lower train.seq_len / train.micro_batch_size")
         self.epoch = 0
-        self.cursor = 0  # windows of the current epoch's order consumed by all dp ranks together
-        self._order = self._permutation(0)
+        self.cursor = 0  # windows of the current epoch's order consumed by committed steps
+        self._orders: dict[int, torch.Tensor] = {}
+        self._plan: _StepPlan | None = None
+        self._check_fits(1)
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_windows, generator=generator)
+    def _check_fits(self, participants: int) -> None:
+        need = self.step_windows(participants)
+        if self.num_windows < need:
+            raise ConfigError("data.max_bytes", len(self.tokens), f"the corpus holds {self.num_windows} windows "
+                              f"of {self.seq_len} tokens, fewer than one global batch ({need}); add data or "
+                              "lower train.seq_len / train.micro_batch_size / train.grad_accum_steps")
+
+    def step_windows(self, participants: int) -> int:
+        """The global batch of a step with `participants` groups, in windows."""
+        return self.batch_size * self.micro_steps * participants
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._orders = {e: o for e, o in self._orders.items() if e >= self.epoch}  # the current and next
+            self._orders[epoch] = torch.randperm(self.num_windows, generator=generator)
+        return self._orders[epoch]
+
+    def _step_start(self, participants: int) -> tuple[int, int]:
+        """(epoch, first position) of the next step's global batch. A step that does not fit in
+        the rest of the epoch starts the next one (the ragged tail is dropped)."""
+        if participants < 1:
+            raise ValueError(f"a step needs at least one participating group, got {participants}")
+        self._check_fits(participants)
+        if self.cursor + self.step_windows(participants) > self.num_windows:
+            return self.epoch + 1, 0
+        return self.epoch, self.cursor
+
+    def windows(self, rank: int, participants: int) -> torch.Tensor:
+        """The window ids participant `rank` of `participants` reads in the next step:
+        (micro_steps, batch_size). Pure: depends only on (epoch, cursor)."""
+        if not 0 <= rank < participants:
+            raise ValueError(f"rank {rank} is not one of {participants} participants")
+        epoch, start = self._step_start(participants)
+        step = self._order(epoch)[start: start + self.step_windows(participants)]
+        return step.view(self.micro_steps, self.batch_size * participants)[:, rank::participants]
+
+    def begin_step(self, rank: int | None, participants: int) -> None:
+        """Plan the coming step: this group is participant `rank` of `participants`, or a hot spare
+        (rank None) that reads nothing. Every group of the step must pass the same `participants`.
+        Calling it again before `end_step` plans the step anew."""
+        ids = None if rank is None else self.windows(rank, participants)
+        self._step_start(participants)  # a spare's participants are checked as well
+        self._plan = _StepPlan(participants, ids)
+
+    def end_step(self, committed: bool) -> None:
+        """Close the step: a committed step moves the cursor past its global batch (in every group,
+        spares too); an uncommitted one leaves it, so the redo reads the same windows again."""
+        plan, self._plan = self._plan, None
+        if plan is None:
+            raise RuntimeError("end_step() without begin_step()")
+        if committed:
+            self.epoch, start = self._step_start(plan.participants)
+            self.cursor = start + self.step_windows(plan.participants)
 
     def __iter__(self) -> "PackedBatches":
         return self
 
-    def _take_global_batch(self) -> int:
-        """Advance past one global batch; returns where it starts in this epoch's order."""
-        global_batch = self.batch_size * self.dp_size
-        if self.cursor + global_batch > self.num_windows:  # drop the ragged tail, start a new epoch
-            self.epoch += 1
-            self.cursor = 0
-            self._order = self._permutation(self.epoch)
-        start = self.cursor
-        self.cursor += global_batch
-        return start
-
-    def skip(self) -> None:
-        """Consume a global batch without reading it (a hot spare keeps its data state in sync)."""
-        self._take_global_batch()
-
     def __next__(self) -> Batch:
-        start = self._take_global_batch()
-        picked = self._order[start + self.dp_rank: start + self.batch_size * self.dp_size: self.dp_size]
-        starts = picked * self.seq_len
+        if self._plan is None:  # a plain iterator: one group alone, its step closes itself
+            self.begin_step(0, 1)
+            self._plan.closes_itself = True
+        plan = self._plan
+        if plan.windows is None:
+            raise RuntimeError("a hot spare reads no data: begin_step() was given rank None")
+        if plan.read == self.micro_steps:
+            raise RuntimeError(f"a step holds {self.micro_steps} micro-batches; call end_step() first")
+        batch = self.read(plan.windows[plan.read])
+        plan.read += 1
+        if plan.closes_itself and plan.read == self.micro_steps:
+            self.end_step(committed=True)
+        return batch
+
+    def read(self, window_ids: torch.Tensor) -> Batch:
+        """The batch made of these windows, in this order."""
+        starts = window_ids * self.seq_len
         windows = torch.stack([self.tokens[s: s + self.seq_len + 1] for s in starts.tolist()])
         inputs, targets = windows[:, :-1], windows[:, 1:]
         positions, doc_ids = window_layout(inputs)
@@ -214,5 +276,15 @@ class PackedBatches:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue after the last committed step of a checkpoint or of a healthy peer; a step
+        planned before the load is dropped (it must be planned again)."""
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self._order = self._permutation(self.epoch)
+        self._plan = None
+
+
+@dataclass
+class _StepPlan:
+    participants: int
+    windows: torch.Tensor | None  # (micro_steps, batch_size) window ids; None: a hot spare
+    read: int = 0  # micro-batches read so far
+    closes_itself: bool = False  # plain iteration: the step ends after its last micro-batch

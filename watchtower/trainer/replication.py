@@ -4,6 +4,7 @@ The trainer talks to one small interface per step:
     start_step()            quorum (and, for a group that just joined, live healing from a peer)
     data_shard()            which slice of the global batch this group reads, or None for a spare
     reduce_gradients(ps)    average gradients across the participating groups
+    all_agree(ok)           True only if every participating group says True (the skip verdict)
     should_commit()         whether every group got through the step (else the step is redone)
     step                    the job's step: torchft's, so a healed group jumps to its peers' step
 
@@ -48,6 +49,9 @@ class SingleGroup:
 
     def reduce_gradients(self, params: list[nn.Parameter]) -> None:
         pass
+
+    def all_agree(self, ok: bool) -> bool:
+        return ok
 
     def should_commit(self) -> bool:
         self.step += 1
@@ -119,6 +123,14 @@ class TorchFTGroup:
             works.append(self.manager.allreduce(grad))
         for work in works:
             work.wait()
+
+    def all_agree(self, ok: bool) -> bool:
+        """True only if every participating group passes True: one scalar all-reduce of vetoes.
+        torchft zeroes a spare's contribution, so a spare follows the participants' verdict. If the
+        all-reduce fails, this group's `should_commit` returns False and the step is redone."""
+        vetoes = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        self.manager.allreduce(vetoes).wait()  # the average of the vetoes: > 0 when any group vetoed
+        return vetoes.item() == 0
 
     def should_commit(self) -> bool:
         return self.manager.should_commit()

@@ -3,8 +3,9 @@
 Launched once per rank (by `watchtower train`, which spawns the TP ranks itself, or by torchrun).
 The monitor is used exactly as a user's own loop would use it: `wrap`, `step`, `record`, `watch`.
 
-Outputs under `run.output_dir`: `train_log.jsonl` (rank 0: one line per step with loss, grad norm,
-lr and a signature of the batch, written every log interval) and the checkpoints.
+Outputs under `run.output_dir`: `train_log.jsonl` (rank 0: one line per step this group took part
+in, with loss, grad norm, lr, a signature of the batch and the group's data rank among the step's
+participants, so the data order can be replayed; written every log interval) and the checkpoints.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
         self.data = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
-                                  cfg.data.shuffle_seed, document_masking=cfg.data.document_masking)
+                                  cfg.data.shuffle_seed, document_masking=cfg.data.document_masking,
+                                  micro_steps=cfg.train.grad_accum_steps)
         self.checkpointer = Checkpointer(cfg.checkpoint_url, self.env.rank, self.env.world_size,
                                          cfg.checkpoint.keep_last, self._agree, self._gather)
         self.step = 0
@@ -251,16 +253,14 @@ class Trainer:
                 break
             self.faults.before_step(step)
             shard = self.replication.data_shard()  # None: a hot spare, in sync but not contributing
+            # every group, spare or not, plans the step's global batch: the data cursors stay equal
+            self.data.begin_step(None if shard is None else shard[0], self.replication.participants())
             lr = lr_at(step, cfg)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             with self.monitor.step(tokens=tokens_per_step if shard else 0, step=step) as s:
                 signatures, micro_losses = [], []
-                for _ in range(t.grad_accum_steps):
-                    if shard is None:
-                        self.data.skip()
-                        continue
-                    self.data.dp_rank, self.data.dp_size = shard
+                for _ in range(t.grad_accum_steps if shard else 0):
                     batch = next(self.loader)
                     signatures.append(batch_signature(batch))
                     micro_losses.append(self.forward_backward(batch, self.faults.loss_factor(step)))
@@ -271,13 +271,16 @@ class Trainer:
                     clip_grads_(self.params, norm, cfg.optim.grad_clip)
                 loss = torch.stack(micro_losses).mean() if micro_losses else None
                 s.record(loss=loss, grad_norm=norm if shard else None, lr=lr)
+                apply = self._agreed_should_step(s)  # before the commit: a failed agreement fails it
                 with self._waiting_on_peers():
                     committed = self.replication.should_commit()
-                if committed and s.should_step():
+                if committed and apply:
                     self.optimizer.step()
                 elif committed:
+                    s.mark_skipped()  # the groups' vote may skip a step this rank's own verdict allowed
                     log.warning("step %d skipped: non-finite loss or gradient", step)
                 self.optimizer.zero_grad(set_to_none=True)
+            self.data.end_step(committed)  # a step torchft redoes reads the same windows again
             self.monitor.set_gauge("watchtower_replica_participants", self.replication.participants())
             self.monitor.set_gauge("watchtower_replica_participating", float(shard is not None))
             if not committed:
@@ -289,7 +292,8 @@ class Trainer:
                 losses.append(step, loss)
                 norms.append(step, norm)
                 log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007,
-                                 "time": time.time(), "participants": self.replication.participants()})
+                                 "time": time.time(), "participants": self.replication.participants(),
+                                 "dp_rank": shard[0]})
             if log_rows and (step % t.log_interval == 0 or step == t.steps):
                 self._write_log(log_rows, losses, norms, steps_done, wall)
                 log_rows = []
@@ -301,6 +305,20 @@ class Trainer:
         self._write_fingerprint()
         self.replication.shutdown()
         return 0
+
+    def _agreed_should_step(self, s) -> bool:
+        """The monitor's skip verdict (nonfinite_action=skip_step), the same in every group.
+
+        A hot spare has no loss of its own, so its monitor alone would always say "step", and
+        apply the non-finite gradient the participants skip. Every group votes and all follow the
+        vote: one scalar all-reduce across groups per step, only with skip_step. TP ranks need no
+        vote of their own: the loss and the grad norm they judge are the same on each of them.
+        """
+        ok = s.should_step()
+        if not self.cfg.monitor.enabled or self.cfg.monitor.nonfinite_action != "skip_step":
+            return ok  # nothing is ever skipped: no vote
+        with self._waiting_on_peers():
+            return self.replication.all_agree(ok)
 
     def _write_fingerprint(self) -> None:
         """The final weights' fingerprint (rank-local) and how many parallel checks ran: lets a

@@ -1,0 +1,127 @@
+"""The data order under faults: replica groups joining, dying, idling as hot spares, redoing steps.
+
+Each group holds its own PackedBatches, as each trainer process does; a reference written from the
+spec (permutation per epoch, global batch = batch × micro-steps × participants, rank r takes every
+P-th window of each micro-batch) says what each participant must read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from watchtower.trainer.data import PackedBatches
+
+SEQ, BATCH, MICRO, SEED = 4, 2, 2, 7
+WINDOWS = 50  # small, so that the schedules below cross epochs
+
+
+def loader() -> PackedBatches:
+    tokens = torch.arange(WINDOWS * SEQ + 1)  # token id // SEQ names the window a row starts at
+    return PackedBatches(tokens, SEQ, BATCH, SEED, micro_steps=MICRO)
+
+
+def window_ids(batch) -> list[int]:
+    return (batch.inputs[:, 0] // SEQ).tolist()
+
+
+class Reference:
+    """The order a job must read, one committed step at a time."""
+
+    def __init__(self) -> None:
+        self.epoch, self.cursor = 0, 0
+
+    def step(self, participants: int) -> tuple[int, list[list[int]]]:
+        """(epoch, the windows of each rank) for the next committed step."""
+        need = BATCH * MICRO * participants
+        if self.cursor + need > WINDOWS:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        order = torch.randperm(WINDOWS, generator=torch.Generator().manual_seed(SEED + self.epoch)).tolist()
+        chunk = order[self.cursor: self.cursor + need]
+        self.cursor += need
+        per_micro = BATCH * participants
+        return self.epoch, [[w for m in range(MICRO) for w in chunk[m * per_micro + r: (m + 1) * per_micro: participants]]
+                            for r in range(participants)]
+
+
+def run_step(groups: dict[str, PackedBatches], roles: dict[str, int | None], participants: int,
+             committed: bool = True) -> dict[str, list[int]]:
+    """One step of every live group in `roles` (rank, or None for a spare); what each participant read."""
+    read = {}
+    for name, rank in roles.items():
+        groups[name].begin_step(rank, participants)
+        if rank is not None:
+            read[name] = [w for _ in range(MICRO) for w in window_ids(next(groups[name]))]
+    for name in roles:
+        groups[name].end_step(committed)
+    return read
+
+
+# (participants, roles): "a" dies after step 3 and the spare "c" takes a seat; "b" runs alone with
+# "c" as its spare; "a" comes back healed and all three participate; then "c" is a spare again.
+SCHEDULE = (
+    [(2, {"a": 0, "b": 1, "c": None})] * 3
+    + [(2, {"b": 0, "c": 1})] * 2
+    + [(1, {"b": 0, "c": None})] * 2
+    + [(3, {"a": 0, "b": 1, "c": 2})] * 3
+    + [(2, {"a": 0, "b": 1, "c": None})] * 4
+)
+
+
+def test_spare_cursor_advances_by_the_global_batch_of_the_participants():
+    """A hot spare used to advance by batch × 1 while participants advanced by batch × participants,
+    so a promoted spare re-read some windows and never read others. Every group, spare or not, must
+    hold the same cursor after every step, and each participant reads its rank's slice."""
+    groups = {name: loader() for name in "abc"}
+    ref = Reference()
+    seen: dict[int, list[int]] = {}
+    for number, (participants, roles) in enumerate(SCHEDULE, start=1):
+        if number == 8:  # "a" rejoins: torchft heals it with a live peer's state
+            groups["a"].load_state_dict(groups["b"].state_dict())
+        read = run_step(groups, roles, participants)
+        epoch, expected = ref.step(participants)
+        for name, rank in roles.items():
+            if rank is not None:
+                assert read[name] == expected[rank], (number, name, rank)
+            assert groups[name].state_dict() == {"epoch": ref.epoch, "cursor": ref.cursor}, (number, name)
+        seen.setdefault(epoch, []).extend(w for ids in read.values() for w in ids)
+    assert len(seen) >= 2, "the schedule must cross an epoch"
+    for epoch, windows in seen.items():
+        assert len(windows) == len(set(windows)), f"epoch {epoch}: a window was read twice"
+
+
+def test_uncommitted_step_reads_its_windows_again():
+    """A step torchft does not commit is redone: the redo must read the same global batch, even when
+    the quorum that redoes it is smaller, and the cursor must not move."""
+    groups = {name: loader() for name in "ab"}
+    run_step(groups, {"a": 0, "b": 1}, 2)
+    before = groups["b"].state_dict()
+    failed = run_step(groups, {"a": 0, "b": 1}, 2, committed=False)
+    assert groups["b"].state_dict() == before
+    redo = run_step(groups, {"a": 0, "b": 1}, 2)
+    assert redo == failed
+    alone = loader()  # a smaller quorum redoes it: it starts on the same windows
+    alone.load_state_dict(before)
+    assert set(run_step({"b": alone}, {"b": 0}, 1)["b"]) < set(failed["a"] + failed["b"])
+
+
+def test_plain_iteration_is_one_group_alone():
+    plain, stepped = loader(), loader()
+    for _ in range(30):  # crosses epochs
+        stepped.begin_step(0, 1)
+        expected = [window_ids(next(stepped)) for _ in range(MICRO)]
+        stepped.end_step(committed=True)
+        assert [window_ids(next(plain)) for _ in range(MICRO)] == expected
+        assert plain.state_dict() == stepped.state_dict()
+
+
+def test_a_spare_reads_nothing_and_a_step_holds_micro_steps_batches():
+    data = loader()
+    data.begin_step(None, 2)
+    with pytest.raises(RuntimeError, match="hot spare"):
+        next(data)
+    data.begin_step(1, 2)
+    for _ in range(MICRO):
+        next(data)
+    with pytest.raises(RuntimeError, match="end_step"):
+        next(data)
