@@ -8,12 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import WAIT_CEILING_S, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,20 +69,17 @@ def value(scraped: dict, name: str, **labels: str) -> float | None:
     return found[0] if found else None
 
 
-def wait_for_metrics(port: int, until, timeout: float = 120, proc: subprocess.Popen | None = None) -> dict:
-    """Scrape until `until(samples)` holds; fail with the last scrape (or the process's exit)."""
-    deadline, last = time.monotonic() + timeout, {}
-    while time.monotonic() < deadline:
-        try:
-            last = samples(scrape_text(port))
-            if until(last):
-                return last
-        except OSError:
-            pass
+def wait_for_metrics(port: int, until, timeout: float = WAIT_CEILING_S, proc: subprocess.Popen | None = None) -> dict:
+    """Scrape until `until(samples)` holds; fail at once if `proc` exits with an error."""
+    def matched() -> dict | None:
+        scraped = samples(scrape_text(port))
+        return scraped if until(scraped) else None
+
+    def exited() -> None:
         if proc is not None and proc.poll() is not None and proc.returncode != 0:
-            raise AssertionError(f"process exited with {proc.returncode}")
-        time.sleep(0.2)
-    raise AssertionError(f"metrics on :{port} never matched; last scrape had {len(last)} samples")
+            raise AssertionError(f"process exited with {proc.returncode} before metrics on :{port} matched")
+
+    return wait_until(matched, f"metrics on :{port} to match", abort=exited)
 
 
 class Processes:

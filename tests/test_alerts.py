@@ -7,12 +7,14 @@ import re
 import shutil
 import signal
 import subprocess
-import time
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
 
 from conftest import REPO, free_port, run_watchtower, wait_for_metrics, value, watchtower_cmd
+from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_for_rule_evaluations, wait_until
 from watchtower.metric_catalog import declared_series
 from watchtower.alerting_stack import AlertingStack
 from watchtower.prometheus_config import Target
@@ -99,36 +101,105 @@ def test_inhibition_node_down_silences_its_rank_alerts(tmp_path):
             {"labels": {"alertname": "WatchtowerRankHung", "severity": "page", "rank": "0", "run": "r",
                         "node": "n8", "replica_group": "2"}},
         ])
-        stack.pager.wait_for("WatchtowerRankDown", 20, node="n7")
-        stack.pager.wait_for("WatchtowerRankHung", 20, node="n8")
-        time.sleep(2)
-        state = {(a["labels"]["alertname"], a["labels"]["node"]): a["status"] for a in stack.alertmanager_alerts()}
-        assert state[("WatchtowerRankHung", "n7")]["inhibitedBy"], state
+        stack.pager.wait_for("WatchtowerRankDown", WAIT_CEILING_S, node="n7")
+        # n7's and n8's hangs share an Alertmanager group (run, alertname): the flush that paged n8 has
+        # already passed n7's hang through the inhibition stage, so the pages below are final.
+        stack.pager.wait_for("WatchtowerRankHung", WAIT_CEILING_S, node="n8")
+
+        def state_once_n7_hang_is_inhibited() -> dict | None:
+            state = {(a["labels"]["alertname"], a["labels"]["node"]): a["status"] for a in stack.alertmanager_alerts()}
+            return state if state.get(("WatchtowerRankHung", "n7"), {}).get("inhibitedBy") else None
+
+        state = wait_until(state_once_n7_hang_is_inhibited, "Alertmanager to mark n7's hang inhibited")
         assert not state[("WatchtowerRankHung", "n8")]["inhibitedBy"]
         assert not any(p["labels"]["alertname"] == "WatchtowerRankHung" and p["labels"]["node"] == "n7"
                        for p in stack.pager.pages)
 
 
+class FakeRank:
+    """/metrics of one rank whose loss-spike counter the test sets, served on loopback."""
+
+    def __init__(self, spikes: int) -> None:
+        self.spikes = spikes
+        rank = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                data = (f'watchtower_detector_events_total{{detector="loss_spike",severity="critical"}} {rank.spikes}\n'
+                        f'watchtower_detector_last_event_step{{detector="loss_spike"}} 40\n').encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_loss_spike_pages_only_for_a_rank_scraped_before_its_spike(stack):
+    """Why a CI run once waited in vain for WatchtowerLossSpike: the rule's increase() needs a scrape
+    reading 0 before the spike. A rank first scraped after its spike (its trainer outran Prometheus's
+    target discovery) never pages, and the wait must say so at once instead of timing out."""
+    early, late = FakeRank(spikes=0), FakeRank(spikes=1)
+    try:
+        stack.set_targets([Target(early.address, "early", 0, 0, "n0"), Target(late.address, "late", 0, 0, "n1")])
+        wait_until(lambda: stack.scraping(early.address) and stack.scraping(late.address),
+                   "Prometheus to scrape both ranks")
+        early.spikes = 1
+        assert wait_for_loss_spike_page(stack, "early")["labels"]["node"] == "n0"
+        with pytest.raises(AssertionError, match="late can never page: .* after the spike"):
+            wait_for_loss_spike_page(stack, "late")
+        assert not stack.prometheus_alerts(alertname="WatchtowerLossSpike", run="late")
+    finally:
+        early.close()
+        late.close()
+
+
+def start_trainer(processes, tmp_path, run: str, port: int, *inject: str):
+    """A tiny 120-step trainer on `port` that keeps serving its last /metrics after the run for longer
+    than any test lasts (the `processes` fixture ends it), so the series the rules read stay scraped."""
+    return processes.start(watchtower_cmd(
+        "train", "--config", "tiny", "--steps", "120", "--run", run, "--port", str(port),
+        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600",
+        *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
+
+
 def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes, stack):
-    runs = {}
-    for run, inject in (("spiky", ["--inject", "loss_spike@80"]), ("clean", [])):
-        port = free_port()
-        proc = processes.start(watchtower_cmd(
-            "train", "--config", "tiny", "--steps", "120", "--run", run, "--port", str(port),
-            "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120",
-            *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
-        runs[run] = (port, proc)
-    stack.set_targets([Target(f"127.0.0.1:{port}", run, 0, 0, f"node-{run}") for run, (port, _) in runs.items()])
-    for run, (port, proc) in runs.items():
-        wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
-    page = stack.pager.wait_for("WatchtowerLossSpike", 30, run="spiky")
+    ports = {"spiky": free_port(), "clean": free_port()}
+    targets = {run: Target(f"127.0.0.1:{port}", run, 0, 0, f"node-{run}") for run, port in ports.items()}
+    # spiky: Prometheus must read its spike counter at 0 before step 80 (see wait_for_loss_spike_page),
+    # so it is scraped from before it starts (it may page RankDown while it starts: it is down).
+    stack.set_targets([targets["spiky"]])
+    wait_until(lambda: stack.scraping(targets["spiky"].address), "Prometheus to scrape spiky's port")
+    spiky = start_trainer(processes, tmp_path, "spiky", ports["spiky"], "--inject", "loss_spike@80")
+    # clean: registered once it serves, so nothing about it may page until it is killed.
+    clean = start_trainer(processes, tmp_path, "clean", ports["clean"])
+    wait_for_metrics(ports["clean"], lambda s: value(s, "watchtower_train_step") is not None, proc=clean)
+    stack.set_targets(list(targets.values()))
+    for run, proc in (("spiky", spiky), ("clean", clean)):
+        wait_for_metrics(ports[run], lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
+    page = wait_for_loss_spike_page(stack, "spiky")
     assert {"severity": "page", "rank": "0", "node": "node-spiky", "replica_group": "0"}.items() <= page["labels"].items()
     assert page["annotations"]["summary"].endswith("at step 80")
     assert page["annotations"]["runbook_url"] == "docs/runbooks.md#loss-spike"
-    time.sleep(3)  # a few more evaluations: the clean run must still have paged nothing
+    # The clean run's whole history in Prometheus, then the rules evaluated over it a few times:
+    # nothing about it may be pending or firing, nor have paged.
+    wait_until(lambda: stack.prometheus_api("/api/v1/query", query='watchtower_train_step{run="clean"} == 120')["result"],
+               "Prometheus to scrape the clean run's last step")
+    wait_for_rule_evaluations(stack.rule_evaluations, 3)
+    assert not stack.prometheus_alerts(run="clean"), stack.prometheus_alerts(run="clean")
     assert all(p["labels"]["run"] == "spiky" for p in stack.pager.pages), [p["labels"] for p in stack.pager.pages]
-    runs["clean"][1].send_signal(signal.SIGKILL)
-    down = stack.pager.wait_for("WatchtowerRankDown", 40, run="clean")
+    clean.send_signal(signal.SIGKILL)
+    down = stack.pager.wait_for("WatchtowerRankDown", WAIT_CEILING_S, run="clean")
     assert {"severity": "page", "rank": "0", "node": "node-clean", "job": "watchtower-ranks"}.items() <= down["labels"].items()
 
 

@@ -10,8 +10,6 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from waiting import wait_for_loss_spike_page, wait_until
 from watchtower.alerting_stack import AlertingStack
 from watchtower.dashboards import FOLDER_UID, JSON_DIR, PROVISIONING_DIR, load_dashboards, panel_queries
 from watchtower.metric_catalog import declared_series
@@ -66,14 +65,6 @@ def substitute(expr: str) -> str:
             .replace("$__rate_interval", "15s"))
 
 
-def prom_get(base: str, path: str, **params: str) -> dict:
-    url = f"{base}{path}?{urllib.parse.urlencode(params)}"
-    with urllib.request.urlopen(url, timeout=10) as r:
-        body = json.loads(r.read())
-    assert body["status"] == "success", body
-    return body["data"]
-
-
 def job_events(job_dir: Path) -> list[dict]:
     path = job_dir / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -96,35 +87,43 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
         {"base_port": free_port(), "metrics_port": free_port()}))
     with AlertingStack(tmp_path / "stack", targets_file=job_dir / "targets.json",
                        supervisor_targets_file=job_dir / "supervisor_targets.json") as stack:
+        started = time.time()
         proc = subprocess.Popen(watchtower_cmd("supervise", str(job)), cwd=REPO, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
+
+        def supervisor_alive() -> None:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+
         try:
-            deadline = time.monotonic() + 200
-            while not {"recovered", "spares_refilled"} <= {e["event"] for e in job_events(job_dir)}:
-                assert proc.poll() is None, proc.stderr.read()[-3000:]
-                assert time.monotonic() < deadline, "no recovery and refill in time"
-                time.sleep(0.5)
-            stack.pager.wait_for("WatchtowerLossSpike", 60, run=RUN)  # ALERTS has a firing series
-            time.sleep(20)  # several scrapes of the refilled pool, so rates over 15s have two points
-            base = stack.prometheus_url
-            end = time.time()
-            gpu = bool(prom_get(base, "/api/v1/query", query="watchtower_gpu_memory_total_bytes")["result"])
-            empty = []
+            wait_until(lambda: {"recovered", "spares_refilled"} <= {e["event"] for e in job_events(job_dir)},
+                       "the job to recover and refill its spares", interval=0.5, abort=supervisor_alive)
+            wait_for_loss_spike_page(stack, RUN)  # ALERTS has a firing series
+            # Queried over the whole run, as a dashboard showing it would: once a panel's series has
+            # points (rates over 15s need two scrapes of the refilled pool), it keeps them.
+            gpu = bool(stack.prometheus_api("/api/v1/query", query="watchtower_gpu_memory_total_bytes")["result"])
+            empty: list[tuple[str, str, str]] = []
+
+            def every_panel_has_data() -> bool:
+                empty[:] = [(name, title, expr) for name, dashboard in load_dashboards().items()
+                            for title, expr in panel_queries(dashboard)
+                            if not stack.prometheus_api("/api/v1/query_range", query=substitute(expr),
+                                                        start=str(started), end=str(time.time()), step="1")["result"]
+                            and (gpu or "watchtower_gpu_" not in expr)]
+                return not empty
+
+            try:
+                wait_until(every_panel_has_data, "every panel query to return data", interval=1)
+            except AssertionError as e:
+                raise AssertionError(f"{e}; panels with no data:\n" + "\n".join(map(str, empty))) from None
             for name, dashboard in load_dashboards().items():
-                for title, expr in panel_queries(dashboard):
-                    data = prom_get(base, "/api/v1/query_range", query=substitute(expr), start=str(end - 90),
-                                    end=str(end), step="1")
-                    if not data["result"] and (gpu or "watchtower_gpu_" not in expr):
-                        empty.append((name, title, expr))
                 for var in dashboard["templating"]["list"]:
                     if var["type"] != "query":
                         continue
                     metric, label = re.fullmatch(r"label_values\((.+), (\w+)\)", var["query"]).groups()
-                    values = prom_get(base, f"/api/v1/label/{label}/values", **{"match[]": substitute(metric)})
+                    values = stack.prometheus_api(f"/api/v1/label/{label}/values", **{"match[]": substitute(metric)})
                     assert values, (name, var["name"])
                     if label == "run":
                         assert RUN in values
-            assert not empty, "panels with no data:\n" + "\n".join(map(str, empty))
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # the supervisor stops its groups on the way out

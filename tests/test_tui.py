@@ -19,6 +19,7 @@ import pytest
 from textual.widgets import DataTable
 
 from conftest import REPO, free_port, run_watchtower, value, wait_for_metrics, watchtower_cmd
+from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_until
 from watchtower.tui.app import HelpScreen, RunScreen, RunsScreen, WatchtowerApp
 from watchtower.tui.sources import ScrapeSource
 
@@ -87,7 +88,7 @@ def recorded_app(recorded, run=None, dead=False) -> WatchtowerApp:
                          timestamps=False)
 
 
-async def polls(app: WatchtowerApp, pilot, n: int, timeout: float = 30) -> None:
+async def polls(app: WatchtowerApp, pilot, n: int, timeout: float = WAIT_CEILING_S) -> None:
     deadline = time.monotonic() + timeout
     while app.polls < n:
         assert time.monotonic() < deadline, f"only {app.polls} polls in {timeout}s"
@@ -156,11 +157,14 @@ def test_snapshot_help(recorded, utc, snap_compare):
 
 # ---- a real trainer ----------------------------------------------------------------------------------
 
-def start_trainer(processes, tmp_path, run: str, steps: int, *extra: str) -> tuple[int, subprocess.Popen]:
-    port = free_port()
+def start_trainer(processes, tmp_path, run: str, steps: int, *extra: str,
+                  port: int | None = None) -> tuple[int, subprocess.Popen]:
+    """A tiny trainer on `port` (a free one by default) that keeps serving its last /metrics after
+    the run for longer than any test lasts (the `processes` fixture ends it)."""
+    port = port or free_port()
     proc = processes.start(watchtower_cmd(
         "train", "--config", "tiny", "--steps", str(steps), "--run", run, "--port", str(port),
-        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "120", *extra),
+        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600", *extra),
         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return port, proc
 
@@ -198,14 +202,14 @@ def test_tmux_smoke_in_a_real_terminal(recorded):
         def screen() -> str:
             return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
 
-        def wait_for(text: str, timeout: float = 60) -> str:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                shown = screen()
-                if text in shown:
-                    return shown
-                time.sleep(0.2)
-            raise AssertionError(f"{text!r} never appeared:\n{screen()}")
+        def wait_for(text: str) -> str:
+            def shown() -> str | None:
+                text_now = screen()
+                return text_now if text in text_now else None
+            try:
+                return wait_until(shown, f"{text!r} on the screen")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the screen:\n{screen()}") from None
 
         shown = wait_for("smol")
         assert "up 4/4" in shown
@@ -215,15 +219,11 @@ def test_tmux_smoke_in_a_real_terminal(recorded):
         subprocess.run(["tmux", "send-keys", "-t", session, "?"], check=True)
         wait_for("jump to the worst rank")
         subprocess.run(["tmux", "send-keys", "-t", session, "Escape"], check=True)
-        deadline = time.monotonic() + 15  # (a key sent right after Escape would read as Alt+key)
-        while "jump to the worst rank" in screen():
-            assert time.monotonic() < deadline, "escape did not close the help"
-            time.sleep(0.2)
+        # (the next key waits for the help to close: one sent right after Escape would read as Alt+key)
+        wait_until(lambda: "jump to the worst rank" not in screen(), "escape to close the help")
         subprocess.run(["tmux", "send-keys", "-t", session, "q"], check=True)
-        deadline = time.monotonic() + 15
-        while subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0:
-            assert time.monotonic() < deadline, "q did not quit"
-            time.sleep(0.2)
+        wait_until(lambda: subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode != 0,
+                   "q to quit the TUI")
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
@@ -246,30 +246,33 @@ def test_prometheus_source_reads_ranks_alerts_and_down_targets(processes, tmp_pa
     from watchtower.prometheus_config import Target
     from watchtower.tui.sources import PrometheusSource
 
-    spiky_port, spiky = start_trainer(processes, tmp_path, "spiky", 60, "--inject", "loss_spike@40")
-    victim_port, victim = start_trainer(processes, tmp_path, "victim", 60)
+    ports = {"spiky": free_port(), "victim": free_port()}
     with AlertingStack(tmp_path / "stack") as stack:
-        stack.set_targets([Target(f"127.0.0.1:{spiky_port}", "spiky", 0, 0, "node-s"),
-                           Target(f"127.0.0.1:{victim_port}", "victim", 0, 0, "node-v")])
-        for port, proc in ((spiky_port, spiky), (victim_port, victim)):
+        stack.set_targets([Target(f"127.0.0.1:{ports['spiky']}", "spiky", 0, 0, "node-s"),
+                           Target(f"127.0.0.1:{ports['victim']}", "victim", 0, 0, "node-v")])
+        # Prometheus must read the spike counter at 0 before step 40 (see wait_for_loss_spike_page):
+        # so its scrape loops run before the trainers start, not up to a discovery cycle after.
+        wait_until(lambda: all(stack.scraping(f"127.0.0.1:{p}") for p in ports.values()),
+                   "Prometheus to scrape both (not yet started) trainers' ports")
+        _, spiky = start_trainer(processes, tmp_path, "spiky", 60, "--inject", "loss_spike@40", port=ports["spiky"])
+        _, victim = start_trainer(processes, tmp_path, "victim", 60, port=ports["victim"])
+        for port, proc in ((ports["spiky"], spiky), (ports["victim"], victim)):
             wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 60, proc=proc)
-        stack.pager.wait_for("WatchtowerLossSpike", 60, run="spiky")
+        wait_for_loss_spike_page(stack, "spiky")
         source = PrometheusSource(stack.prometheus_url, stack.alertmanager_url)
-        deadline = time.monotonic() + 30
-        while True:
+
+        def both_runs_at_step_60():
             snap = source.poll()
             rows = {r.run: r for r in snap.rows}
-            if {"spiky", "victim"} <= set(rows) and all(r.step == 60 for r in rows.values()):
-                break
-            assert time.monotonic() < deadline, (snap.error, snap.rows)
-            time.sleep(0.5)
+            done = {"spiky", "victim"} <= set(rows) and all(r.step == 60 for r in rows.values())
+            return (snap, rows) if done else None
+
+        snap, rows = wait_until(both_runs_at_step_60, "PrometheusSource to show both runs at step 60", interval=0.5)
         assert not snap.error
         assert rows["spiky"].node == "node-s" and rows["spiky"].loss is not None and rows["spiky"].up
         assert any(a.name == "WatchtowerLossSpike" and a.run == "spiky" and a.severity == "page" for a in snap.alerts)
         os.killpg(victim.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while not any(r.run == "victim" and not r.up for r in source.poll().rows):
-            assert time.monotonic() < deadline, "the killed rank never turned down"
-            time.sleep(0.5)
+        wait_until(lambda: any(r.run == "victim" and not r.up for r in source.poll().rows),
+                   "the killed rank to turn DOWN", interval=0.5)
     broken = PrometheusSource(f"http://127.0.0.1:{free_port()}").poll()
     assert broken.error and not broken.rows  # an unreachable Prometheus is a status line, not a crash

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,12 +48,19 @@ class Pager:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/page"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def find(self, alertname: str, **labels: str) -> dict | None:
+        """The first page of `alertname` whose labels include `labels`, or None."""
+        for page in list(self.pages):
+            if page["labels"]["alertname"] == alertname and labels.items() <= page["labels"].items():
+                return page
+        return None
+
     def wait_for(self, alertname: str, timeout: float, **labels: str) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for page in self.pages:
-                if page["labels"]["alertname"] == alertname and labels.items() <= page["labels"].items():
-                    return page
+            page = self.find(alertname, **labels)
+            if page is not None:
+                return page
             time.sleep(0.1)
         seen = [p["labels"] for p in self.pages]
         raise TimeoutError(f"no page {alertname} {labels} within {timeout}s; pages: {seen}")
@@ -145,6 +153,36 @@ class AlertingStack:
     def alertmanager_alerts(self) -> list[dict]:
         with urllib.request.urlopen(f"{self.alertmanager_url}/api/v2/alerts", timeout=5) as r:
             return json.loads(r.read())
+
+    # Prometheus's own view, read once per call: what tests and drills wait on instead of a clock.
+
+    def prometheus_api(self, path: str, **params: str) -> dict | list:
+        """The `data` of a GET on Prometheus's HTTP API, e.g. `prometheus_api("/api/v1/query", query="up")`."""
+        url = f"{self.prometheus_url}{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path} {params}: {body}")
+        return body["data"]
+
+    def scraping(self, address: str) -> bool:
+        """Prometheus has discovered `address` and tried to scrape it at least once (up or not): its
+        scrape loop runs, so a server that comes up there is scraped within one interval."""
+        return any(t["labels"].get("instance") == address and t["health"] != "unknown"
+                   for t in self.prometheus_api("/api/v1/targets", state="active")["activeTargets"])
+
+    def rule_evaluations(self) -> dict[str, str]:
+        """Each rule group's last evaluation time (RFC 3339), by group name."""
+        return {g["name"]: g["lastEvaluation"] for g in self.prometheus_api("/api/v1/rules")["groups"]}
+
+    def prometheus_alerts(self, **labels: str) -> list[dict]:
+        """Prometheus's pending and firing alerts whose labels include `labels` (before Alertmanager)."""
+        return [a for a in self.prometheus_api("/api/v1/alerts")["alerts"] if labels.items() <= a["labels"].items()]
+
+    def scraped_values(self, selector: str, window: str = "1h") -> list[list[float]]:
+        """The raw scraped values of each series `selector` picks, oldest first, over the last `window`."""
+        result = self.prometheus_api("/api/v1/query", query=f"{selector}[{window}]")["result"]
+        return [[float(v) for _, v in series["values"]] for series in result]
 
     def close(self) -> None:
         for proc in self.procs:
