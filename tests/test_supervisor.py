@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.trainer.data import PackedBatches, load_tokens
 from watchtower.trainer.train import batch_signature
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from waiting import WAIT_CEILING_S, wait_until
 
 
 def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
@@ -150,7 +150,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
     with AlertingStack(tmp_path / "stack", targets_file=out / "targets.json",
                        supervisor_targets_file=out / "supervisor_targets.json") as stack:
         result = supervise(job)
-        page = stack.pager.wait_for("WatchtowerCrashLoop", 10, run="sup")
+        page = stack.pager.wait_for("WatchtowerCrashLoop", WAIT_CEILING_S, run="sup")
     assert page["labels"]["severity"] == "page"
     assert page["annotations"]["runbook_url"] == "docs/runbooks.md#crash-loop"
     assert json.loads((out / "supervisor_targets.json").read_text()) == [], "a stopped supervisor must leave no target"
@@ -169,18 +169,18 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     proc = subprocess.Popen(watchtower_cmd("supervise", str(path)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        killed_at_step = None
-        while time.monotonic() < deadline and killed_at_step is None:
+        def kill_every_group_once_step_40_is_saved() -> int | None:
+            """The last step g0000 logged when every group was killed; None before a checkpoint >= 40."""
             ckpts = sorted((tmp_path / "job" / "checkpoints").glob("step-*/manifest.json"))
-            if ckpts and int(ckpts[-1].parent.name[5:]) >= 40:
-                rows = train_rows(tmp_path, "g0000")
-                killed_at_step = rows[-1]["step"] if rows else None
-                for e in events(tmp_path):
-                    if e["event"] == "group_started":
-                        os.killpg(e["pid"], signal.SIGKILL)
-            time.sleep(0.1)
-        assert killed_at_step is not None, "no checkpoint at step >= 40 in time"
+            if not (ckpts and int(ckpts[-1].parent.name[5:]) >= 40):
+                return None
+            rows = train_rows(tmp_path, "g0000")
+            for e in events(tmp_path):
+                if e["event"] == "group_started":
+                    os.killpg(e["pid"], signal.SIGKILL)
+            return rows[-1]["step"] if rows else None
+
+        killed_at_step = wait_until(kill_every_group_once_step_40_is_saved, "a checkpoint at step >= 40", interval=0.1)
         out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
