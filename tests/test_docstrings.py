@@ -9,7 +9,8 @@ import pytest
 
 MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
            "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike",
-           "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput"]
+           "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
+           "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget"]
 
 
 @pytest.mark.parametrize("name", MODULES)

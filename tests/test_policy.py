@@ -1,0 +1,299 @@
+"""The supervisor's policy as a table: one poll's observations in, the actions out, per situation.
+
+Each case runs `decide` over its polls from a given state and compares every poll's actions, in
+order, with the expected ones written briefly (`brief`). Pure: no process, no clock, no port.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from watchtower.supervisor.failure_budget import FailureBudget, budget_verdict
+from watchtower.supervisor.policy import decide, node_states
+from watchtower.supervisor.policy_types import (
+    DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState, GroupView,
+    Kill, Launch, LighthouseHealth, NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse,
+    Role, SparesExhausted, Stop, View)
+from watchtower.validation import ConfigError
+
+NODES = ("a", "b", "c", "d", "e")
+CFG = PolicyConfig(nodes=NODES, active_groups=2, spare_groups=1, heartbeat_timeout_s=30, startup_grace_s=60,
+                   lighthouse_grace_s=30)
+THREE_NODES = replace(CFG, nodes=("a", "b", "c"))
+ONE_GROUP = replace(CFG, active_groups=1, spare_groups=0)
+FOUR_EXCLUDED = replace(CFG, exclude=("a", "b", "c", "d"))
+NOW = 1000.0
+STARTED = PolicyState(started=True)
+DOWN = LighthouseHealth.DOWN
+
+
+def budget(**kw) -> PolicyConfig:
+    return replace(CFG, budget=FailureBudget(**kw))
+
+
+def grp(rid: str, node: str, *, at: float = NOW, beat: float = 1.0, launched: float = 0.0, **kw) -> GroupView:
+    """A running group seen at `at` whose last step finished `beat` seconds before."""
+    return GroupView(rid, node, launched, heartbeat=at - beat, step=kw.pop("step", 40), **kw)
+
+
+def gone(rid: str, node: str, code: int, *, launched: float = 0.0, step: int = 40) -> GroupView:
+    return GroupView(rid, node, launched, GroupState.EXITED, exit_code=code, step=step)
+
+
+def pool(at: float = NOW, **swap: GroupView) -> tuple[GroupView, ...]:
+    """The healthy pool g0@a, g1@b (active) and g2@c (spare), with some groups swapped."""
+    healthy = {"g0": grp("g0", "a", at=at, role=Role.ACTIVE), "g1": grp("g1", "b", at=at, role=Role.ACTIVE),
+               "g2": grp("g2", "c", at=at, role=Role.SPARE)}
+    return tuple({**healthy, **swap}.values())
+
+
+def failed(at: float, rid: str, node: str, kind: FailureKind, code: int | None = None) -> Failure:
+    return Failure(at, rid, node, kind, code, 20, 0.0, counted=True, blamed=True)
+
+
+def brief(a) -> tuple:
+    """An action in a few words, so a table row fits on a line."""
+    if isinstance(a, GroupFailed):
+        f = a.failure
+        return ("failed", f.replica_id, f.kind.value, "counted" if f.counted else "free", "blamed" if f.blamed else "-")
+    return {Launch: lambda: ("launch", a.node, a.role.value, a.reason.value),
+            Kill: lambda: ("kill", a.replica_id, a.reason.value),
+            DrainNode: lambda: ("drain", a.node, a.reason),
+            RestartFromCheckpoint: lambda: ("restart", a.step, a.nodes_returned),
+            RestartLighthouse: lambda: ("lighthouse",),
+            Stop: lambda: ("stop", a.code, a.message.split(":")[0]),
+            GroupFinished: lambda: ("finished", a.replica_id),
+            SparesExhausted: lambda: ("exhausted", a.reason.value, a.missing),
+            DrainRejected: lambda: ("rejected", a.name)}[type(a)]()
+
+
+@dataclass
+class Case:
+    name: str
+    polls: list[View]
+    want: list[list[tuple]]  # each poll's actions, briefly
+    cfg: PolicyConfig = CFG
+    state: PolicyState = field(default_factory=lambda: STARTED)
+
+
+def hang_victims(beat: float) -> tuple[GroupView, ...]:
+    """Every group silent for `beat` seconds, each waiting on its peers in a collective."""
+    return tuple(replace(g, heartbeat=NOW - beat, in_collective=True) for g in pool())
+
+
+CASES = [
+    Case("initial_launch_fills_actives_then_spares", [View(NOW)],
+         [[("launch", "a", "active", "initial"), ("launch", "b", "active", "initial"),
+           ("launch", "c", "spare", "initial")]], state=PolicyState()),
+    Case("initial_without_nodes_for_the_actives_stops_no_nodes", [View(NOW)],
+         [[("exhausted", "initial", 2), ("stop", 4, "not enough free nodes to start the job")]],
+         cfg=FOUR_EXCLUDED, state=PolicyState.initial(FOUR_EXCLUDED)),
+    Case("healthy_pool_needs_nothing", [View(NOW, pool())], [[]]),
+    Case("crash_drains_the_node_and_a_spare_is_refilled", [View(NOW, pool(g0=gone("g0", "a", 1)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("launch", "d", "spare", "spare")]]),
+    Case("node_down_kills_its_group_and_drains_it", [View(NOW, pool(), down_nodes=frozenset({"b"}))],
+         [[("kill", "g1", "node_down"), ("failed", "g1", "node_down", "counted", "blamed"), ("drain", "b", "node_down"),
+           ("launch", "d", "spare", "spare")]]),
+    Case("only_the_hangs_culprit_is_killed_not_the_peers_waiting_on_it",
+         [View(NOW, pool(g0=grp("g0", "a", beat=40, in_collective=True), g1=grp("g1", "b", beat=40),
+                         g2=grp("g2", "c", beat=40, in_collective=True)))],
+         [[("kill", "g1", "hang"), ("failed", "g1", "hang", "counted", "blamed"), ("drain", "b", "hang"),
+           ("launch", "d", "spare", "spare")]]),
+    Case("waiting_victims_are_not_yet_a_deadlock", [View(NOW, hang_victims(beat=70))], [[]]),
+    Case("deadlock_kills_every_stale_group_blames_no_node_and_restarts", [View(NOW, hang_victims(beat=100))],
+         [[("kill", "g0", "deadlock"), ("failed", "g0", "deadlock", "counted", "-"),
+           ("kill", "g1", "deadlock"), ("failed", "g1", "deadlock", "counted", "-"),
+           ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
+           ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
+           ("launch", "c", "spare", "restart")]]),
+    Case("startup_grace_counts_from_the_last_progress_report_not_the_launch",
+         [View(NOW, pool(g2=GroupView("g2", "c", launched_at=NOW - 5000, progress_at=NOW - 10)))], [[]]),
+    Case("starting_group_silent_past_its_grace_is_hung",
+         [View(NOW, pool(g2=GroupView("g2", "c", launched_at=NOW - 100, progress_at=NOW - 70)))],
+         [[("kill", "g2", "hang"), ("failed", "g2", "hang", "counted", "blamed"), ("drain", "c", "hang"),
+           ("launch", "d", "spare", "spare")]]),
+    Case("every_group_lost_restarts_from_the_checkpoint_fresh_nodes_first",
+         [View(NOW, pool(g0=gone("g0", "a", -9), g1=gone("g1", "b", -9), g2=gone("g2", "c", -9)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"),
+           ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("restart", 40, ("a", "b", "c")),
+           ("launch", "d", "active", "restart"), ("launch", "e", "active", "restart"),
+           ("launch", "a", "spare", "restart")]]),
+    Case("a_restart_gives_back_only_the_nodes_its_incident_drained",
+         [View(NOW, pool()[:2]), View(NOW + 1, (gone("g0", "a", -9), gone("g1", "b", -9)))],
+         [[("exhausted", "spare", 1)],
+          [("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"), ("restart", 40, ("a", "b")),
+           ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart")]],
+         cfg=replace(CFG, nodes=("a", "b", "d")),
+         state=replace(STARTED, drained=frozenset({"d"}), incident_since=NOW - 100,
+                       failures=(failed(NOW - 100, "g9", "d", FailureKind.EXIT, 1),))),
+    Case("every_group_lost_with_the_budget_spent_stops_instead_of_restarting",
+         [View(NOW, pool(g0=gone("g0", "a", -9), g1=gone("g1", "b", -9), g2=gone("g2", "c", -9)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"),
+           ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("stop", 3, "crash loop")]],
+         cfg=budget(max_failures=3)),
+    Case("every_group_lost_without_nodes_to_restart_stops_no_nodes",
+         [View(NOW, (gone("g0", "a", 1), gone("g1", "b", 1)), down_nodes=frozenset({"b"}))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"), ("exhausted", "restart", 1),
+           ("stop", 4, "every group is lost and there are not enough nodes to restart")]],
+         cfg=replace(CFG, nodes=("a", "b"), spare_groups=0)),
+    Case("spares_exhausted_is_recorded_once_and_the_job_goes_on",
+         [View(NOW, pool(g2=gone("g2", "c", 1))), View(NOW + 1, pool(NOW + 1)[:2])],
+         [[("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("exhausted", "spare", 1)], []],
+         cfg=THREE_NODES),
+    Case("too_few_groups_for_a_quorum_and_no_node_stops_no_nodes",
+         [View(NOW, pool(g0=gone("g0", "a", 1), g2=gone("g2", "c", 1)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("exhausted", "spare", 2),
+           ("stop", 4, "too few groups left to form a quorum and no free node to start one")]], cfg=THREE_NODES),
+    Case("drain_request_kills_its_group_as_a_planned_drain", [View(NOW, pool(), drain_requests=("b",))],
+         [[("kill", "g1", "drained"), ("failed", "g1", "drained", "free", "-"), ("drain", "b", "drain requested"),
+           ("launch", "d", "spare", "spare")]]),
+    Case("a_node_with_a_drain_request_gets_no_new_spare",
+         [View(NOW, pool(g0=gone("g0", "a", 1)), drain_requests=("d",))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("drain", "d", "drain requested"),
+           ("launch", "e", "spare", "spare")]]),
+    Case("a_drained_node_is_never_launched_on", [View(NOW, pool(g0=gone("g0", "a", 1)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("launch", "e", "spare", "spare")]],
+         state=replace(STARTED, drained=frozenset({"d"}))),
+    Case("planned_drains_never_count_toward_the_budget",
+         [View(NOW, pool(), drain_requests=("b",)),
+          View(NOW + 1, (grp("g0", "a", at=NOW + 1), grp("g2", "c", at=NOW + 1),
+                         grp("g3", "d", at=NOW + 1, launched=NOW)), drain_requests=("b", "c")),
+          View(NOW + 2, (grp("g0", "a", at=NOW + 2), grp("g3", "d", at=NOW + 2, launched=NOW),
+                         grp("g4", "e", at=NOW + 2, launched=NOW + 1)), drain_requests=("b", "c", "d"))],
+         [[("kill", "g1", "drained"), ("failed", "g1", "drained", "free", "-"), ("drain", "b", "drain requested"),
+           ("launch", "d", "spare", "spare")],
+          [("kill", "g2", "drained"), ("failed", "g2", "drained", "free", "-"), ("drain", "c", "drain requested"),
+           ("launch", "e", "spare", "spare")],
+          [("kill", "g3", "drained"), ("failed", "g3", "drained", "free", "-"), ("drain", "d", "drain requested"),
+           ("exhausted", "spare", 1)]],
+         cfg=budget(max_failures=2, crash_loop_limit=2)),
+    Case("failure_budget_by_count_within_the_window", [View(NOW, pool(g0=gone("g0", "a", 2)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("stop", 3, "crash loop")]],
+         cfg=budget(max_failures=3, failure_window_s=3600),
+         state=replace(STARTED, drained=frozenset({"d", "e"}), failures=(
+             failed(NOW - 2000, "g7", "d", FailureKind.HANG), failed(NOW - 1000, "g8", "e", FailureKind.EXIT, 1)))),
+    Case("failures_older_than_the_window_are_forgotten", [View(NOW, pool(g0=gone("g0", "a", 2)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("exhausted", "spare", 1)]],
+         cfg=budget(max_failures=3, failure_window_s=3600),
+         state=replace(STARTED, drained=frozenset({"d", "e"}), failures=(
+             failed(NOW - 4000, "g7", "d", FailureKind.HANG), failed(NOW - 1000, "g8", "e", FailureKind.EXIT, 1)))),
+    Case("alternating_kinds_hang_exit_hang_stop_at_the_budget",
+         [View(NOW, pool(g1=grp("g1", "b", beat=40))),
+          View(NOW + 10, (gone("g0", "a", 1), grp("g2", "c", at=NOW + 10), grp("g3", "d", at=NOW + 10, launched=NOW))),
+          View(NOW + 20, (grp("g2", "c", at=NOW + 20, beat=40), grp("g3", "d", at=NOW + 20, launched=NOW),
+                          grp("g4", "e", at=NOW + 20, launched=NOW + 10)))],
+         [[("kill", "g1", "hang"), ("failed", "g1", "hang", "counted", "blamed"), ("drain", "b", "hang"),
+           ("launch", "d", "spare", "spare")],
+          [("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("launch", "e", "spare", "spare")],
+          [("kill", "g2", "hang"), ("failed", "g2", "hang", "counted", "blamed"), ("drain", "c", "hang"),
+           ("stop", 3, "crash loop")]],
+         cfg=budget(max_failures=3)),
+    Case("the_same_failure_on_three_fresh_nodes_is_a_crash_loop",
+         [View(NOW, (gone("g0", "a", 1, step=15),)),
+          View(NOW + 30, (gone("g1", "b", 1, launched=NOW + 1, step=15),)),
+          View(NOW + 60, (gone("g2", "c", 1, launched=NOW + 31, step=15),))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("restart", 15, ("a",)),
+           ("launch", "b", "active", "restart")],
+          [("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"), ("restart", 15, ("b",)),
+           ("launch", "c", "active", "restart")],
+          [("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("stop", 3, "crash loop")]],
+         cfg=ONE_GROUP),
+    Case("groups_failing_together_are_one_retry_not_a_crash_loop",
+         [View(NOW, pool(g0=gone("g0", "a", 1), g1=gone("g1", "b", 1)))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"),
+           ("launch", "d", "active", "spare"), ("launch", "e", "spare", "spare")]],
+         cfg=budget(crash_loop_limit=2)),
+    Case("lighthouse_down_is_restarted_and_its_quorum_timeouts_drain_no_node",
+         [View(NOW, tuple(replace(g, heartbeat=NOW - 40) for g in pool()), lighthouse=DOWN),
+          View(NOW + 12, pool(NOW + 12, g0=gone("g0", "a", 1), g1=gone("g1", "b", 1)))],
+         [[("lighthouse",)],
+          [("failed", "g0", "exit", "free", "-"), ("failed", "g1", "exit", "free", "-"),
+           ("launch", "a", "active", "spare"), ("launch", "b", "spare", "spare")]],
+         cfg=budget(max_failures=2)),
+    Case("a_lighthouse_that_keeps_dying_spends_the_budget",
+         [View(NOW, pool(), lighthouse=DOWN), View(NOW + 1, pool(NOW + 1), lighthouse=DOWN)],
+         [[("lighthouse",)], [("lighthouse",), ("stop", 3, "crash loop")]], cfg=budget(max_failures=2)),
+    Case("bad_drain_names_are_rejected_once_and_touch_nothing",
+         [View(NOW, pool(), drain_requests=("..", "", "a/../b", "zz")),
+          View(NOW + 1, pool(NOW + 1), drain_requests=("..", "", "a/../b", "zz"))],
+         [[("rejected", ".."), ("rejected", ""), ("rejected", "a/../b"), ("rejected", "zz")], []]),
+    Case("every_group_finished_stops_done",
+         [View(NOW, pool(g0=gone("g0", "a", 0, step=300), g1=gone("g1", "b", 0, step=300),
+                         g2=gone("g2", "c", 0, step=300)))],
+         [[("finished", "g0"), ("finished", "g1"), ("finished", "g2"),
+           ("stop", 0, "all groups finished at step 300")]]),
+    Case("a_finishing_job_is_not_refilled", [View(NOW, pool(g0=gone("g0", "a", 0)))], [[("finished", "g0")]]),
+    Case("a_group_that_survived_its_kill_is_killed_again_not_failed_twice",
+         [View(NOW, pool() + (grp("g3", "d", launched=NOW - 5),))], [[("kill", "g1", "hang")]],
+         state=replace(STARTED, ended=frozenset({"g1"}), failures=(failed(NOW - 5, "g1", "b", FailureKind.HANG),))),
+    Case("the_exit_of_a_group_the_policy_killed_is_not_a_second_failure",
+         [View(NOW, pool(g1=gone("g1", "b", -9)) + (grp("g3", "d", launched=NOW - 5),))], [[]],
+         state=replace(STARTED, ended=frozenset({"g1"}), failures=(failed(NOW - 5, "g1", "b", FailureKind.HANG),))),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_policy_table(case: Case):
+    state, got = case.state, []
+    for view in case.polls:
+        state, actions = decide(state, view, case.cfg)
+        got.append([brief(a) for a in actions])
+    assert got == case.want
+
+
+def test_the_table_covers_at_least_twenty_situations():
+    assert len({c.name for c in CASES}) == len(CASES) >= 20
+
+
+def test_node_states_show_a_drain_while_its_group_winds_down():
+    state, _ = decide(STARTED, View(NOW, pool(), drain_requests=("b",)), CFG)
+    states = node_states(state, View(NOW, pool()), CFG)  # the kill has not been carried out yet
+    assert states == {"a": NodeState.BUSY, "b": NodeState.DRAINING, "c": NodeState.BUSY, "d": NodeState.FREE,
+                      "e": NodeState.FREE}
+    after = node_states(state, View(NOW + 1, pool(NOW + 1, g1=gone("g1", "b", -9))), CFG)
+    assert after["b"] is NodeState.DRAINED
+
+
+def test_budget_verdict_counts_only_counted_failures_inside_its_window():
+    """Judged alone (the policy also forgets old failures): outside the window or uncounted is spent on nothing."""
+    two = FailureBudget(max_failures=2)
+    old, recent = failed(NOW - 3601, "g0", "a", FailureKind.HANG), failed(NOW - 10, "g1", "b", FailureKind.EXIT, 1)
+    planned = replace(failed(NOW - 5, "g2", "c", FailureKind.DRAINED), counted=False, blamed=False)
+    assert budget_verdict((old, recent, planned), NOW, two) is None
+    assert budget_verdict((replace(old, at=NOW - 3599), recent), NOW, two).startswith("crash loop: 2 failures")
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: FailureBudget(max_failures=1), "max_failures"),
+    (lambda: FailureBudget(failure_window_s=0), "failure_window_s"),
+    (lambda: FailureBudget(crash_loop_limit=1), "crash_loop_limit"),
+    (lambda: PolicyConfig(nodes=("a", "../b")), "nodes[1]"),
+    (lambda: PolicyConfig(nodes=("a",), lighthouse_grace_s=-1), "lighthouse_grace_s"),
+])
+def test_bad_policy_config_names_its_key(make, field):
+    with pytest.raises(ConfigError) as err:
+        make()
+    assert err.value.field == field
+
+
+def test_policy_import_contract():
+    """A head or login node decides without torch: the policy loads nothing but the stdlib and itself."""
+    code = ("import sys, watchtower.supervisor.policy\n"
+            "mine = {'watchtower', 'watchtower.validation', 'watchtower.supervisor', 'watchtower.supervisor.policy',"
+            " 'watchtower.supervisor.policy_types', 'watchtower.supervisor.failure_budget'}\n"
+            "heavy = ('torch', 'torchft', 'numpy', 'prometheus_client')\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy"
+            " or (m.startswith('watchtower') and m not in mine))\n"
+            "print(','.join(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""

@@ -1,0 +1,244 @@
+"""The supervisor's decisions as a pure function: what one poll saw in, what to do out.
+
+    state, actions = decide(state, view, cfg)
+
+The shell observes (process exits, each group's /metrics, drain requests, Lighthouse health, the
+clock) into a `View`, executes the actions in the order given and keeps the returned state for the
+next poll. No I/O, no clock, no processes: every decision is a table row in tests/test_policy.py.
+Cost: a few list passes over groups, nodes and the failures in the budget window; microseconds.
+
+Each poll, in this order (the reasons are in the functions below):
+  1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
+     timeouts: recorded, but they drain no node and spend no budget, and hangs are not judged.
+  2. exits: 0 means the job is finished; any other code drains the group's node (torchft promotes a
+     spare by itself within one Lighthouse heartbeat timeout).
+  3. drain requests: a valid node is retired for good (no new group, spares included); its group is
+     killed as a planned drain, never counted. A bad name is reported once and touches nothing.
+  4. nodes the launcher reports down: their groups are killed, the nodes drained.
+  5. hangs (`silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
+     if every stale group has waited so for three timeouts it is a deadlock and all of them go.
+  6. the failure budget (`budget_verdict`) spent → stop as a crash loop.
+  7. the pool: finished → stop when the last group is gone; every group lost → restart from the
+     checkpoint; else refill to active + spare groups, fresh nodes first. Fewer groups than
+     active_groups able to run (torchft would block every commit) → stop, no nodes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from watchtower.supervisor.failure_budget import budget_verdict
+from watchtower.supervisor.policy_types import (
+    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_NO_NODES, Action, DrainNode, DrainRejected, Failure,
+    FailureKind, GroupFailed, GroupFinished, GroupState, GroupView, Kill, Launch, LaunchReason, LighthouseHealth,
+    NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse, Role, SparesExhausted, Stop,
+    View, node_name_problem)
+
+_BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
+
+
+def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicyState, list[Action]]:
+    """One poll's decision.
+
+    >>> cfg = PolicyConfig(nodes=("a", "b", "c"), active_groups=1, spare_groups=1)
+    >>> state, actions = decide(PolicyState.initial(cfg), View(now=0.0), cfg)
+    >>> [(a.node, a.role.value) for a in actions]
+    [('a', 'active'), ('b', 'spare')]
+    >>> crashed = View(now=9.0, groups=(GroupView("g0", "a", 0.0, GroupState.EXITED, exit_code=1),
+    ...                                 GroupView("g1", "b", 0.0, heartbeat=8.0)))
+    >>> [type(a).__name__ for a in decide(state, crashed, cfg)[1]]
+    ['GroupFailed', 'DrainNode', 'Launch']
+    """
+    out: list[Action] = []
+    state = _begin(state, view, cfg, out)
+    state = _watch_lighthouse(state, view, cfg, out)
+    state = _note_exits(state, view, out)
+    state = _take_drain_requests(state, view, cfg, out)
+    for g in _running(state, view):
+        if g.node in view.down_nodes:
+            state = _fail(state, g, FailureKind.NODE_DOWN, view.now, out)
+    state = _kill_hung(state, view, cfg, out)
+    verdict = budget_verdict(state.failures, view.now, cfg.budget)
+    if verdict:
+        out.append(Stop(EXIT_CRASH_LOOP, verdict))
+        return state, out
+    return _keep_the_pool_full(state, view, cfg, out), out
+
+
+def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
+    """Seconds past the silence a group is allowed (negative while fine).
+
+    Before its first step a group is given `startup_grace_s` from its last sign of life, so a spare
+    staging a large dataset for hours stays alive as long as it keeps reporting progress.
+
+    >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30, startup_grace_s=60)
+    >>> silence_s(GroupView("g0", "a", launched_at=0.0, progress_at=500.0), now=570.0, cfg=cfg)
+    10.0
+    >>> silence_s(GroupView("g0", "a", launched_at=0.0, heartbeat=550.0), now=570.0, cfg=cfg)
+    -10.0
+    """
+    seen = max(t for t in (g.launched_at, g.heartbeat, g.progress_at) if t is not None)
+    allowed = cfg.heartbeat_timeout_s if g.heartbeat is not None else cfg.startup_grace_s
+    return now - seen - allowed
+
+
+def node_states(state: PolicyState, view: View, cfg: PolicyConfig) -> dict[str, NodeState]:
+    """Every node's state; a node whose group the policy has ended counts as no longer busy."""
+    occupied = {g.node for g in _running(state, view)}
+    winding = {g.node for g in view.groups if g.state is GroupState.RUNNING}
+
+    def one(node: str) -> NodeState:
+        if node in view.down_nodes:
+            return NodeState.DOWN
+        if node in state.drained or node in state.retired:
+            return NodeState.DRAINING if node in winding else NodeState.DRAINED
+        return NodeState.BUSY if node in occupied else NodeState.FREE
+
+    return {node: one(node) for node in cfg.nodes}
+
+
+def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
+    """Free nodes, those with the fewest blamed failures first, so a retry lands on a fresh node."""
+    failed = Counter(f.node for f in state.failures if f.blamed)
+    states = node_states(state, view, cfg)
+    return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
+
+
+# ---- the steps of one poll ---------------------------------------------------------------------
+
+
+def _running(state: PolicyState, view: View) -> list[GroupView]:
+    return [g for g in view.groups if g.state is GroupState.RUNNING and g.replica_id not in state.ended]
+
+
+def _begin(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """Forget what no longer matters; kill again a group that survived its kill."""
+    for g in view.groups:
+        if g.state is GroupState.RUNNING and g.replica_id in state.ended:
+            kind = next((f.kind for f in reversed(state.failures) if f.replica_id == g.replica_id), FailureKind.HANG)
+            out.append(Kill(g.replica_id, g.node, kind))
+    incident = None if len(_running(state, view)) >= cfg.active_groups else state.incident_since  # a quorum again
+
+    def kept(f: Failure) -> bool:  # the window's failures, and the incident's: they name the nodes to give back
+        return f.at > view.now - cfg.budget.failure_window_s or (incident is not None and f.at >= incident)
+
+    return replace(state, ended=state.ended & {g.replica_id for g in view.groups},
+                   rejected=state.rejected & set(view.drain_requests), incident_since=incident,
+                   failures=tuple(filter(kept, state.failures)),
+                   job_step=max([state.job_step, *(g.step for g in view.groups)]))
+
+
+def _watch_lighthouse(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    if view.lighthouse is LighthouseHealth.UP:
+        return state
+    out.append(RestartLighthouse())
+    died = Failure(view.now, "", None, FailureKind.LIGHTHOUSE, None, state.job_step, view.now,
+                   counted=True, blamed=False)
+    return replace(state, failures=state.failures + (died,), excuse_until=view.now + cfg.lighthouse_grace_s)
+
+
+def _note_exits(state: PolicyState, view: View, out: list[Action]) -> PolicyState:
+    for g in view.groups:
+        if g.state is not GroupState.EXITED or g.replica_id in state.ended:
+            continue
+        if g.exit_code == 0:
+            out.append(GroupFinished(g.replica_id, g.node, g.step))
+            state = replace(state, finished=True, ended=state.ended | {g.replica_id})
+        else:
+            state = _fail(state, g, FailureKind.EXIT, view.now, out)
+    return state
+
+
+def _take_drain_requests(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    for name in dict.fromkeys(view.drain_requests):
+        problem = node_name_problem(name) or (None if name in cfg.nodes else f"is not one of {list(cfg.nodes)}")
+        if problem:
+            if name not in state.rejected:
+                out.append(DrainRejected(name, problem))
+                state = replace(state, rejected=state.rejected | {name})
+            continue
+        if name in state.retired:
+            continue
+        for g in _running(state, view):
+            if g.node == name:
+                state = _fail(state, g, FailureKind.DRAINED, view.now, out)
+        if name not in state.drained:
+            out.append(DrainNode(name, "drain requested"))
+        state = replace(state, retired=state.retired | {name})
+    return state
+
+
+def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """Kill the hung group, not its victims: the healthy groups waiting for it in the quorum or the
+    gradient all-reduce stop finishing steps too, but report `in_collective`. If every stale group
+    has waited that way past three timeouts, nobody can be blamed: a deadlock, all of them go."""
+    if state.excuse_until is not None and view.now <= state.excuse_until:
+        return state  # every group waits on the quorum; none is stuck by itself
+    stale = [g for g in _running(state, view) if silence_s(g, view.now, cfg) > 0]
+    culprits, kind = [g for g in stale if not g.in_collective], FailureKind.HANG
+    if stale and not culprits and all(silence_s(g, view.now, cfg) > 2 * cfg.heartbeat_timeout_s for g in stale):
+        culprits, kind = stale, FailureKind.DEADLOCK
+    for g in culprits:
+        state = _fail(state, g, kind, view.now, out)
+    return state
+
+
+def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: list[Action]) -> PolicyState:
+    """Record a group's loss (killing it if it still runs); drain its node if the node is to blame."""
+    excused = kind is not FailureKind.DRAINED and state.excuse_until is not None and now <= state.excuse_until
+    blamed = kind in _BLAMES_NODE and not excused
+    failure = Failure(now, g.replica_id, g.node, kind, g.exit_code, g.step, g.launched_at,
+                      counted=kind is not FailureKind.DRAINED and not excused, blamed=blamed)
+    if g.state is GroupState.RUNNING:
+        out.append(Kill(g.replica_id, g.node, kind))
+    out.append(GroupFailed(failure))
+    if blamed and g.node not in state.drained | state.retired:
+        out.append(DrainNode(g.node, kind.value))
+    return replace(state, failures=state.failures + (failure,), ended=state.ended | {g.replica_id},
+                   drained=state.drained | {g.node} if blamed else state.drained,
+                   incident_since=now if state.incident_since is None else state.incident_since)
+
+
+def _keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """Refill, restart or stop. A whole-job loss is not its nodes' fault (they failed together), so
+    the nodes this incident drained are given back to the restart, the freshest still first."""
+    running = len(_running(state, view))
+    if state.finished:
+        if not running:
+            out.append(Stop(EXIT_DONE, f"all groups finished at step {state.job_step}"))
+        return state
+    if not state.started:
+        return _launch(state, view, cfg, out, 0, LaunchReason.INITIAL)
+    if running >= cfg.target:
+        return replace(state, short_of_nodes=False)
+    if running:
+        return _launch(state, view, cfg, out, running, LaunchReason.SPARE)
+    since = state.incident_since if state.incident_since is not None else view.now
+    lost = {f.node for f in state.failures if f.blamed and f.at >= since}
+    returned = tuple(n for n in cfg.nodes if n in lost and n in state.drained and n not in state.retired)
+    state = replace(state, drained=state.drained - set(returned))  # they failed together: not their fault
+    return _launch(state, view, cfg, out, 0, LaunchReason.RESTART, RestartFromCheckpoint(state.job_step, returned))
+
+
+_NO_NODES = {LaunchReason.INITIAL: "not enough free nodes to start the job",
+             LaunchReason.RESTART: "every group is lost and there are not enough nodes to restart",
+             LaunchReason.SPARE: "too few groups left to form a quorum and no free node to start one"}
+
+
+def _launch(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action], have: int, reason: LaunchReason,
+            first: Action | None = None) -> PolicyState:
+    """Start groups up to active + spare; stop when not even the active groups can run."""
+    want = cfg.target - have
+    picked = free_nodes(state, view, cfg)[:want]
+    missing = want - len(picked)
+    if have + len(picked) < cfg.active_groups:
+        out += [SparesExhausted(reason, missing), Stop(EXIT_NO_NODES, f"{_NO_NODES[reason]}: "
+                f"{have + len(picked)} of {cfg.active_groups} active groups can run")]
+        return replace(state, started=True, short_of_nodes=True)
+    out += [first] if first else []
+    out += [Launch(node, Role.ACTIVE if have + i < cfg.active_groups else Role.SPARE, reason)
+            for i, node in enumerate(picked)]
+    if missing and not state.short_of_nodes:
+        out.append(SparesExhausted(reason, missing))
+    return replace(state, started=True, short_of_nodes=bool(missing))

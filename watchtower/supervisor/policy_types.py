@@ -1,0 +1,238 @@
+"""The words of the supervisor's policy: what it observes, what it remembers, what it orders.
+
+Everything here is a frozen dataclass or an enum, so a decision can be written down as a table row
+and compared with `==`. The shell (`supervisor.py`) builds a `View` each poll, calls
+`policy.decide`, executes the actions in order and keeps the returned `PolicyState` for the next
+poll. Nothing here reads a clock, a file or a process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Union
+
+from watchtower.supervisor.failure_budget import FailureBudget
+from watchtower.validation import require
+
+EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES = 0, 3, 4
+
+
+class Role(Enum):
+    """What torchft has a group doing: contributing gradients, in sync as a hot spare, or not yet known."""
+    ACTIVE = "active"
+    SPARE = "spare"
+    STARTING = "starting"
+
+
+class GroupState(Enum):
+    RUNNING = "running"
+    EXITED = "exited"  # GroupView.exit_code says how
+
+
+class NodeState(Enum):
+    FREE = "free"  # a new group may start here
+    BUSY = "busy"  # a live group runs here
+    DRAINING = "draining"  # taken out of the pool; its group is being killed
+    DRAINED = "drained"  # out of the pool: failed, excluded, or drained on request
+    DOWN = "down"  # the launcher reports it unreachable
+
+
+class LighthouseHealth(Enum):
+    UP = "up"
+    DOWN = "down"
+
+
+class FailureKind(Enum):
+    """EXIT, HANG, NODE_DOWN blame the node (drained); DEADLOCK blames nobody (every stale group was
+    waiting on a peer); LIGHTHOUSE is the quorum server dying; DRAINED is a planned drain (never
+    counted toward the failure budget)."""
+    EXIT = "exit"
+    HANG = "hang"
+    DEADLOCK = "deadlock"
+    NODE_DOWN = "node_down"
+    LIGHTHOUSE = "lighthouse"
+    DRAINED = "drained"
+
+
+class LaunchReason(Enum):
+    INITIAL = "initial"
+    SPARE = "spare"  # refilling the pool after a loss
+    RESTART = "restart"  # every group was lost: from the last durable checkpoint
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a node name (it becomes a path component: `drain/NAME`, `nodes/NAME/`), or None.
+
+    >>> [node_name_problem(n) for n in ("node-a", "", "..", "a/b")]
+    [None, 'is empty', 'is . or ..', "contains '/'"]
+    """
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return "is . or .."
+    for bad in ("/", "\\", "\0"):
+        if bad in name:
+            return f"contains {bad!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """nodes: every node of the job, in launch-preference order; exclude: drained from the start.
+    lighthouse_grace_s: failures seen up to this long after the Lighthouse was last seen down are its
+    fault, not the nodes' (set it above the groups' quorum timeout, ft_timeout_s)."""
+
+    nodes: tuple[str, ...]
+    active_groups: int = 1
+    spare_groups: int = 0
+    exclude: tuple[str, ...] = ()
+    heartbeat_timeout_s: float = 30.0
+    startup_grace_s: float = 60.0
+    lighthouse_grace_s: float = 30.0
+    budget: FailureBudget = field(default_factory=FailureBudget)
+
+    def __post_init__(self) -> None:
+        for i, node in enumerate(self.nodes):
+            problem = node_name_problem(node)
+            require(problem is None, f"nodes[{i}]", node, f"{problem}: node names become directory names")
+        require(self.lighthouse_grace_s >= 0, "lighthouse_grace_s", self.lighthouse_grace_s, "must be >= 0 seconds")
+
+    @property
+    def target(self) -> int:
+        return self.active_groups + self.spare_groups
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """One group as the shell last saw it. heartbeat: unix time of its last finished step (None
+    before the first); progress_at: of its last progress report (staging, init, resume, healing)."""
+
+    replica_id: str
+    node: str
+    launched_at: float
+    state: GroupState = GroupState.RUNNING
+    exit_code: int | None = None
+    role: Role = Role.STARTING
+    step: int = 0
+    heartbeat: float | None = None
+    progress_at: float | None = None
+    in_collective: bool = False  # waiting on peers in the quorum or the gradient all-reduce
+
+
+@dataclass(frozen=True)
+class View:
+    """One poll's observations. A group stays listed until the shell has reported it EXITED once."""
+
+    now: float
+    groups: tuple[GroupView, ...] = ()
+    drain_requests: tuple[str, ...] = ()  # raw names, as found; validated by the policy
+    down_nodes: frozenset[str] = frozenset()
+    lighthouse: LighthouseHealth = LighthouseHealth.UP
+
+
+@dataclass(frozen=True)
+class Failure:
+    at: float
+    replica_id: str
+    node: str | None  # None for the Lighthouse
+    kind: FailureKind
+    exit_code: int | None
+    step: int
+    launched_at: float
+    counted: bool  # toward the failure budget
+    blamed: bool  # its node was drained for it
+
+    @property
+    def signature(self) -> tuple[FailureKind, int | None]:
+        return self.kind, self.exit_code
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """Everything the policy remembers between polls; `PolicyState.initial(cfg)` to begin."""
+
+    started: bool = False
+    finished: bool = False
+    drained: frozenset[str] = frozenset()  # blamed by a failure: given back if the whole job is lost
+    retired: frozenset[str] = frozenset()  # excluded or drained on request: never given back
+    failures: tuple[Failure, ...] = ()
+    ended: frozenset[str] = frozenset()  # groups whose end is accounted for (killed or seen exiting)
+    rejected: frozenset[str] = frozenset()  # drain requests already reported as invalid
+    excuse_until: float | None = None  # failures until then are the Lighthouse's
+    incident_since: float | None = None  # first loss since enough groups ran for a quorum
+    short_of_nodes: bool = False  # spares_exhausted reported; cleared once the pool is full
+    job_step: int = 0
+
+    @classmethod
+    def initial(cls, cfg: PolicyConfig) -> PolicyState:
+        return cls(retired=frozenset(cfg.exclude))
+
+
+@dataclass(frozen=True)
+class Launch:
+    node: str
+    role: Role
+    reason: LaunchReason
+
+
+@dataclass(frozen=True)
+class Kill:
+    """Kill the group's whole process group; a kill that fails is ordered again at the next poll."""
+
+    replica_id: str
+    node: str
+    reason: FailureKind
+
+
+@dataclass(frozen=True)
+class DrainNode:
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestartFromCheckpoint:
+    step: int
+    nodes_returned: tuple[str, ...] = ()  # drained by this incident, given back (they failed together)
+
+
+@dataclass(frozen=True)
+class RestartLighthouse:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the job: the shell stops every group and the Lighthouse and exits with `code`."""
+
+    code: int
+    message: str
+
+
+@dataclass(frozen=True)
+class GroupFailed:  # a record: the shell writes the event and counts it
+    failure: Failure
+
+
+@dataclass(frozen=True)
+class GroupFinished:
+    replica_id: str
+    node: str
+    step: int
+
+
+@dataclass(frozen=True)
+class SparesExhausted:
+    reason: LaunchReason
+    missing: int
+
+
+@dataclass(frozen=True)
+class DrainRejected:
+    name: str
+    why: str
+
+
+Action = Union[Launch, Kill, DrainNode, RestartFromCheckpoint, RestartLighthouse, Stop, GroupFailed, GroupFinished,
+               SparesExhausted, DrainRejected]
