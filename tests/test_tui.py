@@ -276,3 +276,15 @@ def test_prometheus_source_reads_ranks_alerts_and_down_targets(processes, tmp_pa
                    "the killed rank to turn DOWN", interval=0.5)
     broken = PrometheusSource(f"http://127.0.0.1:{free_port()}").poll()
     assert broken.error and not broken.rows  # an unreachable Prometheus is a status line, not a crash
+
+
+def test_direct_scrapes_ignore_an_http_proxy_in_the_environment(recorded, monkeypatch):
+    """A login node often exports http_proxy for the outside world; urllib would send our own
+    scrapes to it and every rank would read DOWN. Direct scrapes never use a proxy."""
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # nothing listens: a proxied request fails
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    snap = ScrapeSource(recorded.targets).poll()
+    assert len(snap.rows) == len(recorded.targets)
+    assert all(row.up for row in snap.rows), [(r.target, r.up) for r in snap.rows]

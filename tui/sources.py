@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from watchtower.direct_http import get_direct
 from watchtower.tui.model import GPU_GAUGES, RANK_GAUGES, RANK_KEY, Alert, RankRow, Snapshot
 
 HTTP_TIMEOUT_S = 2.0
@@ -102,7 +103,7 @@ class ScrapeSource:
 
     def _scrape(self, target: str) -> str | None:
         try:
-            return _get(f"http://{target}/metrics").decode()
+            return get_direct(f"http://{target}/metrics", HTTP_TIMEOUT_S).decode()  # our own endpoint: no proxy
         except Exception:  # noqa: BLE001 - refused, timeout, reset: all mean "down"
             return None
 
