@@ -88,11 +88,15 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
     with AlertingStack(tmp_path / "stack", targets_file=job_dir / "targets.json",
                        supervisor_targets_file=job_dir / "supervisor_targets.json") as stack:
         started = time.time()
-        proc = subprocess.Popen(watchtower_cmd("supervise", str(job)), cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        # stderr to a file, never a pipe nobody reads while waiting: past 64 KiB the supervisor blocks on its
+        # next write, its in-process Lighthouse with it (RUST_LOG=info: 147 KB, every quorum timed out)
+        stderr = tmp_path / "supervise.stderr"
+        with stderr.open("w") as err:
+            proc = subprocess.Popen(watchtower_cmd("supervise", str(job)), cwd=REPO, stdout=subprocess.DEVNULL,
+                                    stderr=err)
 
         def supervisor_alive() -> None:
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, stderr.read_text()[-3000:]
 
         try:
             wait_until(lambda: {"recovered", "spares_refilled"} <= {e["event"] for e in job_events(job_dir)},
