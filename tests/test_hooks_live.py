@@ -70,7 +70,11 @@ def test_slow_data_raises_the_wait_trend(processes, tmp_path):
     fired = events(s, "0")
     assert fired["data_wait_rising"] == 1
     assert fired["loss_spike"] == fired["nonfinite"] == fired["data_stall"] == 0
-    assert value(s, "watchtower_data_wait_ratio") > 0.3
+    # The wait the fault injected (0.03 s x (step - 19) / 10 for steps 20..70) is a floor that does not
+    # depend on how fast this machine computes; the wait *ratio* does (a loaded CI box halves it).
+    injected = sum(0.03 * (step - 19) / 10 for step in range(20, 71))
+    assert value(s, "watchtower_data_wait_seconds_total") >= injected
+    assert value(s, "watchtower_data_wait_ratio") > 0
 
 
 def test_tp_seed_bug_is_flagged_at_the_first_check(processes, tmp_path):
