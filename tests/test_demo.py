@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from watchtower import cli
-from watchtower.supervisor import supervisor
+from watchtower.supervisor import shell as supervisor
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +48,12 @@ def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monk
     class Finished:
         """Stands in for the Supervisor: records what the demo handed it, runs nothing."""
 
-        def __init__(self, job, trainer, job_path):
+        def __init__(self, job, trainer):
             seen.append(sorted(p.name for p in job.job.output_path.iterdir()))
             self.events = type("Events", (), {"events": []})()
+
+        def install_signal_handlers(self) -> None:
+            pass
 
         def run(self) -> int:
             return 0

@@ -60,3 +60,46 @@ def test_stage_mode_is_validated():
     with pytest.raises(ConfigError) as err:
         DataConfig(stage="sometimes")
     assert err.value.field == "stage" and "always" in str(err.value)
+
+
+# ---- issue 12: a spare staging longer than startup_grace_s was killed as hung -------------------------------
+
+def test_staging_reports_progress_per_chunk_so_a_long_copy_is_not_a_hang(tmp_path, corpus, monkeypatch):
+    """Before the first step a supervisor judges a group by its last progress report; a copy of
+    hours must keep reporting, chunk by chunk, not only when it is done."""
+    import watchtower.trainer.staging as staging
+
+    monkeypatch.setattr(staging, "CHUNK_BYTES", 256)
+    calls = []
+    report = stage([f"file://{corpus / 'doc2.txt'}"], tmp_path / "cache", max_bytes=10**9,
+                   progress=lambda: calls.append(1))
+    assert len(calls) > report.copied_bytes // 256, (len(calls), report.copied_bytes)
+
+
+def test_a_rank_waiting_for_the_node_copier_reports_the_copiers_progress(tmp_path, corpus):
+    """TP ranks share the node's cache: one copies under the lock, the others wait. The supervisor
+    scrapes rank 0, which may be a waiter: it reports progress each time the copier's partial file
+    grows."""
+    import fcntl
+    import threading
+
+    from waiting import wait_until
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    partial = cache / "d" / ".doc0.txt.123.partial"
+    partial.parent.mkdir()
+    partial.write_bytes(b"x")
+    calls: list[float] = []
+    with open(cache / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the copier
+        waiter = threading.Thread(target=stage, args=([f"file://{corpus / 'doc0.txt'}"], cache, 10**9),
+                                  kwargs={"progress": lambda: calls.append(1)})
+        waiter.start()
+        wait_until(lambda: len(calls) >= 1, "the waiting rank's first report")
+        for size in (2, 3):
+            partial.write_bytes(b"x" * size)
+            wait_until(lambda n=len(calls): len(calls) > n, f"a report after the copy grew to {size} bytes")
+        partial.unlink()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
 import signal
+import socket
 import subprocess
+import threading
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +17,9 @@ import pytest
 
 from watchtower.alerting_stack import AlertingStack
 from watchtower.config import load_config
+from watchtower.supervisor.config import load_job
 from watchtower.supervisor.jobfile import job_toml
+from watchtower.supervisor.shell import Supervisor
 from watchtower.trainer.data import PackedBatches, load_tokens
 from watchtower.trainer.train import batch_signature
 from conftest import REPO, free_port, run_watchtower, watchtower_cmd
@@ -77,14 +82,34 @@ def assert_every_window_read_once(tmp_path: Path, last_step: int) -> None:
         replay.end_step(committed=True)
 
 
-def supervise(path: Path, timeout: float = 280) -> subprocess.CompletedProcess:
+class WebPage(http.server.BaseHTTPRequestHandler):
+    """What a rank's port may answer with when something else took it: a web page."""
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.end_headers()
+        self.wfile.write(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def supervise(path: Path, timeout: float = 280, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(watchtower_cmd("supervise", str(path)), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else {**os.environ, **env})
+
+
+# A proxy for the outside world that nothing listens on: every loopback scrape or heal that went
+# through it would fail, every group would look silent and be killed as hung.
+DEAD_PROXY = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
 def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp_path):
+    """Also with an http_proxy in the environment (the supervisor's scrapes and torchft's heals
+    must go direct)."""
     result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"],
-                                train_overrides=["data.stage=always", "train.log_interval=1"]))
+                                train_overrides=["data.stage=always", "train.log_interval=1"]), env=DEAD_PROXY)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     kinds = [e["event"] for e in ev]
@@ -220,3 +245,153 @@ def test_bad_job_files_are_refused_before_anything_starts(tmp_path, edit, field)
     assert result.returncode == 2, result.stdout + result.stderr
     assert field in result.stderr.strip().splitlines()[-1], result.stderr
     assert not (tmp_path / "job").exists(), "nothing may start before the job file is valid"
+
+
+# ---- issue 12: the shell never takes the job down; no orphans ---------------------------------------------
+
+@pytest.fixture
+def in_process():
+    """Run a Supervisor on a thread of this process (so a test can stop its Lighthouse or break its
+    I/O); afterwards stop it and SIGKILL every group it started, whatever happened."""
+    started: list[tuple[Supervisor, threading.Thread]] = []
+
+    def start(path: Path) -> tuple[Supervisor, dict]:
+        job, trainer = load_job(str(path))
+        sup, result = Supervisor(job, trainer), {}
+        thread = threading.Thread(target=lambda: result.setdefault("code", sup.run()), daemon=True)
+        thread.start()
+        started.append((sup, thread))
+        return sup, result
+
+    yield start
+    for sup, thread in started:
+        sup.request_stop()
+        thread.join(timeout=60)
+        for g in list(sup.groups.values()):
+            try:
+                os.killpg(g.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_path, in_process):
+    """The Lighthouse was never watched: when it died every group failed its quorum, nodes were
+    drained and the job ended as a misdiagnosed crash loop. A ValueError from parsing an HTML page on
+    a rank's port reached run()'s `finally` and SIGKILLed every group. Now: the page is counted in
+    errors_total{stage="scrape"}, the Lighthouse is restarted on its address, no node is drained and
+    the job finishes."""
+    sup, result = in_process(job_file(tmp_path, steps=120, active=2, spares=0, nodes=2, interval=20,
+                                      supervisor={"ft_timeout_s": 5, "lighthouse_grace_s": 20}))
+    alive = lambda: None if "code" not in result else pytest.fail(f"supervisor ended early: {result}")  # noqa: E731
+    wait_until(lambda: sup.stats.job_step >= 20, "the job past step 20", abort=alive)
+    page = http.server.HTTPServer(("127.0.0.1", 0), WebPage)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+    endpoint = tmp_path / "job" / "groups" / "g0000" / "endpoint-r0.json"
+    real = endpoint.read_text()
+    try:
+        endpoint.write_text(json.dumps({"port": page.server_port}))
+        wait_until(lambda: sup.errors.snapshot()["scrape"] >= 2, "two scrapes of the web page counted", abort=alive)
+    finally:
+        endpoint.write_text(real)
+        page.shutdown()
+    at_outage = sup.stats.job_step
+    url = sup.lighthouse.url
+    sup.lighthouse.stop()
+    wait_until(lambda: "code" in result, "the job to finish after the outage", timeout=WAIT_CEILING_S)
+    assert result["code"] == 0, events(tmp_path)[-5:]
+    ev = events(tmp_path)
+    kinds = [e["event"] for e in ev]
+    assert "lighthouse_restarted" in kinds and sup.lighthouse.url == url
+    assert "node_drained" not in kinds, [e["message"] for e in ev if e["event"] == "group_failed"]
+    assert not [e for e in ev if e["event"] == "group_failed" and (e["drained"] or e["counted"])]
+    assert sup.stats.job_step == 120 > at_outage
+
+
+def live_group_pids(tmp_path: Path, run: int = 0) -> set[int]:
+    """Every live process in the process groups of the groups that supervisor run `run` (0: the
+    first in events.jsonl) started: their launchers and TP ranks. Zombies count as dead."""
+    runs: list[list[dict]] = [[]]
+    for e in events(tmp_path):
+        if e["event"] == "job_started":
+            runs.append([])
+        runs[-1].append(e)
+    leaders = {e["pid"] for e in runs[run + 1] if e["event"] == "group_started"}
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError):
+            continue  # gone while we looked
+        if int(pgrp) in leaders and state != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def checkpoint_steps(job_dir: Path) -> list[int]:
+    return sorted(int(m.parent.name[5:]) for m in (job_dir / "checkpoints").glob("step-*/manifest.json"))
+
+
+@pytest.fixture
+def supervisors(processes):
+    """`supervise` processes of one job dir; afterwards each is SIGKILLed and so is every group any
+    of them started (by process group, from events.jsonl), whatever happened."""
+    job_dirs: list[Path] = []
+
+    def start(path: Path, job_dir: Path) -> subprocess.Popen:
+        job_dirs.append(job_dir)
+        return processes.start(watchtower_cmd("supervise", str(path)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+    yield start
+    processes.stop_all()
+    for job_dir in job_dirs:
+        for e in events(job_dir.parent):
+            if e["event"] == "group_started":
+                try:
+                    os.killpg(e["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_supervisor_death_leaves_no_orphans_and_a_job_dir_has_one_supervisor(tmp_path, supervisors):
+    """Groups ran in their own sessions and the supervisor had no parent-death signal and no SIGTERM
+    handler: `kill` or an OOM kill left every group (and its TP ranks) training unsupervised, and a
+    second `supervise` on the same directory started a second set of writers of the same checkpoints.
+    Now: SIGKILL of the supervisor takes every rank down within 5 s; the next supervisor resumes from
+    the last checkpoint; a third, while that one lives, is refused (exit 2); SIGTERM stops every
+    group and the Lighthouse within 15 s, writes the event and exits 143."""
+    job_dir = tmp_path / "job"
+    path = job_file(tmp_path, steps=3000, active=1, spares=1, nodes=2, interval=10,
+                    train_overrides=["train.tp=2", "train.log_interval=1"])
+    first = supervisors(path, job_dir)
+    running = lambda: None if first.poll() is None else pytest.fail(first.stderr.read()[-3000:])  # noqa: E731
+    wait_until(lambda: checkpoint_steps(job_dir) and len(live_group_pids(tmp_path)) == 6,
+               "a checkpoint and 2 groups of a launcher + 2 ranks", abort=running)
+    first.kill()
+    first.wait()
+    wait_until(lambda: not live_group_pids(tmp_path), "every rank of the first run gone", timeout=5, interval=0.1)
+    resume_from = checkpoint_steps(job_dir)[-1]
+
+    second = supervisors(path, job_dir)
+    running = lambda: None if second.poll() is None else pytest.fail(second.stderr.read()[-3000:])  # noqa: E731
+    started = wait_until(lambda: [e["replica_id"] for e in events(tmp_path)[1:] if e["event"] == "group_started"
+                                  and e["replica_id"] not in ("g0000", "g0001")], "the second run's groups",
+                         abort=running)
+    assert started == ["g0002", "g0003"], "a resumed run must not reuse a dead run's group directories"
+    first_row = wait_until(lambda: [r["step"] for g in started if (job_dir / "groups" / g / "train_log.jsonl").exists()
+                                    for r in train_rows(tmp_path, g)[:1]], "the resumed run's first step",
+                           abort=running)
+    assert min(first_row) == resume_from + 1
+
+    third = run_watchtower("supervise", str(path))
+    assert third.returncode == 2 and "live supervisor" in third.stderr.strip().splitlines()[-1], third.stderr
+
+    lighthouse = next(e["lighthouse"] for e in reversed(events(tmp_path)) if e["event"] == "job_started")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=15) == 143, second.stderr.read()[-3000:]
+    wait_until(lambda: not live_group_pids(tmp_path, run=1), "every rank of the second run gone", timeout=1)
+    last = events(tmp_path)[-1]
+    assert last["event"] == "job_stopped" and last["signal"] == "SIGTERM" and last["exit_code"] == 143
+    host, port = lighthouse.removeprefix("http://").rsplit(":", 1)
+    with pytest.raises(ConnectionRefusedError):  # the Lighthouse went with its supervisor
+        socket.create_connection((host, int(port)), timeout=1).close()

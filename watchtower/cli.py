@@ -82,7 +82,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int
     cfg = config_from_args(args, rest)  # validated here, before anything starts
     check_this_machine(cfg)
     if cfg.train.tp > 1 and not is_worker():
-        return launch_local(argv, cfg.train.tp, {"WATCHTOWER_RUN": cfg.run.name})
+        return launch_local(argv, cfg.train.tp)
     from watchtower.trainer.train import run
 
     code = run(cfg)
@@ -121,7 +121,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """The supervised demo: 2 replica groups + 1 hot spare of the tiny trainer on CPU, group 0
     SIGKILLed at step 100, the spare taking over, a new spare healing in, and a summary."""
     from watchtower.supervisor.config import load_job
-    from watchtower.supervisor.supervisor import Supervisor
+    from watchtower.supervisor.shell import Supervisor
 
     job_path = str(Path(__file__).resolve().parent.parent / "configs" / "demo-job.toml")
     overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
@@ -132,7 +132,8 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     print(f"  supervisor metrics: http://127.0.0.1:{job.supervisor.metrics_port}/metrics   ranks: see "
           f"{job.job.output_path / 'targets.json'}   events: {job.job.output_path / 'events.jsonl'}")
     print(f"  watch it live from another terminal: watchtower tui --targets-file {job.job.output_path / 'targets.json'}")
-    supervisor = Supervisor(job, trainer, job_path)
+    supervisor = Supervisor(job, trainer)
+    supervisor.install_signal_handlers()
     code = supervisor.run()
     print("\nwhat happened")
     for e in supervisor.events.events:
@@ -143,15 +144,15 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
 def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """Run a supervised job: Lighthouse, replica groups, hot spares, auto-resume."""
-    from watchtower.supervisor.config import load_job
-    from watchtower.supervisor.supervisor import Supervisor
-
     from watchtower.config import check_this_machine
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.shell import Supervisor
 
     job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
     if job.cluster.launcher == "local":
         check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse
-    supervisor = Supervisor(job, trainer, args.job)
+    supervisor = Supervisor(job, trainer)  # claims the output dir: a live supervisor there is refused (exit 2)
+    supervisor.install_signal_handlers()  # SIGTERM / SIGINT: stop every group and the Lighthouse, exit 143 / 130
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "
           f"{job.cluster.spare_groups} spare groups of TP={trainer.train.tp} on {len(job.cluster.nodes)} nodes")
     print(f"  events: {job.job.output_path / 'events.jsonl'}   targets: {job.job.output_path / 'targets.json'}")

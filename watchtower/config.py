@@ -15,23 +15,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 from watchtower.hooks.config import MonitorConfig
 from watchtower.trainer.checkpoint import CheckpointConfig
 from watchtower.trainer.data import BYTE_VOCAB, DataConfig
 from watchtower.trainer.faults import Fault, parse_fault
 from watchtower.trainer.model import ModelConfig
+from watchtower.supervisor.contract import ReplicaConfig
+from watchtower.toml_dataclasses import build, read_toml, set_dotted  # noqa: F401 - re-exported: the loaders' home
 from watchtower.validation import ConfigError, require
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -133,6 +127,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)  # written by the supervisor (launch contract)
 
     def __post_init__(self) -> None:
         m, t = self.model, self.train
@@ -159,10 +154,11 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self) -> str:
-        """Short hash of everything that shapes the numbers (not steps, ports, faults or where and how
-        often checkpoints go: a resume compares it with the checkpoint's, see checkpoint.py)."""
+        """Short hash of everything that shapes the numbers (not steps, ports, faults, where and how
+        often checkpoints go, or a group's place in a supervised job: a resume compares it with the
+        checkpoint's, see checkpoint.py)."""
         d = self.to_dict()
-        for volatile in ("faults", "monitor", "run", "checkpoint"):
+        for volatile in ("faults", "monitor", "run", "checkpoint", "replica"):
             d.pop(volatile)
         d["train"].pop("steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -170,91 +166,6 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Loading: TOML dict + dotted overrides -> validated dataclasses.
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check a TOML value (or parse a command-line string) against a field's declared type."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(key, value, "must be a list")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(key, value, "must be true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, value, "must be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        raise ConfigError(key, value, "must be an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(key, value, "must be a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(key, value, "must be a string")
-    return value
-
-
-def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict; unknown keys and wrong types name their full key."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise ConfigError(full, value, "unknown key; allowed here: " + ", ".join(sorted(names)))
-        tp = hints[key]
-        if _is_dataclass_type(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(full, value, f"must be a table ([{full}])")
-            kwargs[key] = build(tp, value, full)
-        else:
-            kwargs[key] = _coerce(value, tp, full)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # __post_init__ names its own field; put it under this section
-        raise (err.under(prefix) if prefix else err) from None
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(dotted, value, f"{part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
 
 def resolve_config_path(name: str) -> Path:
     """A path, or a preset name (`tiny` -> configs/tiny.toml in the working directory or the repo)."""
@@ -266,22 +177,6 @@ def resolve_config_path(name: str) -> Path:
             return path
     presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
     raise ConfigError("--config", name, f"no such file; give a TOML path or a preset ({presets})")
-
-
-def read_toml(path: Path, field: str = "--config") -> dict[str, Any]:
-    """A TOML file as a dict; unreadable, non-UTF-8 (TOML is UTF-8 by definition) or malformed files
-    are a ConfigError naming `field` (`--config`, or the supervisor's `job file`)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise ConfigError(field, str(path), f"cannot be read: {err.strerror}") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(field, str(path), f"is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                          f"{err.start}): TOML files are UTF-8; re-save it as UTF-8") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(field, str(path), f"is not valid TOML: {err}") from None
 
 
 def check_this_machine(cfg: TrainConfig) -> None:

@@ -2,7 +2,9 @@
 
 Each rank is `python -m watchtower.cli <same arguments>` with RANK / LOCAL_RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT set. If one rank dies the others are stopped (SIGTERM, then SIGKILL after a
-grace period) and its exit code is returned: a TP group with a missing rank can only hang.
+grace period) and its exit code is returned: a TP group with a missing rank can only hang. Each rank
+is started through `watchtower.orphan_guard`, so a launcher killed outright (by a supervisor that is
+itself dying, or the OOM killer) takes its ranks with it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+
+from watchtower.orphan_guard import guarded
 
 WORKER_ENV = "WATCHTOWER_WORKER"
 
@@ -54,7 +58,7 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 def launch_local(argv: list[str], world_size: int, extra_env: dict[str, str] | None = None) -> int:
     """Run `watchtower <argv>` as `world_size` ranks; returns 0 or the first failing rank's code."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "watchtower.cli", *argv],
+    procs = [subprocess.Popen(guarded([sys.executable, "-m", "watchtower.cli", *argv]),
                               env=rank_env(r, world_size, port, extra_env)) for r in range(world_size)]
     try:
         while True:

@@ -8,10 +8,10 @@ picks it up at once through inotify), so the config itself never changes during 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from watchtower.atomic_write import write_atomic
 
 REPO_ALERTS = Path(__file__).resolve().parent.parent / "alerts"
 RANK_JOB = "watchtower-ranks"
@@ -28,15 +28,11 @@ class Target:
 
 
 def write_file_sd(path: str | Path, targets: list[Target]) -> None:
-    """Write the target file atomically (temp file + rename) so Prometheus never reads half of it."""
+    """Write the target file atomically (temp file + rename) so Prometheus never reads half of it,
+    mode 0644 so a Prometheus running as its own user can read it."""
     entries = [{"targets": [t.address], "labels": {"run": t.run, "replica_group": str(t.replica_group),
                                                     "rank": str(t.rank), "node": t.node}} for t in targets]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(entries, indent=1))
 
 
 def render_prometheus_config(targets_file: str, alertmanager: str | None, rule_files: list[str] | None = None,

@@ -15,19 +15,27 @@
     [supervisor]
     heartbeat_timeout_s = 30                 # no step for this long: the group is hung
     crash_loop_limit = 3                     # the same failure on this many fresh nodes: stop, page
+    max_failures = 6                         # this many failures of any kind within failure_window_s: stop
 
 Validated in full before anything starts, with the trainer config it names (so `train.tp` not
-dividing the heads is refused here, not after the Lighthouse is up).
+dividing the heads is refused here, not after the Lighthouse is up). This module is torch-free: the
+trainer config is validated by `JobConfig.trainer()`, which imports `watchtower.config` (and so
+torch) only when called.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from watchtower.config import TrainConfig, build, load_config, read_toml
+from watchtower.supervisor.failure_budget import FailureBudget
+from watchtower.supervisor.policy_types import PolicyConfig, node_name_problem
+from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
+
+if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer()` loads it
+    from watchtower.config import TrainConfig
 
 
 @dataclass
@@ -62,6 +70,9 @@ class ClusterSection:
 
     def __post_init__(self) -> None:
         require(len(self.nodes) > 0, "nodes", self.nodes, "must list at least one node")
+        for i, node in enumerate(self.nodes):
+            problem = node_name_problem(node)
+            require(problem is None, f"nodes[{i}]", node, f"{problem}: node names become directory names")
         require(len(set(self.nodes)) == len(self.nodes), "nodes", self.nodes, "must not repeat a node")
         for i, node in enumerate(self.exclude):
             require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
@@ -75,30 +86,51 @@ class ClusterSection:
 
 @dataclass
 class SupervisorSection:
-    """heartbeat_timeout_s: no finished step for this long (after startup_grace_s) is a hang.
-    crash_loop_limit: the same failure on this many different nodes in a row means the program, not
-        the nodes, is broken: stop spending spares and page.
+    """heartbeat_timeout_s: no finished step for this long is a hang.
+    startup_grace_s: before its first step a group may stay silent this long after its last progress
+        report (staging, init, resume, healing each report); raise it past the slowest single phase.
+    crash_loop_limit: the same failure on this many fresh nodes in a row means the program, not the
+        nodes, is broken: stop spending spares and page.
+    max_failures, failure_window_s: this many failures of any kind (planned drains and Lighthouse
+        outages aside) within the window stop the job too, so alternating kinds cannot restart forever.
+        Raise max_failures for a cluster whose nodes fail that often by themselves.
     lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
         stalls this long per failure (measured 1 s → ~1.1 s stall).
+    lighthouse_bind: where the Lighthouse listens (port 0: the kernel picks one, read back and kept
+        across restarts); use the head node's address when groups run on other machines.
+    lighthouse_grace_s: after the Lighthouse is seen down (and restarted), group failures for this long
+        are its fault: no node is drained, no budget spent. Keep it above ft_timeout_s.
     base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
-        writes where it really serves); the supervisor serves on metrics_port (0: not at all).
+        writes where it really serves); the supervisor serves on metrics_bind:metrics_port (0: not at all).
     linger_s: after a stop that needs a person (crash loop, no nodes left) keep /metrics up this long,
         so Prometheus scrapes the reason and the page goes out before the process is gone."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
     crash_loop_limit: int = 3
+    max_failures: int = 6
+    failure_window_s: float = 3600.0
     lighthouse_heartbeat_timeout_ms: int = 1000
+    lighthouse_bind: str = "127.0.0.1:0"
+    lighthouse_grace_s: float = 30.0
     ft_timeout_s: float = 10.0
     base_port: int = 9400
     metrics_port: int = 9390
+    metrics_bind: str = "0.0.0.0"
     poll_interval_s: float = 0.2
     linger_s: float = 60.0
 
     def __post_init__(self) -> None:
         require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
         require(self.startup_grace_s > 0, "startup_grace_s", self.startup_grace_s, "must be > 0 seconds")
-        require(self.crash_loop_limit >= 2, "crash_loop_limit", self.crash_loop_limit, "must be >= 2")
+        self.budget()  # validates max_failures, failure_window_s, crash_loop_limit (its keys are ours)
+        host, _, port = self.lighthouse_bind.rpartition(":")
+        require(bool(host) and port.isdigit() and int(port) <= 65535, "lighthouse_bind", self.lighthouse_bind,
+                "must be HOST:PORT, like 127.0.0.1:0 (port 0: any free port)")
+        require(self.lighthouse_grace_s > self.ft_timeout_s, "lighthouse_grace_s", self.lighthouse_grace_s,
+                f"must be > ft_timeout_s = {self.ft_timeout_s}: the groups' quorum timeouts after an outage "
+                "must fall inside it")
+        require(bool(self.metrics_bind), "metrics_bind", self.metrics_bind, "must be an address, like 0.0.0.0")
         require(self.lighthouse_heartbeat_timeout_ms >= 100, "lighthouse_heartbeat_timeout_ms",
                 self.lighthouse_heartbeat_timeout_ms, "must be >= 100 ms")
         require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
@@ -108,12 +140,23 @@ class SupervisorSection:
         require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
 
+    def budget(self) -> FailureBudget:
+        return FailureBudget(self.max_failures, self.failure_window_s, self.crash_loop_limit)
+
 
 @dataclass
 class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+
+    def policy(self) -> PolicyConfig:
+        """What the policy needs to know of this job."""
+        c, s = self.cluster, self.supervisor
+        return PolicyConfig(nodes=tuple(c.nodes), active_groups=c.active_groups, spare_groups=c.spare_groups,
+                            exclude=tuple(c.exclude), heartbeat_timeout_s=s.heartbeat_timeout_s,
+                            startup_grace_s=s.startup_grace_s, lighthouse_grace_s=s.lighthouse_grace_s,
+                            budget=s.budget())
 
     def trainer_overrides(self) -> list[tuple[str, Any]]:
         pairs = [tuple(item.split("=", 1)) for item in self.job.train_overrides]
@@ -125,7 +168,9 @@ class JobConfig:
         return pairs
 
     def trainer(self) -> TrainConfig:
-        """The trainer config every group runs (validated; errors name the job key)."""
+        """The trainer config every group runs (validated; errors name the job key). Imports torch."""
+        from watchtower.config import load_config
+
         try:
             return load_config(self.job.trainer_config, self.trainer_overrides())
         except ConfigError as err:
@@ -135,9 +180,8 @@ class JobConfig:
 
 
 def load_job(path: str, overrides: list[tuple[str, Any]] = ()) -> tuple[JobConfig, TrainConfig]:
-    """Read and validate the job file and the trainer config it names; nothing is started."""
-    from watchtower.config import set_dotted
-
+    """Read and validate the job file and the trainer config it names; nothing is started.
+    Validating the trainer config imports torch (its sections live with the trainer)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError("job file", path, "no such file")

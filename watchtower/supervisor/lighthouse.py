@@ -1,54 +1,97 @@
-"""torchft's Lighthouse, the quorum server, run as a child process of the supervisor."""
+"""torchft's Lighthouse, the quorum server, run inside the supervisor and watched every poll.
+
+`torchft.coordination.LighthouseServer` binds `lighthouse_bind` (port 0: the kernel picks a free
+port, which is read back, so there is no free-port race) and serves its gRPC and HTTP endpoints from
+Rust threads of this process. A restart binds the same port again: the groups know the Lighthouse by
+the address in their launch config, so it must not move.
+
+torchft imports torch, so it is imported here, when the Lighthouse starts, never when the
+supervisor's modules are imported. The health probe is one HTTP GET of `/status` (an HTML page of
+the quorum) per poll through a proxy-free opener: about a millisecond on loopback.
+"""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
+import errno
+import logging
+import os
+import urllib.error
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlsplit
 
-from watchtower.launch import free_port
+from watchtower.direct_http import get_direct
+
+log = logging.getLogger("watchtower.supervisor")
+
+PROBE_TIMEOUT_S = 1.0
+SLOW_PROBES_DOWN = 3  # a loaded machine may miss one probe; a refused connection is down at once
+WILDCARDS = ("0.0.0.0", "::", "[::]")
 
 
+@contextmanager
+def _quiet_rust_log() -> Iterator[None]:
+    """torchft's Rust side logs every quorum tick at INFO to this process's stderr, and reads
+    RUST_LOG once, when torchft is first imported; keep it at warnings unless the user chose a level.
+    Restored at once, so the groups launched later inherit the user's environment unchanged."""
+    chosen = os.environ.get("RUST_LOG")
+    if chosen is None:
+        os.environ["RUST_LOG"] = "warn"
+    try:
+        yield
+    finally:
+        if chosen is None:
+            os.environ.pop("RUST_LOG", None)
 
 
 class Lighthouse:
     """min_replicas: groups needed before the first quorum (the active groups, so nobody starts
     alone); heartbeat_timeout_ms: how long a silent replica stays in the quorum — the stall every
-    healthy group pays per failure."""
+    healthy group pays per failure. `url` is what groups are given."""
 
-    def __init__(self, min_replicas: int, heartbeat_timeout_ms: int, log_path: Path, host: str = "127.0.0.1"):
-        binary = shutil.which("torchft_lighthouse") or str(Path(sys.executable).parent / "torchft_lighthouse")
-        self.port = free_port()
+    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int):
+        self.host, _, port = bind.rpartition(":")
+        self.port = int(port)
+        self.min_replicas, self.heartbeat_timeout_ms = min_replicas, heartbeat_timeout_ms
+        self.url = ""
+        self._server = None
+        self._slow_probes = 0
+        self.start()
+
+    def start(self) -> None:
+        with _quiet_rust_log():
+            from torchft.coordination import LighthouseServer  # imports torch: only where it is started
+
+            self._server = LighthouseServer(bind=f"{self.host}:{self.port}", min_replicas=self.min_replicas,
+                                            join_timeout_ms=1000, quorum_tick_ms=100,
+                                            heartbeat_timeout_ms=self.heartbeat_timeout_ms)
+        address = urlsplit(self._server.address())  # http://HOSTNAME:PORT
+        self.port = address.port  # kept: a restart binds the same port
+        host = address.hostname if self.host in WILDCARDS else self.host
         self.url = f"http://{host}:{self.port}"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [binary, "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100", "--join_timeout_ms", "1000",
-             "--heartbeat_timeout_ms", str(heartbeat_timeout_ms), "--bind", f"{host}:{self.port}"],
-            stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_listening(host)
+        self._slow_probes = 0
+        log.info("lighthouse listening on %s", self.url)
 
-    def _wait_listening(self, host: str, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"torchft_lighthouse exited with {self.proc.returncode}; see its log")
-            try:
-                socket.create_connection((host, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"torchft_lighthouse did not listen on {host}:{self.port}")
+    def up(self) -> bool:
+        """One probe of /status. False when the port refuses (it is gone) or after SLOW_PROBES_DOWN
+        probes in a row fail otherwise (a timeout on a loaded machine is not yet an outage)."""
+        try:
+            get_direct(f"{self.url}/status", PROBE_TIMEOUT_S)
+        except (OSError, urllib.error.URLError) as err:
+            reason = getattr(err, "reason", err)
+            if isinstance(reason, OSError) and reason.errno in (errno.ECONNREFUSED, errno.ECONNRESET):
+                return False
+            self._slow_probes += 1
+            return self._slow_probes < SLOW_PROBES_DOWN
+        self._slow_probes = 0
+        return True
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.shutdown()
+
+    def restart(self) -> None:
+        """Stop what is left of it and listen again on the same port."""
+        self.stop()
+        self.start()

@@ -24,6 +24,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 import torch
@@ -102,20 +103,24 @@ def resolve_cache_dir(cfg: DataConfig) -> Path:
                 or Path.home() / ".cache" / "watchtower" / "data")
 
 
-def readable_files(cfg: DataConfig) -> list[str]:
-    """The files to read: the source's own, or their staged copies in the node-local cache."""
+def readable_files(cfg: DataConfig, progress: Callable[[], None] | None = None) -> list[str]:
+    """The files to read: the source's own, or their staged copies in the node-local cache.
+    `progress` is called as staging copies (see `stage`)."""
     urls = list_source_files(cfg.source)
     remote = any("://" in u and not u.startswith("file://") for u in urls)
     if cfg.stage == "always" or (cfg.stage == "auto" and remote):
-        return stage(urls, resolve_cache_dir(cfg), cfg.max_bytes).files
+        return stage(urls, resolve_cache_dir(cfg), cfg.max_bytes, progress).files
     return urls
 
 
-def load_tokens(cfg: DataConfig) -> torch.Tensor:
-    """All documents as one int64 tensor: BOS doc0 BOS doc1 ... (bytes are their own token ids)."""
+def load_tokens(cfg: DataConfig, progress: Callable[[], None] | None = None) -> torch.Tensor:
+    """All documents as one int64 tensor: BOS doc0 BOS doc1 ... (bytes are their own token ids).
+    `progress` is called as staging copies and as each file is read: a sign of life for a supervisor."""
     chunks: list[torch.Tensor] = []
     total = 0
-    for url in readable_files(cfg):
+    for url in readable_files(cfg, progress):
+        if progress is not None:
+            progress()
         with fsspec.open(url, "rb") as f:
             data = f.read(cfg.max_bytes - total)
         if not data:

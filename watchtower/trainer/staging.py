@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 from fsspec.registry import known_implementations
@@ -28,6 +29,7 @@ from watchtower.validation import ConfigError
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 8 << 20
+PARTIAL = ".partial"  # suffix of a copy in progress
 
 
 @dataclass
@@ -80,8 +82,8 @@ def _remote_size(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
     return int(size) if size is not None else None
 
 
-def _copy(url: str, dest: Path, max_bytes: int) -> int:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+def _copy(url: str, dest: Path, max_bytes: int, progress: Callable[[], None]) -> int:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}{PARTIAL}")
     copied = 0
     with fsspec.open(url, "rb") as src, open(tmp, "wb") as out:
         while copied < max_bytes:
@@ -90,22 +92,53 @@ def _copy(url: str, dest: Path, max_bytes: int) -> int:
                 break
             out.write(chunk)
             copied += len(chunk)
+            progress()
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, dest)
     return copied
 
 
-def stage(urls: list[str], cache_dir: Path, max_bytes: int) -> StageReport:
+def _wait_for_the_copier(lock, cache_dir: Path, progress: Callable[[], None]) -> None:
+    """Take the node's staging lock. While another rank holds it and copies, report progress each
+    time its partial files change (its progress is this group's too); a copier that stalls stops
+    the reports, so a supervisor still sees the stall. Costs a scan of the cache per second waited."""
+    seen: tuple = ()
+    next_scan = 0.0
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= next_scan:
+            next_scan = time.monotonic() + 1.0
+            partials = []
+            for p in cache_dir.rglob(f"*{PARTIAL}"):
+                try:
+                    partials.append((str(p), p.stat().st_size))
+                except FileNotFoundError:  # renamed into place between the listing and the stat
+                    pass
+            if tuple(sorted(partials)) != seen:
+                seen = tuple(sorted(partials))
+                progress()
+        time.sleep(0.25)
+
+
+def stage(urls: list[str], cache_dir: Path, max_bytes: int,
+          progress: Callable[[], None] | None = None) -> StageReport:
     """Copy each URL into `cache_dir` unless an intact copy is there; stop once `max_bytes` of text are
-    staged (what the trainer will read). Returns the local paths to read from."""
+    staged (what the trainer will read). Returns the local paths to read from. `progress` is called
+    per chunk copied (8 MB) and per file checked: a sign of life for a supervisor during a long copy."""
+    progress = progress or (lambda: None)
     started = time.monotonic()
     cache_dir.mkdir(parents=True, exist_ok=True)
     local: list[str] = []
     copied_files = copied_bytes = total = 0
     with open(cache_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _wait_for_the_copier(lock, cache_dir, progress)
         for url in urls:
+            progress()
             if total >= max_bytes:
                 break
             fs, path = fsspec.core.url_to_fs(url)
@@ -117,7 +150,7 @@ def stage(urls: list[str], cache_dir: Path, max_bytes: int) -> StageReport:
                 if dest.exists():
                     log.warning("staged copy of %s is %d bytes, expected %d: copying again",
                                 url, dest.stat().st_size, want)
-                n = _copy(url, dest, want)
+                n = _copy(url, dest, want, progress)
                 copied_files += 1
                 copied_bytes += n
             total += dest.stat().st_size

@@ -14,9 +14,10 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,10 +49,11 @@ class RankEnv:
     replica_group: int = 0
 
     @classmethod
-    def from_env(cls) -> "RankEnv":
+    def from_env(cls, replica_group: int = 0) -> "RankEnv":
+        """TP coordinates from the launcher's (or torchrun's) environment; the replica group comes
+        from the config's [replica] section (the supervisor's launch contract)."""
         e = os.environ
-        return cls(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)),
-                   int(e.get("WATCHTOWER_REPLICA_GROUP", 0)))
+        return cls(int(e.get("RANK", 0)), int(e.get("WORLD_SIZE", 1)), int(e.get("LOCAL_RANK", 0)), replica_group)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -80,9 +82,31 @@ def pick_device(cfg: TrainConfig, env: RankEnv) -> torch.device:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: RankEnv | None = None):
-        self.cfg, self.env = cfg, env or RankEnv.from_env()
+        self.cfg, self.env = cfg, env or RankEnv.from_env(cfg.replica.replica_group)
         self.device = pick_device(cfg, self.env)
         self.faults = FaultPlan(cfg.faults.parsed(), self.env.replica_group, self.env.rank)
+        self.output = cfg.run.output_path
+        self.output.mkdir(parents=True, exist_ok=True)
+        # The monitor serves /metrics before the slow parts (staging, init, resume, healing), each of
+        # which reports progress: a supervisor counts a group's startup grace from its last report.
+        identity = RankIdentity(run=cfg.run.name, replica_group=self.env.replica_group, rank=self.env.rank,
+                                local_rank=self.env.local_rank, node=cfg.replica.node or socket.gethostname())
+        self.monitor = Monitor(cfg.monitor, identity, device=self.device,
+                               flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
+                               model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
+                               config_hash=cfg.config_hash())
+        if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one)
+            (self.output / f"endpoint-r{self.env.rank}.json").write_text(json.dumps({"port": self.monitor.port}))
+        self.progress()
+        try:
+            self._build()
+        except BaseException:
+            self.monitor.close()  # a refused resume, an unreadable source: stop /metrics and the sampler
+            raise
+
+    def _build(self) -> None:
+        """The slow parts, each followed by a progress report: model, data (staging), torchft, resume."""
+        cfg = self.cfg
         self.tp_group = self._init_distributed()
         torch.manual_seed(cfg.run.seed)  # the same full weights on every rank, then sharded
         self.model = Transformer(cfg.model, cfg.train.activation_checkpointing).to(self.device)
@@ -96,26 +120,20 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-        self.data = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
+        self.progress()
+        data_cfg = replace(cfg.data, cache_dir=cfg.replica.cache_dir) if cfg.replica.cache_dir else cfg.data
+        self.data = PackedBatches(load_tokens(data_cfg, self.progress), cfg.train.seq_len, cfg.train.micro_batch_size,
                                   cfg.data.shuffle_seed, document_masking=cfg.data.document_masking,
                                   micro_steps=cfg.train.grad_accum_steps)
         self.checkpointer = Checkpointer(cfg.checkpoint_url, self.env.rank, self.env.world_size,
                                          cfg.checkpoint.keep_last, self._agree, self._gather)
         self.step = 0
+        self.progress()
         self.replication = self._make_replication()
-        self.maybe_resume()  # before the monitor starts: a refused resume is a config error, nothing runs
-        self.output = cfg.run.output_path
-        self.output.mkdir(parents=True, exist_ok=True)
-        identity = RankIdentity(run=cfg.run.name, replica_group=self.env.replica_group, rank=self.env.rank,
-                                local_rank=self.env.local_rank,
-                                node=os.environ.get("WATCHTOWER_NODE", "") or RankIdentity.from_env().node)
-        self.monitor = Monitor(cfg.monitor, identity, device=self.device,
-                               flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
-                               model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
-                               config_hash=cfg.config_hash())
+        self.progress()
+        self.maybe_resume()  # a refused resume is a config error: the rank exits 2 before any step
+        self.progress()
         self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
-        if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one)
-            (self.output / f"endpoint-r{self.env.rank}.json").write_text(json.dumps({"port": self.monitor.port}))
         self.loader = self.monitor.wrap(DelayedBatches(self.data, self.faults, lambda: self.step + 1))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
@@ -134,19 +152,27 @@ class Trainer:
         return self._mesh.get_group()
 
     def _make_replication(self):
-        """torchft across replica groups when the supervisor gave us a Lighthouse, else nothing."""
-        env = os.environ
-        if not env.get("WATCHTOWER_LIGHTHOUSE"):
+        """torchft across replica groups when the config's [replica] names a Lighthouse, else nothing."""
+        r = self.cfg.replica
+        if not r.supervised:
             return SingleGroup()
-        store_addr, store_port = env.get("MASTER_ADDR", "127.0.0.1"), int(env["MASTER_PORT"])
-        if self.env.world_size == 1:  # no torch.distributed store to share: the Manager needs its own
-            self._store = torch.distributed.TCPStore(store_addr, store_port, is_master=True, wait_for_workers=False)
+        store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if self.env.world_size == 1:  # no torch.distributed store to share: the Manager needs its own,
+            # on a port the kernel picks (read back), so no free-port race with other groups
+            self._store = torch.distributed.TCPStore(store_addr, 0, is_master=True, wait_for_workers=False)
+            store_port = self._store.port
+        else:  # the TP ranks' store, from the launcher (torchrun-compatible MASTER_ADDR/MASTER_PORT)
+            store_port = int(os.environ["MASTER_PORT"])
         return TorchFTGroup(
-            replica_id=env["WATCHTOWER_REPLICA_ID"], group_rank=self.env.rank, group_world_size=self.env.world_size,
-            active_groups=int(env.get("WATCHTOWER_ACTIVE_GROUPS", "1")), lighthouse=env["WATCHTOWER_LIGHTHOUSE"],
+            replica_id=r.replica_id, group_rank=self.env.rank, group_world_size=self.env.world_size,
+            active_groups=r.active_groups, lighthouse=r.lighthouse,
             store_addr=store_addr, store_port=store_port, device=self.device,
-            state_dict=self.state_dict, load_state_dict=self.load_live_state,
-            timeout_s=float(env.get("WATCHTOWER_FT_TIMEOUT_S", "10")))
+            state_dict=self.state_dict, load_state_dict=self.load_live_state, timeout_s=r.ft_timeout_s)
+
+    def progress(self) -> None:
+        """Report a sign of life before the first step (staging, init, resume, healing): the
+        supervisor gives a starting group its startup grace from the last report. Costs a clock read."""
+        self.monitor.set_gauge("watchtower_progress_timestamp_seconds", time.time())
 
     @contextmanager
     def _waiting_on_peers(self):
@@ -185,7 +211,9 @@ class Trainer:
 
     def load_live_state(self, state: dict[str, Any]) -> None:
         """torchft's heal callback: a healthy peer's state, arriving over its checkpoint transport."""
+        self.progress()  # the transfer is done; loading it may take a while on a large model
         self.load_state_dict(state)
+        self.progress()
         log.info("healed live from a peer at step %d", self.step)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -246,6 +274,8 @@ class Trainer:
         wall = time.perf_counter()
         steps_done = 0
         while True:
+            if not steps_done:
+                self.progress()  # the first quorum may heal this group from a peer: a slow part
             with self._waiting_on_peers():
                 self.replication.start_step()  # quorum; a group that just joined heals here (self.step jumps)
             step = self.step + 1

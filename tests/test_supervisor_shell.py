@@ -1,0 +1,196 @@
+"""The supervisor's shell around the policy, in one process: its I/O edges, its snapshot, its imports.
+
+Groups here are real processes that only sleep (started through the same orphan guard as real
+groups), so each test runs in seconds; tests/test_supervisor.py runs real trainers.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import os
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import free_port, samples, scrape_text, value
+from watchtower.orphan_guard import guarded
+from watchtower.prometheus_config import Target, write_file_sd
+from watchtower.supervisor import metrics as supervisor_metrics
+from watchtower.supervisor.config import load_job
+from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.jobfile import job_toml
+from watchtower.supervisor.launcher import GroupProcess, GroupSpec, LocalLauncher
+from watchtower.supervisor.observe import Observer
+from watchtower.supervisor.policy_types import GroupState, Role
+from watchtower.supervisor.shell import Supervisor
+
+
+class SleepingLauncher(LocalLauncher):
+    """Starts `sleep` in place of a trainer: a real process group, guarded like a real group."""
+
+    def launch(self, spec: GroupSpec) -> GroupProcess:
+        proc = subprocess.Popen(guarded(["sleep", "600"]), start_new_session=True)
+        return GroupProcess(spec, proc)
+
+
+@pytest.fixture
+def supervisor(tmp_path):
+    """A started Supervisor (Lighthouse up, /metrics served) with sleeping groups; stopped after."""
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "shell", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n0", "n1", "n2"], "active_groups": 1, "spare_groups": 1},
+                             {"metrics_port": free_port(), "metrics_bind": "127.0.0.1", "base_port": free_port()}))
+    job, trainer = load_job(str(path))
+    sup = Supervisor(job, trainer, SleepingLauncher(tmp_path / "job" / "nodes"))
+    try:
+        sup.start()
+        yield sup
+    finally:
+        sup.shutdown()
+
+
+class Page(http.server.BaseHTTPRequestHandler):
+    """A port that answers every GET with `body` (set per test)."""
+
+    body = b""
+
+    def do_GET(self):  # noqa: N802 - the stdlib's name
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(body: bytes) -> http.server.HTTPServer:
+    handler = type("Body", (Page,), {"body": body})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_supervisor_and_tui_import_no_torch():
+    """A head or login node supervises and watches without torch (the old supervisor imported the
+    trainer: ~3.7 s of torch). torchft is imported only where the Lighthouse starts."""
+    code = ("import sys, watchtower.supervisor.shell, watchtower.supervisor.config, watchtower.tui.app, "
+            "watchtower.tui.sources\n"
+            "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchft', 'numpy')"
+            " or m in ('watchtower.config', 'watchtower.trainer'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_file_sd_targets_are_readable_by_a_prometheus_running_as_another_user(tmp_path):
+    """mkstemp made targets.json 0600: a Prometheus under its own user saw no targets, so `up == 0`
+    alerts could never fire."""
+    path = tmp_path / "targets.json"
+    write_file_sd(path, [Target("127.0.0.1:9400", "r", 0, 0, "n0")])
+    write_file_sd(path, [])  # rewritten: still readable
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert not [p for p in tmp_path.iterdir() if p.name != "targets.json"], "no temp file left behind"
+
+
+def test_scrapes_ignore_http_proxy_feed_progress_and_count_an_html_page(tmp_path, monkeypatch):
+    """A rank's /metrics is reached directly even with a dead proxy exported; its progress report
+    becomes the policy's progress_at; an HTML page on its port is counted, not raised."""
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    rank = serve(b"watchtower_train_step 0\nwatchtower_progress_timestamp_seconds 1234.5\n"
+                 b"watchtower_replica_participating 0\nwatchtower_replica_participants 1\n")
+    html = serve(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n")
+    group_dir = tmp_path / "groups" / "g0000"
+    group_dir.mkdir(parents=True)
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        from watchtower.supervisor.observe import Group
+
+        g = Group(GroupProcess(GroupSpec("g0000", 0, "n0", group_dir / "trainer.toml", group_dir / "group.log"), proc),
+                  launched_at=1000.0)
+        errors = StageErrors()
+        observer = Observer(tmp_path, tp=1, last_step=100, errors=errors)
+        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {rank.server_port}}}')
+        with errors.guard("scrape"):
+            observer.scrape(g)
+        view = g.view()
+        assert (view.progress_at, view.role, view.state) == (1234.5, Role.SPARE, GroupState.RUNNING)
+        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {html.server_port}}}')
+        with errors.guard("scrape"):
+            observer.scrape(g)
+        assert errors.snapshot()["scrape"] == 1
+        assert g.view().progress_at == 1234.5, "a bad scrape keeps the last good values"
+    finally:
+        proc.kill()
+        proc.wait()
+        rank.shutdown()
+        html.shutdown()
+
+
+def test_collect_reads_the_loops_snapshot_not_the_groups_it_mutates(supervisor):
+    """collect() ran on the HTTP thread over the groups the loop was adding and removing (an
+    occasional failed scrape); it now reads one immutable snapshot, swapped in at the end of a poll."""
+    port = supervisor.metrics_port
+    supervisor.poll_once()  # the policy launches the active group and the spare
+    first = samples(scrape_text(port))
+    assert value(first, "watchtower_supervisor_groups", state="starting") == 2
+    spare = supervisor.groups["g0001"]
+    spare.participating = False  # what the next scrape of it would say, mid-poll
+    assert samples(scrape_text(port)) == first, "a scrape between polls sees the last poll, whole"
+    supervisor.poll_once()
+    assert value(samples(scrape_text(port)), "watchtower_supervisor_groups", state="spare") == 1
+
+
+def test_a_full_disk_under_events_and_file_sd_is_counted_and_kills_no_group(supervisor, monkeypatch):
+    """ENOSPC while rewriting targets.json or appending to events.jsonl used to reach run()'s
+    `finally` and SIGKILL every healthy group."""
+    supervisor.poll_once()
+    pids = {rid: g.process.pid for rid, g in supervisor.groups.items()}
+    events = supervisor.out / "events.jsonl"
+    events.rename(supervisor.out / "events.saved")
+    events.symlink_to("/dev/full")  # the kernel's own ENOSPC on every write
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(supervisor_metrics, "write_file_sd", disk_full)
+    (supervisor.out / "drain" / "no-such-node").touch()  # an event to write: the request is rejected
+    assert supervisor.poll_once() is None
+    errors = value(samples(scrape_text(supervisor.metrics_port)), "watchtower_supervisor_errors_total", stage="events")
+    assert errors == 1 and supervisor.errors.snapshot()["file_sd"] == 1
+    assert [e["event"] for e in supervisor.events.events][-1] == "drain_rejected", "kept in memory"
+    assert all(g.process.poll() is None for g in supervisor.groups.values())
+    assert {rid: g.process.pid for rid, g in supervisor.groups.items()} == pids, "no group replaced"
+
+
+def test_a_stopped_lighthouse_is_restarted_on_the_same_address(supervisor):
+    url = supervisor.lighthouse.url
+    supervisor.poll_once()
+    supervisor.lighthouse.stop()
+    supervisor.poll_once()
+    assert supervisor.lighthouse.url == url and supervisor.lighthouse.up()
+    kinds = [e["event"] for e in supervisor.events.events]
+    assert "lighthouse_restarted" in kinds and "node_drained" not in kinds and "group_failed" not in kinds
+    assert supervisor.stats.restarts["lighthouse"] == 1
+
+
+def test_the_launch_config_file_is_all_a_group_is_told(tmp_path):
+    """Nine WATCHTOWER_* variables and re-serialised --key value flags were the contract; now the
+    trainer reads one file: the resolved config with the group's [replica] place. Its identity,
+    torchft seat and node cache come from there, and [replica] does not change the config hash (every
+    group resumes the same checkpoints)."""
+    from watchtower.config import load_config
+    from watchtower.supervisor.contract import ReplicaConfig, group_config, write_group_config
+
+    job = load_config("tiny", [("train.steps", "7"), ("faults.inject", ["crash@3:group=1"])])
+    replica = ReplicaConfig("http://127.0.0.1:29510", "g0001", 1, 2, "node-b", str(tmp_path / "cache"), 5.0)
+    path = write_group_config(tmp_path / "g0001", group_config(job.to_dict(), replica, tmp_path / "g0001", 9410, "ck"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    cfg = load_config(str(path))
+    assert cfg.replica == replica and cfg.replica.supervised
+    assert (cfg.run.output_dir, cfg.monitor.port, cfg.checkpoint.dir) == (str(tmp_path / "g0001"), 9410, "ck")
+    assert (cfg.train.steps, cfg.faults.inject, cfg.model) == (7, ["crash@3:group=1"], job.model)
+    assert cfg.config_hash() == job.config_hash()

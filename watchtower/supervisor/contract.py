@@ -1,0 +1,92 @@
+"""The launch contract: one file between the supervisor and each group's trainer.
+
+The supervisor writes `groups/<replica_id>/trainer.toml`, the job's fully resolved trainer config
+(every section, defaults filled in) with this group's place in the job:
+
+    [run]        output_dir = "<job>/groups/g0003"        (name: the job's)
+    [monitor]    port = <the node's base port>
+    [checkpoint] dir = "<the job's checkpoint dir>"       (shared by every group)
+    [replica]    lighthouse, replica_id, replica_group, active_groups, node, cache_dir, ft_timeout_s
+
+and starts `watchtower train --config <that file>`; nothing else passes between them (no
+environment variables of ours, no re-serialised flags), so the file is the whole story of a group,
+and a launcher that starts the same command on another machine (Slurm) needs nothing more. The
+trainer reads `[replica]` as `TrainConfig.replica`; an empty `lighthouse` means "not supervised":
+one group, no torchft.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from watchtower.atomic_write import write_atomic
+from watchtower.supervisor.policy_types import node_name_problem
+from watchtower.toml_dataclasses import dump_toml
+from watchtower.validation import require
+
+GROUP_CONFIG = "trainer.toml"
+
+
+@dataclass
+class ReplicaConfig:
+    """Where a group sits in a supervised job (`[replica]`); the supervisor writes it, users rarely do.
+
+    lighthouse: torchft Lighthouse URL; empty: no torchft, this group trains alone.
+    replica_id: torchft's id for the group; groups rank in its sort order, so spares get later ids.
+    replica_group: the `replica_group` metric label, and what `--inject ...:group=N` matches.
+    active_groups: groups that contribute gradients (torchft's min_replica_size); the rest are spares.
+    node: the node label on every metric ("" : this host's name).
+    cache_dir: the node's local disk for staged data; overrides `data.cache_dir` ("" : keep it).
+    ft_timeout_s: torchft's quorum, collective and connect timeouts. A failed peer stalls the
+        others at most this long; raise it where a quorum RPC or a heal is slow (large models).
+    """
+
+    lighthouse: str = ""
+    replica_id: str = ""
+    replica_group: int = 0
+    active_groups: int = 1
+    node: str = ""
+    cache_dir: str = ""
+    ft_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        require(not self.lighthouse or self.lighthouse.startswith(("http://", "https://")), "lighthouse",
+                self.lighthouse, "must be the Lighthouse's URL, like http://host:29510 (empty: no torchft)")
+        require(not self.lighthouse or bool(self.replica_id), "replica_id", self.replica_id,
+                "is required with a lighthouse: torchft names each group by it")
+        require(self.replica_group >= 0, "replica_group", self.replica_group, "must be >= 0")
+        require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
+        require(not self.node or node_name_problem(self.node) is None, "node", self.node,
+                f"{node_name_problem(self.node)}: node names become directory names")
+        require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
+
+    @property
+    def supervised(self) -> bool:
+        return bool(self.lighthouse)
+
+
+def group_config(trainer: dict[str, Any], replica: ReplicaConfig, output_dir: Path, port: int,
+                 checkpoint_dir: str) -> dict[str, Any]:
+    """The resolved trainer config (`TrainConfig.to_dict()`) with one group's place filled in.
+
+    >>> cfg = group_config({"run": {"name": "demo"}, "monitor": {}, "checkpoint": {}},
+    ...                    ReplicaConfig("http://h:1", "g0001", 1, 2, "node-b"), Path("out/g0001"), 9410, "ck")
+    >>> cfg["run"], cfg["monitor"], cfg["replica"]["replica_id"]
+    ({'name': 'demo', 'output_dir': 'out/g0001'}, {'port': 9410}, 'g0001')
+    """
+    data = copy.deepcopy(trainer)
+    data.setdefault("run", {})["output_dir"] = str(output_dir)
+    data.setdefault("monitor", {})["port"] = port
+    data.setdefault("checkpoint", {})["dir"] = checkpoint_dir
+    data["replica"] = asdict(replica)
+    return data
+
+
+def write_group_config(group_dir: Path, config: dict[str, Any]) -> Path:
+    """Write the group's trainer.toml (atomically, 0644) and return its path."""
+    path = Path(group_dir) / GROUP_CONFIG
+    write_atomic(path, dump_toml(config))
+    return path

@@ -1,0 +1,147 @@
+"""Observe: what the supervisor sees of its groups each poll, folded into the policy's `View`.
+
+Per group: whether its process has exited (and how), and from its rank 0's /metrics its step,
+heartbeat, last progress report (staging, init, resume, healing), role (active, spare, starting)
+and whether it is waiting on peers. Besides groups: drain requests (files `drain/<name>`), nodes the
+launcher reports down, and the Lighthouse's health.
+
+Each observation runs on its own in `errors.guard(stage)`: a rank's port answering with an HTML page,
+an endpoint file half written, an unreadable drain directory are counted and leave the last good
+values in place. Staleness is the policy's to judge; nothing here decides. Scrapes go through a
+proxy-free opener (`get_direct`): an `http_proxy` in the environment must not turn loopback scrapes
+into "every group is silent". Cost per poll: one `waitpid` per group; every SCRAPE_INTERVAL_S one
+HTTP GET per group (1 s timeout) and a parse of its ~100 samples; one listdir; one Lighthouse probe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from watchtower.direct_http import get_direct
+from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.launcher import GroupProcess, Launcher
+from watchtower.supervisor.lighthouse import Lighthouse
+from watchtower.supervisor.policy_types import GroupState, GroupView, LighthouseHealth, Role, View
+
+SCRAPE_INTERVAL_S = 0.5
+SCRAPE_TIMEOUT_S = 1.0
+
+
+@dataclass
+class Group:
+    """One launched group as last observed; owned and mutated by the supervisor's loop only."""
+
+    process: GroupProcess
+    launched_at: float
+    ports: list[int] = field(default_factory=list)  # each rank's /metrics port, once it has written it
+    step: int = 0
+    heartbeat: float | None = None
+    progress_at: float | None = None
+    participating: bool | None = None  # None: torchft has not placed it yet
+    participants: int = 0
+    in_collective: bool = False
+    exit_code: int | None = None
+    reported: bool = False  # its exit has been shown to the policy: it leaves the view
+
+    @property
+    def replica_id(self) -> str:
+        return self.process.spec.replica_id
+
+    @property
+    def node(self) -> str:
+        return self.process.spec.node
+
+    @property
+    def replica_group(self) -> int:
+        return self.process.spec.replica_group
+
+    @property
+    def running(self) -> bool:
+        return self.exit_code is None
+
+    def view(self) -> GroupView:
+        role = {True: Role.ACTIVE, False: Role.SPARE, None: Role.STARTING}[self.participating]
+        state = GroupState.RUNNING if self.running else GroupState.EXITED
+        return GroupView(self.replica_id, self.node, self.launched_at, state, self.exit_code, role, self.step,
+                         self.heartbeat, self.progress_at, self.in_collective)
+
+
+def metric_values(body: bytes) -> dict[str, float]:
+    """Sample name → value of a rank's /metrics (labels dropped: rank 0 has one series of each we read).
+    A body that is not a Watchtower rank's exposition raises ValueError.
+
+    >>> metric_values(b"watchtower_train_step 7\\nwatchtower_replica_participating 1\\n")["watchtower_train_step"]
+    7
+    >>> metric_values(b"<html><body>Welcome</body></html>")
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid metric name:<html><body>Welcome</body></html>
+    """
+    values = {s.name: s.value for fam in text_string_to_metric_families(body.decode()) for s in fam.samples}
+    if "watchtower_train_step" not in values:
+        raise ValueError("not a Watchtower rank's /metrics: no watchtower_train_step")
+    return values
+
+
+class Observer:
+    """Builds each poll's `View`; `tp` is the ranks per group (an endpoint file per rank), `last_step`
+    the trainer's train.steps."""
+
+    def __init__(self, out: Path, tp: int, last_step: int, errors: StageErrors):
+        self.out, self.tp, self.last_step, self.errors = out, tp, last_step, errors
+        self.drain_dir = out / "drain"
+        self._last_scrape = 0.0
+        self.lighthouse_up = True
+
+    def observe(self, groups: list[Group], lighthouse: Lighthouse | None, launcher: Launcher, now: float) -> View:
+        for g in groups:
+            if g.running:
+                with self.errors.guard("exits"):
+                    g.exit_code = g.process.poll()
+                    if g.exit_code == 0:  # it finished the last step, whatever the last scrape saw
+                        g.step = self.last_step
+        if now - self._last_scrape >= SCRAPE_INTERVAL_S:
+            self._last_scrape = now
+            for g in groups:
+                if g.running:
+                    with self.errors.guard("scrape"):
+                        self.scrape(g)
+        drains: tuple[str, ...] = ()
+        with self.errors.guard("drain"):
+            drains = tuple(sorted(os.listdir(self.drain_dir))) if self.drain_dir.is_dir() else ()
+        down: frozenset[str] = frozenset()
+        with self.errors.guard("exits"):
+            down = launcher.down_nodes()
+        if lighthouse is not None:
+            with self.errors.guard("lighthouse"):
+                self.lighthouse_up = lighthouse.up()
+        health = LighthouseHealth.UP if self.lighthouse_up or lighthouse is None else LighthouseHealth.DOWN
+        return View(now, tuple(g.view() for g in groups if not g.reported), drains, down, health)
+
+    def endpoints(self, g: Group) -> list[int]:
+        """Each rank's real /metrics port, from the file the rank writes once it serves."""
+        group_dir = g.process.spec.config_path.parent
+        ports = [int(json.loads((group_dir / f"endpoint-r{rank}.json").read_text())["port"])
+                 for rank in range(self.tp) if (group_dir / f"endpoint-r{rank}.json").exists()]
+        if len(ports) == self.tp:
+            g.ports = ports
+        return g.ports
+
+    def scrape(self, g: Group) -> None:
+        """Rank 0's step, heartbeat, progress, role and whether it waits on peers."""
+        ports = self.endpoints(g)
+        if not ports:
+            return  # not serving yet: its launch time and startup grace speak for it
+        values = metric_values(get_direct(f"http://127.0.0.1:{ports[0]}/metrics", SCRAPE_TIMEOUT_S))
+        g.step = int(values["watchtower_train_step"])
+        g.heartbeat = values.get("watchtower_heartbeat_timestamp_seconds", g.heartbeat)
+        g.progress_at = values.get("watchtower_progress_timestamp_seconds", g.progress_at)
+        g.in_collective = values.get("watchtower_replica_in_collective", 0) == 1
+        if "watchtower_replica_participating" in values:
+            g.participating = values["watchtower_replica_participating"] == 1
+            g.participants = int(values.get("watchtower_replica_participants", 0))

@@ -1,0 +1,219 @@
+"""The supervisor (`watchtower supervise job.toml`): keeps N replica groups training through node
+failures, with hot spares, around a pure policy.
+
+Every `poll_interval_s`:
+  observe  exits, each group's rank-0 /metrics, drain requests, the Lighthouse's health (`observe.py`)
+  decide   `policy.decide(state, view, cfg)`: pure, every rule is a table row in tests/test_policy.py
+  execute  launch, kill, drain, restart from checkpoint, restart the Lighthouse (`actions.py`)
+  emit     events.jsonl, file_sd targets, the /metrics snapshot (`metrics.py`)
+Each observation and action runs on its own: an exception is logged once and counted in
+`watchtower_supervisor_errors_total{stage}`; only a policy decision kills a group.
+
+No orphans: groups start through `watchtower.orphan_guard` (the kernel kills them if this process
+dies, SIGKILL and OOM included); SIGTERM / SIGINT stop every group and the Lighthouse, write a
+`job_stopped` event and exit 143 / 130; a lock on the output directory refuses a second supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from watchtower.exposition import serve_metrics
+from watchtower.supervisor.actions import Executor
+from watchtower.supervisor.config import JobConfig
+from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.launcher import Launcher, LocalLauncher
+from watchtower.supervisor.lighthouse import Lighthouse
+from watchtower.supervisor.lock import JobDirLock
+from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, write_rank_targets,
+                                           write_supervisor_target)
+from watchtower.supervisor.observe import Group, Observer
+from watchtower.supervisor.policy import decide, node_states
+from watchtower.supervisor.policy_types import PolicyState, View
+from watchtower.validation import ConfigError
+
+if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only reads it
+    from watchtower.config import TrainConfig
+
+log = logging.getLogger("watchtower.supervisor")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SLEEP_SLICE_S = 0.1  # a stop signal is noticed within this, even while lingering
+
+
+class Supervisor:
+    """One job. `Supervisor(job, trainer).run()` returns the exit code; the constructor claims the
+    output directory (a ConfigError if a live supervisor holds it)."""
+
+    def __init__(self, job: JobConfig, trainer: TrainConfig, launcher: Launcher | None = None):
+        self.job, self.cfg = job, job.supervisor
+        self.out = job.job.output_path
+        self.lock = JobDirLock(self.out)
+        (self.out / "drain").mkdir(exist_ok=True)
+        self.run_name = job.job.name
+        self.policy_cfg = job.policy()
+        self.state = PolicyState.initial(self.policy_cfg)
+        self.errors = StageErrors()
+        self.events = EventLog(self.out / "events.jsonl", self.errors.record)
+        self.stats = JobStats(time.time(), job.cluster.active_groups)
+        self.launcher = launcher or LocalLauncher(self.out / "nodes")
+        self.groups: dict[str, Group] = {}
+        self.lighthouse: Lighthouse | None = None
+        self.observer = Observer(self.out, trainer.train.tp, trainer.train.steps, self.errors)
+        self.executor = Executor(job, trainer.to_dict(), trainer.checkpoint_url, self.launcher,
+                                 lambda: self.lighthouse, self.groups, self.events, self.stats, self.errors)
+        self.collector = SupervisorCollector(Snapshot(self.run_name, time.time()))
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.metrics_port: int | None = None
+        self._server = None
+        self._signal: int | None = None
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGINT end the job cleanly at the next slice of the loop (main thread only)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signal = signum  # the loop notices within SLEEP_SLICE_S; nothing else happens in a handler
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """What a stop signal does, for a caller that runs the loop in a thread."""
+        self._signal = signum
+
+    def run(self) -> int:
+        try:
+            self.start()
+            return self._loop()
+        finally:
+            self.shutdown()
+
+    def start(self) -> None:
+        """Start the Lighthouse and /metrics (a bind that fails is a ConfigError naming its key)."""
+        c, s = self.job.cluster, self.cfg
+        try:
+            self.lighthouse = Lighthouse(s.lighthouse_bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms)
+        except (OSError, RuntimeError) as err:
+            raise ConfigError("supervisor.lighthouse_bind", s.lighthouse_bind, f"the Lighthouse cannot listen "
+                              f"there: {err}") from None
+        if s.metrics_port:
+            try:
+                self._server, self.metrics_port = serve_metrics(self.registry, s.metrics_port, s.metrics_bind)
+            except OSError as err:
+                raise ConfigError("supervisor.metrics_bind", f"{s.metrics_bind}:{s.metrics_port}",
+                                  f"cannot serve /metrics there: {err}") from None
+        self.events.emit("job_started", f"{c.active_groups} active + {c.spare_groups} spare groups on "
+                         f"{len(c.nodes)} nodes; lighthouse {self.lighthouse.url}", lighthouse=self.lighthouse.url,
+                         supervisor_pid=os.getpid())
+
+    def _loop(self) -> int:
+        while True:
+            code = self.poll_once()
+            if code is not None:
+                return self._stopped_by_policy(code)
+            if self._sleep(self.cfg.poll_interval_s):
+                return self._stopped_by_signal()
+
+    def poll_once(self) -> int | None:
+        """observe → decide → execute → emit; the exit code of a `Stop`, else None."""
+        now = time.time()
+        view = self.observer.observe(list(self.groups.values()), self.lighthouse, self.launcher, now)
+        actions = []
+        with self.errors.guard("decide"):
+            self.state, actions = decide(self.state, view, self.policy_cfg)
+            for g in self.groups.values():  # the policy has now seen each exit once
+                g.reported = g.reported or not g.running
+        self.stats.job_step = max(self.stats.job_step, self.state.job_step)
+        code = self.executor.run(actions, now)
+        with self.errors.guard("metrics"):
+            self.stats.track(time.time(), self.groups, self.stats.job_step, self.events)
+        self._emit(view)
+        return code
+
+    def _emit(self, view: View) -> None:
+        with self.errors.guard("file_sd"):
+            write_rank_targets(self.out, self.run_name, self.groups)
+            if self._server is not None:
+                write_supervisor_target(self.out, self.run_name, self.metrics_port)
+        with self.errors.guard("metrics"):
+            self.collector.snapshot = self.snapshot(view)  # one reference swap: a scrape sees all or none
+
+    def snapshot(self, view: View) -> Snapshot:
+        live = [g for g in self.groups.values() if g.running]
+        roles = {"active": sum(1 for g in live if g.participating),
+                 "spare": sum(1 for g in live if g.participating is False),
+                 "starting": sum(1 for g in live if g.participating is None)}
+        nodes = {state: 0 for state in ("busy", "free", "draining", "drained", "down")}
+        for state in node_states(self.state, view, self.policy_cfg).values():
+            nodes[state.value] += 1
+        now = time.time()
+        return Snapshot(self.run_name, now, roles, nodes, dict(self.stats.failures), dict(self.stats.restarts),
+                        self.errors.snapshot(), self.stats.recovery_s,
+                        max((g.participants for g in live if g.participating), default=0),
+                        self.job.cluster.active_groups, self.job.cluster.spare_groups, self.stats.job_step,
+                        self.stats.goodput(now), self.stats.crash_loop, self.observer.lighthouse_up)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep in slices; True as soon as a stop signal has arrived."""
+        deadline = time.monotonic() + seconds
+        while self._signal is None and time.monotonic() < deadline:
+            time.sleep(min(SLEEP_SLICE_S, max(deadline - time.monotonic(), 0)))
+        return self._signal is not None
+
+    def _stopped_by_policy(self, code: int) -> int:
+        """A stop that needs a person (crash loop, no nodes) keeps /metrics up for linger_s, groups
+        stopped, so Prometheus scrapes the reason and the page goes out before the process is gone."""
+        if code != 0 and self._server is not None:
+            self._stop_groups()
+            self._emit(View(time.time()))
+            if self._sleep(self.cfg.linger_s):
+                log.info("stop signal while lingering: exiting now")
+        return code
+
+    def _stopped_by_signal(self) -> int:
+        name = signal.Signals(self._signal).name
+        self._stop_groups()
+        code = 128 + self._signal
+        self.events.emit("job_stopped", f"stopped by {name}: every group and the Lighthouse stopped",
+                         exit_code=code, signal=name)
+        return code
+
+    def _stop_groups(self) -> None:
+        for g in self.groups.values():
+            if g.running:
+                with self.errors.guard("kill"):
+                    g.process.kill()
+                    g.exit_code = g.process.poll()
+        if self.lighthouse is not None:
+            with self.errors.guard("lighthouse"):
+                self.lighthouse.stop()
+
+    def shutdown(self) -> None:
+        """Stop every group and the Lighthouse, empty our file_sd target, stop /metrics, unlock."""
+        self._stop_groups()
+        with self.errors.guard("file_sd"):
+            write_rank_targets(self.out, self.run_name, self.groups)
+            if self._server is not None:
+                write_supervisor_target(self.out, self.run_name, None)  # a stopped supervisor is not "down"
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        self.lock.release()
+
+    # ---- reporting --------------------------------------------------------------------------------
+
+    def summary(self) -> dict:
+        counted = sum(n for kind, n in self.stats.failures.items())
+        return {"steps": self.stats.job_step, "failures": counted, "restarts": dict(self.stats.restarts),
+                "recovery_seconds": None if self.stats.recovery_s is None else round(self.stats.recovery_s, 2),
+                "goodput_ratio": round(self.stats.goodput(time.time()), 3), "crash_loop": self.stats.crash_loop}
