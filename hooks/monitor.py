@@ -25,6 +25,7 @@ Any exception inside these is counted in `watchtower_hook_errors_total` and logg
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -60,6 +61,7 @@ class MonitorState:
     step: int = 0
     steps_total: int = 0  # applied steps; a skipped one goes to skipped_steps_total
     skipped_steps_total: int = 0
+    uncommitted_steps_total: int = 0  # attempts the replicas did not commit (redone): neither of the above
     step_time_s: float | None = None
     step_time_total_s: float = 0.0
     tokens_total: float = 0.0
@@ -87,12 +89,13 @@ class _StepRecord:
 
 
 class StepHandle:
-    """What `with monitor.step() as s` gives: `s.record(...)` and `s.should_step()`."""
+    """What `with monitor.step() as s` gives: `s.record(...)`, `s.should_step()` and the two marks."""
 
     def __init__(self, monitor: "Monitor", step: int, tokens: float):
         self.monitor, self.step, self.tokens = monitor, step, tokens
         self._loss = self._grad_norm = None
         self.skipped = False  # set by should_step(): the loop was told not to apply this step
+        self.committed = True  # cleared by mark_uncommitted(): the attempt is dropped and redone
 
     def __enter__(self) -> "StepHandle":
         with self.monitor.errors.guard("step_enter"):
@@ -135,6 +138,18 @@ class StepHandle:
         (e.g. replica groups voted to skip it): it counts as skipped, not as a step or tokens."""
         self.skipped = True
 
+    def mark_uncommitted(self) -> None:
+        """Tell the monitor this attempt was thrown away and the loop will run the same step again
+        (torchft's `should_commit()` was False: a peer failed mid-step).
+
+        The attempt counts in `watchtower_uncommitted_steps_total` only: not as a step, not as a skip
+        (whatever `should_step()` said) and not as tokens, so the redo is counted once, as what it
+        turns out to be. Its wall time still counts as step time, so tokens/s and MFU show the redo as
+        lost throughput. The step number does not move; the heartbeat does (the rank is alive).
+        Costs one attribute write: nothing is read from the device.
+        """
+        self.committed = False
+
 
 class _NullStep:
     def __enter__(self):
@@ -152,15 +167,30 @@ class _NullStep:
     def mark_skipped(self) -> None:
         pass
 
+    def mark_uncommitted(self) -> None:
+        pass
+
 
 class _PassThrough:
-    """Reads, writes and `len()` reach the wrapped loader, as if it were not wrapped at all."""
+    """Reads, writes, `len()` and copies reach the wrapped loader, as if it were not wrapped at all.
+
+    A copy is a new wrapper around a copy of the loader, timing into the same monitor (the monitor
+    itself, with its threads and locks, is never copied).
+    """
 
     __slots__ = ("_source", "_monitor")
 
     def __init__(self, source: Any, monitor: "Monitor"):
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_monitor", monitor)
+
+    def __copy__(self):
+        # copy's default path rebuilds the slots through __setattr__, which would write to the
+        # loader of a copy that has none yet
+        return type(self)(copy.copy(self._source), self._monitor)
+
+    def __deepcopy__(self, memo: dict):
+        return type(self)(copy.deepcopy(self._source, memo), self._monitor)
 
     def __getattr__(self, name: str):  # only for names the wrapper itself lacks: sampler, set_epoch, ...
         if name in _PassThrough.__slots__:  # half-built (copy, pickle): no endless recursion
@@ -208,6 +238,21 @@ class _TimedLoader(_PassThrough):
         it = iter(self._source)  # a DataLoader starts its workers here: waiting on that is data wait too
         self._monitor._add_wait(time.perf_counter() - start)
         return _TimedIterator(it, self._monitor)
+
+
+class _TimedIndexedLoader(_TimedLoader):
+    """A re-iterable loader that can also be indexed (a list of batches): `loader[i]` passes through.
+
+    A class of its own so that a wrapper has `__getitem__` exactly when its loader has (code that
+    asks `hasattr(loader, "__getitem__")` gets the loader's answer). Indexing is not timed: a
+    DataLoader indexes a dataset inside its own `next()`, which may already be timed, and a
+    per-index timer there would count that wait twice.
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, key):
+        return self._source[key]
 
 
 class Monitor:
@@ -276,19 +321,33 @@ class Monitor:
 
         A re-iterable loader (a DataLoader, a list) stays re-iterable: each `for` gets a fresh timed
         iterator, so every epoch is seen. An iterator or generator stays an iterator (`next()` works).
-        `len()`, attributes (`sampler`, `dataset`, `set_epoch`, ...) and attribute writes reach the
-        loader. Costs two `perf_counter` calls per batch and per epoch.
+        `len()`, indexing, `copy`, attributes (`sampler`, `dataset`, `set_epoch`, ...) and attribute
+        writes reach the loader. Costs two `perf_counter` calls per batch and per epoch.
+
+        Wrapping what this monitor already times (wrap(wrap(x)), or an epoch's iterator of a wrapped
+        loader) returns it unchanged: every wait is counted once. A loader another monitor wrapped
+        is wrapped again; each monitor then times each wait once, in its own metrics.
         """
-        if not self.cfg.enabled:
+        if not self.cfg.enabled or self._times(iterable):
             return iterable
         kind = type(iterable)
         if hasattr(kind, "__next__"):
             return _TimedIterator(iterable, self)
-        if hasattr(kind, "__iter__") or hasattr(kind, "__getitem__"):
+        if hasattr(kind, "__getitem__"):
+            return _TimedIndexedLoader(iterable, self)
+        if hasattr(kind, "__iter__"):
             return _TimedLoader(iterable, self)
         # not iterable: the loop's problem, not ours; counted and handed back untouched
         self.errors.record("wrap", TypeError(f"{kind.__name__} is not iterable"))
         return iterable
+
+    def _times(self, iterable: Any) -> bool:
+        """Whether a wrapper of this monitor is anywhere in `iterable`'s chain of wrappers."""
+        while isinstance(iterable, _PassThrough):
+            if iterable._monitor is self:
+                return True
+            iterable = iterable._source
+        return False
 
     def step(self, tokens: Any = 0, step: int | None = None) -> StepHandle | _NullStep:
         """Context manager around one optimizer step. `step`: the global step (default: count)."""
@@ -402,20 +461,32 @@ class Monitor:
             end.record()
             self._cuda_events.append((handle.step, handle._cuda_start, end))
         s = self.state
-        s.step = handle.step  # a skipped step is still done: the step and heartbeat move on
-        tokens = 0.0 if handle.skipped else handle.tokens
-        if handle.skipped:
-            s.skipped_steps_total += 1
-        else:
-            s.steps_total += 1
-        s.step_time_total_s += seconds  # wall time of every step, skipped or not
+        tokens = self._count_attempt(handle)
+        s.step_time_total_s += seconds  # wall time of every attempt: skipped, redone or applied
         s.tokens_total += tokens
         s.data_wait_total_s += wait
         s.heartbeat = time.time()
         self._records.append(_StepRecord(handle.step, seconds, wait, tokens))
-        finished = s.steps_total + s.skipped_steps_total
-        if finished % self.cfg.log_interval == 0:
+        attempts = s.steps_total + s.skipped_steps_total + s.uncommitted_steps_total
+        if attempts % self.cfg.log_interval == 0:
             self._flush(wait=False)
+
+    def _count_attempt(self, handle: StepHandle) -> float:
+        """Count the attempt as exactly one of applied, skipped or uncommitted; its applied tokens.
+
+        Only a committed attempt is a step: a skipped one still moves the step number (it is done,
+        without an update); an uncommitted one is redone under the same number, so it moves nothing.
+        """
+        s = self.state
+        if not handle.committed:
+            s.uncommitted_steps_total += 1
+            return 0.0
+        s.step = handle.step
+        if handle.skipped:
+            s.skipped_steps_total += 1
+            return 0.0
+        s.steps_total += 1
+        return handle.tokens
 
     def _check_parallel_if_due(self, step: int) -> None:
         """The watched model's TP/DP checks, at the first step this monitor sees and every
@@ -494,6 +565,7 @@ class Monitor:
         f.add("watchtower_train_step", s.step)
         f.add("watchtower_steps_total", s.steps_total)
         f.add("watchtower_skipped_steps_total", s.skipped_steps_total)
+        f.add("watchtower_uncommitted_steps_total", s.uncommitted_steps_total)
         f.add("watchtower_step_time_seconds", s.step_time_s)
         f.add("watchtower_step_seconds_total", s.step_time_total_s)
         f.add("watchtower_tokens_total", s.tokens_total)

@@ -186,6 +186,85 @@ def test_count_mode_counts_every_step_and_never_reads_the_device_per_step():
     assert [(e.detector, e.step) for e in monitor.events] == [("nonfinite", 3)]
 
 
+# ---- finding 3: a step torchft does not commit, and the trainer redoes, is not an applied step --------------
+
+def test_uncommitted_attempt_is_not_counted_as_an_applied_step_or_tokens_or_a_second_skip():
+    """Step 2 and the skipped (NaN) step 4 each have a first attempt that is not committed and is redone.
+
+    Only committed steps count: 5 applied and 1 skipped, the applied steps' tokens only, and the two
+    dropped attempts in watchtower_uncommitted_steps_total. tokens/s and MFU are applied tokens per wall
+    second of every attempt (the rank was busy redoing). Marking costs no host sync: with
+    nonfinite_action=count nothing is read from the device before the log interval."""
+    flops_per_token, peak = 6.0, 1e6
+    monitor = Monitor(MonitorConfig(port=0, log_interval=100, nonfinite_action="skip_step", peak_flops=peak),
+                      RankIdentity(run="redo", node="n0"), flops_per_token=flops_per_token)
+    attempts = [(1, True), (2, False), (2, True), (3, True), (4, False), (4, True), (5, True), (6, True)]
+    for step, committed in attempts:
+        with monitor.step(tokens=10, step=step) as s:
+            s.record(loss=torch.tensor(float("nan") if step == 4 else 1.0), lr=0.1)
+            s.should_step()
+            if not committed:
+                s.mark_uncommitted()
+    monitor.close()
+    got = exported(monitor)
+    assert value(got, "watchtower_steps_total") == 5
+    assert value(got, "watchtower_skipped_steps_total") == 1, "a redone skipped step is one skip, not two"
+    assert value(got, "watchtower_uncommitted_steps_total") == 2
+    assert value(got, "watchtower_tokens_total") == 50
+    assert value(got, "watchtower_train_step") == 6
+    wall = monitor.state.step_time_s * len(attempts)  # the interval's wall time: every attempt's
+    assert abs(monitor.state.tokens_per_s * wall - 50) < 1e-6, "tokens/s counts applied tokens only"
+    assert abs(monitor.state.mfu - monitor.state.tokens_per_s * flops_per_token / peak) < 1e-12
+
+    counter = Monitor(MonitorConfig(port=0, log_interval=100), RankIdentity(run="redo-count", node="n0"))
+    for step, committed in ((1, False), (1, True), (2, True)):
+        with counter.step(tokens=10, step=step) as s:
+            s.record(loss=torch.tensor(float("nan")))
+            if not committed:
+                s.mark_uncommitted()
+    assert not counter.events, "marking an attempt uncommitted reads nothing from the device"
+    assert counter.state.steps_total == 2 and counter.state.uncommitted_steps_total == 1
+    counter.close()
+
+
+class _PeerFailsOnAttempts:
+    """The replication layer of one group whose should_commit() is False on the given attempts (1-based),
+    which is what TorchFTGroup.should_commit() answers when a peer's all-reduce failed."""
+
+    def __init__(self, failing: set[int]):
+        from watchtower.trainer.replication import SingleGroup
+
+        self.group, self.attempt, self.failing = SingleGroup(), 0, failing
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+    def should_commit(self) -> bool:
+        self.attempt += 1
+        return self.group.should_commit() and self.attempt not in self.failing
+
+
+def test_trainer_redone_step_is_not_counted_as_an_applied_step(tmp_path, monkeypatch):
+    """The bundled trainer tells its monitor when torchft did not commit an attempt: steps 2 and 4
+    (step 4 a NaN the monitor skips) are redone once each, and the metrics count 6 committed steps."""
+    from watchtower.config import load_config
+    from watchtower.trainer import train as train_mod
+
+    cfg = load_config("tiny", [("train.steps", 6), ("run.output_dir", str(tmp_path)), ("monitor.port", 0),
+                               ("monitor.nonfinite_action", "skip_step"), ("data.max_bytes", 200_000),
+                               ("faults.inject", ["nonfinite@4"])])
+    # attempts: 1 = step 1, 2 = step 2 (fails), 3 = step 2, 4 = step 3, 5 = step 4 (fails), 6 = step 4, ...
+    monkeypatch.setattr(train_mod.Trainer, "_make_replication", lambda self: _PeerFailsOnAttempts({2, 5}))
+    trainer = train_mod.Trainer(cfg)
+    trainer.train()
+    state = trainer.monitor.state
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.seq_len * cfg.train.grad_accum_steps
+    assert trainer.step == 6
+    assert (state.steps_total, state.skipped_steps_total) == (5, 1)
+    assert state.tokens_total == 5 * tokens_per_step
+    assert state.uncommitted_steps_total == 2
+
+
 # ---- live: a supervised rank and the supervisor ------------------------------------------------------------
 
 def test_live_rank_and_supervisor_scrapes_are_promtool_clean_in_text_and_openmetrics(tmp_path):

@@ -170,3 +170,88 @@ def test_wrapped_iterator_stays_a_timed_iterator():
     assert monitor.state.data_wait_total_s == 0 and monitor._pending_wait > 0
     assert monitor.errors.counts["wrap"] == 0
     monitor.close()
+
+
+class _FakeClock:
+    """Stands in for the monitor's `time` module: waits and compute advance it by exact amounts."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return 1e9 + self.now
+
+
+class _ClockedLoader:
+    """Each batch arrives after 1 s on the fake clock; re-iterable and sized, like a DataLoader."""
+
+    def __init__(self, clock: _FakeClock, n: int = 4):
+        self.clock, self.n = clock, n
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.clock.now += 1.0
+            yield i
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def test_wrapping_a_wrapped_loader_times_each_data_wait_once(monkeypatch):
+    """wrap(wrap(x)) timed every batch in both layers: 8 s of data wait for 4 s, and a ratio of 1.0."""
+    import watchtower.hooks.monitor as monitor_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(monitor_module, "time", clock)
+    other = make()  # another monitor's wrapper inside: each monitor times the wait once, in its own state
+
+    def measured(wrapping) -> tuple[float, float]:
+        monitor = make(log_interval=4)
+        for _ in wrapping(monitor, _ClockedLoader(clock)):
+            with monitor.step(tokens=1):
+                clock.now += 1.0  # compute
+        monitor.close()
+        return monitor.state.data_wait_total_s, monitor.state.data_wait_ratio
+
+    once = measured(lambda m, src: m.wrap(src))
+    assert once[0] == 4.0
+    assert measured(lambda m, src: m.wrap(m.wrap(src))) == once
+    assert measured(lambda m, src: m.wrap(iter(m.wrap(src)))) == once  # an epoch's iterator wrapped again
+    assert measured(lambda m, src: m.wrap(other.wrap(m.wrap(src)))) == once
+    assert measured(lambda m, src: m.wrap(other.wrap(src))) == once
+    assert other._pending_wait == 8.0, "the other monitor timed its two loops once each (it had no step)"
+    other.close()
+
+
+def test_wrapped_loader_can_be_copied_and_indexed():
+    """copy.copy(wrap(x)) raised AttributeError: _source, deepcopy tried to copy the monitor's locks, and
+    wrap(list)[1] raised TypeError. Copies are working wrappers on the same monitor; indexing passes
+    through (untimed) when the loader has it, and fails as the loader's own does when it has not."""
+    import copy
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(8.0))
+    source = torch.utils.data.DataLoader(dataset, batch_size=4)
+    monitor = make()
+    loader = monitor.wrap(source)
+    shallow, deep = copy.copy(loader), copy.deepcopy(loader)
+    assert shallow is not loader and shallow.dataset is dataset and len(shallow) == 2
+    assert deep.dataset is not dataset and torch.equal(deep.dataset.tensors[0], dataset.tensors[0])
+    for copied in (shallow, deep):
+        before = monitor._pending_wait
+        assert [b.tolist() for (b,) in copied] == [[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0]]
+        assert monitor._pending_wait > before, "a copy still times its waits on the same monitor"
+    assert not hasattr(loader, "__getitem__"), "a DataLoader has no indexing, so neither has its wrapper"
+    with pytest.raises(TypeError):
+        loader[0]
+
+    batches = [torch.zeros(2), torch.ones(2)]
+    wrapped = monitor.wrap(batches)
+    assert torch.equal(wrapped[1], batches[1]) and wrapped[-1] is batches[-1] and wrapped[:1] == batches[:1]
+    assert [b.sum().item() for b in copy.copy(wrapped)] == [0.0, 2.0]
+    stream = monitor.wrap(iter(batches))
+    assert next(copy.copy(stream)) is batches[0] and next(stream) is batches[0], "a copied iterator is its own"
+    assert monitor.errors.counts["wrap"] == 0
+    monitor.close()

@@ -12,9 +12,13 @@ a parse error for promtool and a clash for Prometheus. A test checks the whole t
 
 Steps: `watchtower_steps_total` and `watchtower_tokens_total` count only steps whose update was
 applied; a step skipped for a non-finite loss or grad norm (nonfinite_action = "skip_step") adds to
-`watchtower_skipped_steps_total` instead. Its wall time still counts: the step-time gauge and
-`watchtower_step_seconds_total` are per iteration, skipped or not (the rank was busy all the same),
-and tokens/s is applied tokens per wall second, so skips show up as lost throughput.
+`watchtower_skipped_steps_total` instead. An attempt that torchft did not commit (a peer failed
+mid-step) is thrown away and redone under the same step number: it adds to
+`watchtower_uncommitted_steps_total` only, never to steps, skips or tokens, so each committed step
+is counted once, as applied or as skipped. Wall time still counts: the step-time gauge and
+`watchtower_step_seconds_total` are per attempt, skipped, redone or applied (the rank was busy all
+the same), and tokens/s (and MFU) is applied tokens per wall second, so skips and redos show up as
+lost throughput.
 """
 
 from __future__ import annotations
@@ -50,9 +54,13 @@ RANK_METRICS = _specs(
                "Steps this process applied (a step skipped for a non-finite loss or grad norm is not one)."),
     MetricSpec("watchtower_skipped_steps_total", "counter",
                "Steps whose update was skipped: non-finite loss or grad norm with nonfinite_action=skip_step."),
+    MetricSpec("watchtower_uncommitted_steps_total", "counter",
+               "Step attempts the replica groups did not commit (a peer failed mid-step); each is redone, and "
+               "counts neither as a step, a skip nor tokens."),
     MetricSpec("watchtower_step_time_seconds", "gauge",
-               "Mean wall time per step over the last log interval, skipped steps included."),
-    MetricSpec("watchtower_step_seconds_total", "counter", "Wall time spent in steps, skipped steps included."),
+               "Mean wall time per step attempt over the last log interval, skipped and redone ones included."),
+    MetricSpec("watchtower_step_seconds_total", "counter",
+               "Wall time spent in step attempts, skipped and redone ones included."),
     MetricSpec("watchtower_tokens_total", "counter", "Tokens of the steps this rank applied."),
     MetricSpec("watchtower_tokens_per_second", "gauge",
                "Tokens of applied steps per second of wall time over the last log interval."),
@@ -62,7 +70,8 @@ RANK_METRICS = _specs(
     MetricSpec("watchtower_loss", "gauge", "Training loss of the last step copied to the host."),
     MetricSpec("watchtower_grad_norm", "gauge", "Global gradient norm of the last step copied to the host."),
     MetricSpec("watchtower_learning_rate", "gauge", "Learning rate of the last step."),
-    MetricSpec("watchtower_heartbeat_timestamp_seconds", "gauge", "Unix time when this rank last finished a step."),
+    MetricSpec("watchtower_heartbeat_timestamp_seconds", "gauge",
+               "Unix time when this rank last finished a step attempt (a redone one included)."),
     MetricSpec("watchtower_progress_timestamp_seconds", "gauge",
                "Unix time of this rank's last progress report before its first step (staging, init, resume, "
                "healing); a supervisor counts a starting group's grace from it."),

@@ -309,6 +309,8 @@ class Trainer:
                 elif committed:
                     s.mark_skipped()  # the groups' vote may skip a step this rank's own verdict allowed
                     log.warning("step %d skipped: non-finite loss or gradient", step)
+                else:
+                    s.mark_uncommitted()  # redone below: counted once, when an attempt commits
                 self.optimizer.zero_grad(set_to_none=True)
             self.data.end_step(committed)  # a step torchft redoes reads the same windows again
             self.monitor.set_gauge("watchtower_replica_participants", self.replication.participants())
