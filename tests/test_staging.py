@@ -96,10 +96,12 @@ def test_a_rank_waiting_for_the_node_copier_reports_the_copiers_progress(tmp_pat
         waiter = threading.Thread(target=stage, args=([f"file://{corpus / 'doc0.txt'}"], cache, 10**9),
                                   kwargs={"progress": lambda: calls.append(1)})
         waiter.start()
-        wait_until(lambda: len(calls) >= 1, "the waiting rank's first report")
+        waiting = lambda: waiter.is_alive() or pytest.fail("the waiting rank's stage() ended")  # noqa: E731
+        wait_until(lambda: len(calls) >= 1, "the waiting rank's first report", abort=waiting)
         for size in (2, 3):
             partial.write_bytes(b"x" * size)
-            wait_until(lambda n=len(calls): len(calls) > n, f"a report after the copy grew to {size} bytes")
+            wait_until(lambda n=len(calls): len(calls) > n, f"a report after the copy grew to {size} bytes",
+                       abort=waiting)
         partial.unlink()
     waiter.join(timeout=30)
     assert not waiter.is_alive()

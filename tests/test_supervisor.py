@@ -238,6 +238,7 @@ def test_hung_group_is_detected_and_replaced(tmp_path):
     ({"train_overrides": ["train.tp=3"]}, "train.tp"),
     ({"active": 4, "spares": 1}, "cluster.active_groups"),
     ({"job": {"trainer_config": None}}, "job.trainer_config"),
+    ({"cluster": {"nodes": ["../etc", "n1", "n2", "n3"]}}, "cluster.nodes[0]"),  # it becomes drain/NAME, nodes/NAME
 ])
 def test_bad_job_files_are_refused_before_anything_starts(tmp_path, edit, field):
     path = job_file(tmp_path, **edit)
@@ -294,6 +295,7 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
     finally:
         endpoint.write_text(real)
         page.shutdown()
+    assert not [e for e in events(tmp_path) if e["event"] == "group_failed"], "the web page killed a group"
     at_outage = sup.stats.job_step
     url = sup.lighthouse.url
     sup.lighthouse.stop()

@@ -116,12 +116,12 @@ class Supervisor:
                          supervisor_pid=os.getpid())
 
     def _loop(self) -> int:
-        while True:
+        while self._signal is None:
             code = self.poll_once()
             if code is not None:
                 return self._stopped_by_policy(code)
-            if self._sleep(self.cfg.poll_interval_s):
-                return self._stopped_by_signal()
+            self._sleep(self.cfg.poll_interval_s)
+        return self._stopped_by_signal()
 
     def poll_once(self) -> int | None:
         """observe → decide → execute → emit; the exit code of a `Stop`, else None."""
@@ -163,7 +163,7 @@ class Supervisor:
                         self.stats.goodput(now), self.stats.crash_loop, self.observer.lighthouse_up)
 
     def _sleep(self, seconds: float) -> bool:
-        """Sleep in slices; True as soon as a stop signal has arrived."""
+        """Sleep in slices; True (at once) when a stop signal has arrived."""
         deadline = time.monotonic() + seconds
         while self._signal is None and time.monotonic() < deadline:
             time.sleep(min(SLEEP_SLICE_S, max(deadline - time.monotonic(), 0)))
