@@ -4,16 +4,23 @@ other runs' checkpoints and debris left alone, a failed save costs nothing but i
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
+import socket
 import threading
 
 import pytest
 import torch
 
+from conftest import free_port
 from watchtower import cli
+from watchtower.config import load_config
+from watchtower.supervisor.jobfile import job_toml
 from watchtower.trainer.checkpoint import Checkpointer
+from watchtower.trainer.train import run
+from watchtower.validation import ConfigError
 
 
 def single_rank(url, keep_last: int = 2) -> Checkpointer:
@@ -311,3 +318,207 @@ def test_a_rank_failing_its_write_fails_the_save_on_every_rank_without_a_hang(tm
     assert [(s, st["w"][0].item()) for s, st, _ in loaded] == [(10, 10.0), (10, 11.0)]
     assert run_ranks(2, lambda r: cks[r].save(30, weights(30 + r), {})) == [None, None]
     assert leftovers(tmp_path) == [] and cks[0].steps() == [30, 10]
+
+
+# ---- review of issue 11: a save never writes into a committed checkpoint; resumes refused up front ----
+
+def manifest_of(directory) -> dict:
+    return json.loads((directory / "manifest.json").read_text())
+
+
+def sound(directory) -> bool:
+    """Every file the manifest lists is there with its recorded sha256: the checkpoint is intact."""
+    return all(hashlib.sha256((directory / e["file"]).read_bytes()).hexdigest() == e["sha256"]
+               for e in manifest_of(directory)["files"])
+
+
+def test_a_failed_resave_of_a_step_keeps_the_previous_checkpoint_of_that_step(tmp_path, monkeypatch):
+    """Review finding 1: saving step 3 again (a finished run started again) replaced rank-00.pt in
+    place before the new manifest; ENOSPC on that manifest left the old one failing its sha256."""
+    ck = single_rank(tmp_path, keep_last=1)
+    ck.save(3, weights(3), {"run": "x"})
+    with monkeypatch.context() as m:
+        fail_writes(m, ck.fs, lambda p: str(p).endswith("manifest.json.tmp"))
+        with pytest.raises(OSError) as raised:
+            ck.save(3, weights(33), {"run": "x"})
+    assert raised.value.errno == errno.ENOSPC
+    assert sound(tmp_path / "step-00000003")
+    step, state, _ = single_rank(tmp_path, keep_last=1).load_latest()
+    assert step == 3 and state["w"][0] == 3, "the previous checkpoint of step 3 is still the one loaded"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"], "the failed save left no debris"
+    ck.save(3, weights(33), {"run": "x"})  # a re-save that commits replaces it, then retires the old one
+    step, state, _ = single_rank(tmp_path, keep_last=1).load_latest()
+    assert step == 3 and state["w"][0] == 33
+    assert ck.steps() == [3] and leftovers(tmp_path) == []
+
+
+def test_a_failed_resave_on_an_object_store_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The same through fsspec's memory filesystem, which (like an object store) has no atomic rename
+    of a directory: the save is staged by its directory name, nothing is renamed."""
+    url = f"memory://resave-{tmp_path.name}"
+    ck = single_rank(url, keep_last=1)
+    ck.save(3, weights(3), {})
+    with monkeypatch.context() as m:
+        fail_writes(m, ck.fs, lambda p: str(p).endswith("manifest.json.tmp"))
+        with pytest.raises(OSError):
+            ck.save(3, weights(33), {})
+    step, state, _ = single_rank(url, keep_last=1).load_latest()
+    assert step == 3 and state["w"][0] == 3
+    assert [p.rsplit("/", 1)[-1] for p in ck.fs.ls(ck.root, detail=False)] == ["step-00000003"]
+    ck.fs.rm(ck.root, recursive=True)
+
+
+def test_a_resave_killed_before_its_manifest_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    ck = single_rank(tmp_path, keep_last=1)
+    ck.save(3, weights(3), {})
+    with monkeypatch.context() as m:
+        fail_writes(m, ck.fs, lambda p: str(p).endswith("manifest.json.tmp"), error=Killed())
+        with pytest.raises(Killed):
+            ck.save(3, weights(33), {})
+    restarted = single_rank(tmp_path, keep_last=1)
+    step, state, _ = restarted.load_latest()
+    assert step == 3 and state["w"][0] == 3
+    restarted.save(4, weights(4), {})  # the next good save removes the killed save's debris
+    assert restarted.steps() == [4] and sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004"]
+
+
+def test_a_resave_failing_on_one_tp_rank_keeps_the_previous_checkpoint_on_both(tmp_path, monkeypatch):
+    """TP=2: rank 0 has written its new file when rank 1's disk fills up; step 10 must stay whole."""
+    group = ThreadGroup(2)
+    cks = [group.checkpointer(tmp_path, r, 2) for r in range(2)]
+    assert run_ranks(2, lambda r: cks[r].save(10, weights(10 + r), {})) == [None, None]
+    fail_writes(monkeypatch, cks[0].fs, lambda p: str(p).endswith("rank-01.pt.tmp"))
+    results = run_ranks(2, lambda r: cks[r].save(10, weights(50 + r), {}))
+    assert all(isinstance(e, OSError) for e in results), results
+    monkeypatch.undo()
+    loaded = run_ranks(2, lambda r: group.checkpointer(tmp_path, r, 2).load_latest())
+    assert [(s, st["w"][0].item()) for s, st, _ in loaded] == [(10, 10.0), (10, 11.0)]
+
+
+def test_a_fresh_run_never_overwrites_another_runs_checkpoint_at_the_same_step(tmp_path):
+    """Review finding 2: a fresh run in a reused dir replaced the old run's step-N as it reached N."""
+    single_rank(tmp_path, keep_last=1).save(10, weights(10), {"run": "old"})
+    old = tmp_path / "step-00000010"
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    fresh = single_rank(tmp_path, keep_last=1)  # resume=false: nothing loaded, a new origin
+    fresh.save(10, weights(1), {"run": "new"})
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before, "the old run's checkpoint is untouched"
+    step, state, meta = fresh.load_latest()
+    assert (step, meta, state["w"][0].item()) == (10, {"run": "new"}, 1.0), "the newest save is the new run's"
+    fresh.save(20, weights(2), {"run": "new"})  # keep_last=1 prunes the new run's own step 10 only
+    assert sorted(fresh.steps()) == [10, 20] and sound(old) and manifest_of(old)["meta"] == {"run": "old"}
+
+
+def seqs(root) -> dict[str, int]:
+    """Each checkpoint directory's seq: which save it holds."""
+    return {p.parent.name: manifest_of(p.parent)["seq"] for p in root.glob("step-*/manifest.json")}
+
+
+def tp2_checkpoints(root, meta: dict) -> dict[str, int]:
+    """A TP=2 run's checkpoints at steps 5 and 10; returns their seqs."""
+    group = ThreadGroup(2)
+    for step in (5, 10):
+        run_ranks(2, lambda r: group.checkpointer(root, r, 2).save(step, weights(step + r), meta))
+    return seqs(root)
+
+
+def test_resume_with_another_tp_is_refused_not_skipped_as_corrupt(tmp_path):
+    """Review finding 2: every TP=2 checkpoint was "unusable" to a TP=1 run, which then started from
+    step 0 without the config check and overwrote them."""
+    saved = tp2_checkpoints(tmp_path, {"config_hash": "aaaaaaaaaaaa"})
+    for load in (lambda ck: ck.load_latest(), lambda ck: ck.load_latest("aaaaaaaaaaaa", allow_config_change=True)):
+        with pytest.raises(ConfigError) as refused:  # shards of another TP cannot be loaded, allowed or not
+            load(single_rank(tmp_path))
+        assert refused.value.field == "train.tp" and "saved with train.tp = 2" in str(refused.value)
+        assert "step-00000010" in str(refused.value) and "--tp 2" in str(refused.value)
+    assert seqs(tmp_path) == saved
+
+
+def test_resume_under_another_config_hash_is_refused_even_when_its_newest_save_is_corrupt(tmp_path):
+    """The config check is on the manifest, before any shard is read: a truncated shard of another
+    config's checkpoint does not send the run back to an older checkpoint it would silently load."""
+    ck = single_rank(tmp_path)
+    ck.save(10, weights(10), {"config_hash": "aaaaaaaaaaaa"})
+    ck.save(20, weights(20), {"config_hash": "bbbbbbbbbbbb"})
+    (tmp_path / "step-00000020" / "rank-00.pt").write_bytes(b"truncated")
+    with pytest.raises(ConfigError) as refused:
+        single_rank(tmp_path).load_latest("aaaaaaaaaaaa")
+    assert refused.value.field == "checkpoint.dir" and "bbbbbbbbbbbb" in str(refused.value)
+
+
+def train_args(tmp_path, ckpt, *extra: str) -> list[str]:
+    return ["train", "--config", "tiny", "--port", "0", "--steps", "2", "--output-dir", str(tmp_path / "run"),
+            "--checkpoint.dir", str(ckpt), *extra]
+
+
+def test_resume_with_another_tp_is_refused_before_any_rank_starts(tmp_path, capsys):
+    """Review findings 2 and 5: `watchtower train --tp 1` on a TP=2 run's checkpoints is one line,
+    exit 2, before an output dir, a /metrics port or a rank exists, and the checkpoints stay."""
+    saved = tp2_checkpoints(tmp_path / "ckpt", {"config_hash": "aaaaaaaaaaaa"})
+    capsys.readouterr()
+    code = cli.main(train_args(tmp_path, tmp_path / "ckpt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("config error: train.tp = 1: ") and "--tp 2" in err[0], err[0]
+    assert not (tmp_path / "run").exists(), "nothing may start before the resume is judged"
+    assert seqs(tmp_path / "ckpt") == saved
+
+
+def test_refused_resume_under_another_config_hash_starts_nothing(tmp_path, capsys):
+    """Review finding 5: the refusal came from inside the trainer, after /metrics, the output dir
+    and (under a supervisor) the Lighthouse and every group had started."""
+    single_rank(tmp_path / "ckpt").save(10, weights(10), {"config_hash": "aaaaaaaaaaaa"})
+    capsys.readouterr()
+    code = cli.main(train_args(tmp_path, tmp_path / "ckpt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("config error: checkpoint.dir = ") and "aaaaaaaaaaaa" in err[0], err[0]
+    assert not (tmp_path / "run").exists(), "nothing may start before the resume is judged"
+
+
+@pytest.mark.parametrize("overrides,saved_meta,field", [
+    ([], {"config_hash": "aaaaaaaaaaaa"}, "checkpoint.dir"),
+    (["train.tp=2"], {}, "train.tp"),
+], ids=["config-hash", "tp"])
+def test_supervise_refuses_a_resume_of_another_config_before_starting_groups(tmp_path, capsys, overrides,
+                                                                             saved_meta, field):
+    """Review finding 5: under `supervise` the groups' exit 2 drained three nodes and ended as a crash loop."""
+    job_dir = tmp_path / "job"
+    single_rank(job_dir / "checkpoints").save(10, weights(10), saved_meta)  # a TP=1 run's checkpoint
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "tune", "trainer_config": "tiny", "output_dir": str(job_dir),
+                              "train_overrides": ["train.steps=20", *overrides]}, {"nodes": ["n0", "n1"]},
+                             {"metrics_port": 0, "linger_s": 0, "base_port": free_port()}))
+    capsys.readouterr()
+    code = cli.main(["supervise", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"config error: {field} = "), err[0]
+    assert sorted(p.name for p in job_dir.iterdir()) == ["checkpoints"], "no Lighthouse, no group, no event"
+
+
+def test_a_finished_run_started_again_does_not_save_its_last_step_again(tmp_path):
+    """The same run started again loads its last step and has nothing to do: re-saving it would only
+    rewrite (and, before staging, risk) the checkpoint it just loaded."""
+    ckpt = make_checkpoint(tmp_path, "0.001")
+    before = manifest_of(tmp_path / "ckpt" / "step-00000002")
+    assert make_checkpoint(tmp_path, "0.001") == ckpt
+    assert manifest_of(tmp_path / "ckpt" / "step-00000002") == before
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000002"]
+
+
+def test_a_run_whose_save_fails_frees_its_metrics_port(tmp_path, monkeypatch):
+    """Review finding 9: when train() raised (a failed save), run() left /metrics bound and its
+    threads running in the calling process."""
+    port = free_port()
+    cfg = load_config("tiny", [("train.steps", 2), ("run.output_dir", str(tmp_path / "run")),
+                               ("monitor.port", port), ("monitor.bind", "127.0.0.1"), ("data.max_bytes", 200_000)])
+
+    def disk_full(self, path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(Checkpointer, "_write_atomic", disk_full)
+    with pytest.raises(OSError):
+        run(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # EADDRINUSE while the failed run's server still holds it

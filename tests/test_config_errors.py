@@ -46,6 +46,15 @@ BAD_FLAGS = [
     pytest.param(["--data.source", "s3://bucket/corpus/"], "data.source", "pip install s3fs",
                  marks=needs_no_s3fs, id="s3-without-s3fs"),
     (["--data.source", "nosuchproto://bucket/x"], "data.source", "protocol"),
+    # a traceback before (review of issue 11, finding 6): checkpoint.dir and run.output_dir were first
+    # met by fsspec / mkdir after the config was accepted. {file} is an existing file.
+    pytest.param(["--checkpoint.dir", "s3://bucket/ck"], "checkpoint.dir", "pip install s3fs",
+                 marks=needs_no_s3fs, id="checkpoint-s3-without-s3fs"),
+    (["--checkpoint.dir", "nosuchproto://bucket/ck"], "checkpoint.dir", "protocol"),
+    (["--checkpoint.dir", "{file}"], "checkpoint.dir", "is a file"),
+    (["--checkpoint.dir", "{file}/ck"], "checkpoint.dir", "is a file"),
+    (["--run.output_dir", "{file}"], "run.output_dir", "is a file"),
+    (["--run.output_dir", "{file}/run"], "run.output_dir", "is a file"),
     # an AttributeError from deep in torch before
     pytest.param(["--train.device", "cuda"], "train.device", "--train.device cpu",
                  marks=needs_no_cuda, id="cuda-without-cuda"),
@@ -67,6 +76,9 @@ def refused(capsys, *argv: str) -> str:
 @pytest.mark.parametrize("flags,field,says", BAD_FLAGS)
 def test_bad_flag_exits_2_naming_the_field(tmp_path, capsys, flags, field, says):
     out = tmp_path / "run"
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a directory")
+    flags = [f.replace("{file}", str(a_file)) for f in flags]
     line = refused(capsys, "train", "--config", "tiny", "--output-dir", str(out), *flags)
     assert line.startswith(f"config error: {field} ="), line
     assert says in line, line
@@ -105,6 +117,17 @@ def test_supervised_cuda_job_on_a_machine_without_cuda_is_refused_before_the_lig
                               "train_overrides": ["train.device=cuda"]}, {"nodes": ["a"]}))
     line = refused(capsys, "supervise", str(path))
     assert line.startswith("config error: train.device = 'cuda': "), line
+    assert not out.exists(), "nothing may start before the config is valid"
+
+
+def test_supervised_job_with_an_unusable_checkpoint_dir_is_refused_before_the_lighthouse(tmp_path, capsys):
+    """Review finding 6: every group died of the traceback and the job ended as a crash loop (exit 3)."""
+    out = tmp_path / "job-out"
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "ck", "trainer_config": "tiny", "output_dir": str(out),
+                              "train_overrides": ["checkpoint.dir=nosuchproto://bucket/ck"]}, {"nodes": ["a"]}))
+    line = refused(capsys, "supervise", str(path))
+    assert line.startswith("config error: job.train_overrides: checkpoint.dir = 'nosuchproto://"), line
     assert not out.exists(), "nothing may start before the config is valid"
 
 

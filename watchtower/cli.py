@@ -77,10 +77,11 @@ def setup_logging() -> None:
 def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     from watchtower.launch import is_worker, launch_local
 
-    from watchtower.config import check_this_machine
+    from watchtower.config import check_resume, check_this_machine
 
     cfg = config_from_args(args, rest)  # validated here, before anything starts
     check_this_machine(cfg)
+    check_resume(cfg)  # another train.tp / config_hash in checkpoint.dir: refused before any rank or port
     if cfg.train.tp > 1 and not is_worker():
         return launch_local(argv, cfg.train.tp)
     from watchtower.trainer.train import run
@@ -144,13 +145,14 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
 def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """Run a supervised job: Lighthouse, replica groups, hot spares, auto-resume."""
-    from watchtower.config import check_this_machine
+    from watchtower.config import check_resume, check_this_machine
     from watchtower.supervisor.config import load_job
     from watchtower.supervisor.shell import Supervisor
 
     job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
     if job.cluster.launcher == "local":
         check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse
+    check_resume(trainer)  # a resume every group would refuse (exit 2) is refused here, before any group
     supervisor = Supervisor(job, trainer)  # claims the output dir: a live supervisor there is refused (exit 2)
     supervisor.install_signal_handlers()  # SIGTERM / SIGINT: stop every group and the Lighthouse, exit 143 / 130
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "

@@ -20,10 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from watchtower.hooks.config import MonitorConfig
-from watchtower.trainer.checkpoint import CheckpointConfig
+import fsspec
+
+from watchtower.trainer.checkpoint import CheckpointConfig, check_resume_config
 from watchtower.trainer.data import BYTE_VOCAB, DataConfig
 from watchtower.trainer.faults import Fault, parse_fault
 from watchtower.trainer.model import ModelConfig
+from watchtower.trainer.staging import require_fsspec_backend
 from watchtower.supervisor.contract import ReplicaConfig
 from watchtower.toml_dataclasses import build, read_toml, set_dotted  # noqa: F401 - re-exported: the loaders' home
 from watchtower.validation import ConfigError, require
@@ -145,6 +148,12 @@ class TrainConfig:
         for i, fault in enumerate(self.faults.parsed()):  # a rank the group does not have: never fires
             require(fault.rank is None or fault.rank < t.tp, f"faults.inject[{i}]", self.faults.inject[i],
                     f"rank={fault.rank} is beyond train.tp = {t.tp} (ranks 0..{t.tp - 1})")
+        require_directory_path(str(self.run.output_path), "run.output_dir")
+        if self.checkpoint.dir:  # else <run.output_dir>/checkpoints, checked above
+            require_fsspec_backend(self.checkpoint.dir, "checkpoint.dir")  # s3:// without s3fs, nosuch://
+            protocol, path = fsspec.core.split_protocol(self.checkpoint.dir)
+            if protocol in (None, "file", "local") and "::" not in self.checkpoint.dir:
+                require_directory_path(path, "checkpoint.dir")
 
     @property
     def checkpoint_url(self) -> str:
@@ -162,6 +171,22 @@ class TrainConfig:
             d.pop(volatile)
         d["train"].pop("steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def require_directory_path(path: str, field: str) -> None:
+    """Refuse a local path where no directory can be: an existing file, or a file where one of its
+    parents would be (a FileExistsError / NotADirectoryError traceback once the run had started).
+    Costs a stat per path component up to the first that exists; nothing is created.
+
+    >>> require_directory_path("/", "run.output_dir")  # exists, a directory
+    >>> require_directory_path("/no/such/dir/yet", "run.output_dir")  # "/" is the first that exists
+    """
+    wanted = Path(path)
+    for at in (wanted, *wanted.parents):
+        if at.exists():
+            require(at.is_dir(), field, path, "is a file; give a directory path" if at == wanted else
+                    f"{at} is a file, so no directory can be made under it; give a directory path")
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +222,15 @@ def check_this_machine(cfg: TrainConfig) -> None:
     require(count >= cfg.train.tp, "train.device", "cuda",
             f"train.tp = {cfg.train.tp} needs one GPU per rank, this machine shows {count}; "
             "lower --tp or set CUDA_VISIBLE_DEVICES")
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """What only `checkpoint.dir` can answer: would this run's resume be refused (another train.tp or
+    config_hash in the newest save)? Asked by `watchtower train` before it spawns a rank and by
+    `watchtower supervise` before the Lighthouse and the groups, so a refusal is one line and exit 2,
+    not a group failure. Costs one listing and a manifest read per checkpoint (no shard is read)."""
+    if cfg.checkpoint.resume:
+        check_resume_config(cfg.checkpoint_url, cfg.train.tp, cfg.config_hash(), cfg.checkpoint.allow_config_change)
 
 
 def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> TrainConfig:

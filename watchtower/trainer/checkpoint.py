@@ -6,13 +6,21 @@ Layout under `checkpoint.dir` (a local path or any fsspec URL):
         rank-00.pt ... rank-NN.pt   one file per TP rank: its model shard, optimizer shard, data state
         manifest.json               written last: the commit marker, with sha256 and size of every file,
                                     the save's `seq` and the run's `origin` (see below)
-    step-00000050.saving.json       only while step 50 is being saved: which run is saving it
+    step-00000040.s7/               a later save of step 40 (seq 7), made while step-00000040/ existed
+    step-00000050.saving.json       only while step 50 is being saved: which run is saving it, and where
 
 A step directory without a manifest is an interrupted save and is never loaded. Each file is written
 under a temporary name, fsynced and renamed (and on a local disk the directory is fsynced), so the
 manifest never reaches the disk before the data it vouches for; on object stores, where rename is a
 copy, the manifest written last is what makes the checkpoint exist. The fsyncs cost one flush of the
 shard per save: the save returns when the data is on disk, not in the page cache.
+
+A save never writes into a directory that exists. Saving a step that already has a directory (this
+run's own checkpoint of it, saved again after a resume; another run's; debris) goes to a directory of
+its own, `step-N.s<seq>/`, so the previous checkpoint stays whole and loadable until the new manifest
+commits; only then does pruning retire this run's older save of the same step. Nothing is renamed, so
+this costs the same on an object store (where renaming a directory means copying every shard) as on
+a local disk.
 
 Whose checkpoint is it. Every manifest records `seq`, one more than any save already in the directory
 (a counter, so no clock has to agree across nodes), and `origin`, the `seq` of the first save of its
@@ -21,16 +29,20 @@ or nothing to resume) gets a new one. Then:
 - `load_latest()` returns the newest *save* that is valid on every rank (highest `seq`), not the highest
   step: a fresh run in a reused directory, or a run whose timeline rewound after a corrupt checkpoint,
   resumes what it wrote last, never an older run's higher step.
-- Pruning removes only this run's checkpoints beyond `keep_last` and never the one just written.
-  Checkpoints of other runs are kept (a warning lists them once); a save at a step where another run's
-  checkpoint sits replaces it, with a warning. Use an empty `checkpoint.dir` to keep them all.
-- Debris: a save first writes its `step-N.saving.json` claim. A failed save removes its own directory
-  at once; one that was killed leaves the claim, and the next good save of the same run removes that
-  directory (or only its `.tmp` files, where a manifest was already there). Debris with another run's
-  claim, or none, is left alone: it may be a live save of someone else.
-- A manifest that is not the shape above (valid JSON lacking `files` or `meta`) is skipped with a warning.
-- On resume, the trainer refuses a checkpoint whose `config_hash` differs from the run's (see
-  `check_resume_config`) unless `checkpoint.allow_config_change` is set.
+- Pruning removes only this run's checkpoints beyond `keep_last` (and its older saves of a step it
+  saved again), never the one just written. Checkpoints of other runs are kept, at the same step too
+  (a warning lists them once). Use an empty `checkpoint.dir` to keep runs apart.
+- Debris: a save first writes its `<directory>.saving.json` claim. A failed save removes its own
+  directory at once; one that was killed leaves the claim, and the next good save of the same run
+  removes that directory (or only its `.tmp` files, where a manifest was already there). Debris with
+  another run's claim, or none, is left alone: it may be a live save of someone else.
+- A manifest that is not the shape above (valid JSON lacking `files`, `world_size` or `meta`) is
+  skipped with a warning.
+- Resuming another configuration is a refusal (`ConfigError`, exit 2), never "corruption, try the
+  previous one": the newest save is judged on its manifest before any shard is read. Another
+  `train.tp` (the shards do not fit) is always refused; another `config_hash` unless
+  `checkpoint.allow_config_change` is set. `check_resume_config` makes the same judgement read-only,
+  before anything starts (`watchtower train` and `watchtower supervise` call it).
 
 One run writes a directory at a time; two live runs sharing one are not supported.
 
@@ -61,8 +73,8 @@ from watchtower.validation import ConfigError, require
 
 log = logging.getLogger(__name__)
 
-STEP_DIR = re.compile(r"step-(\d{8})$")
-CLAIM = re.compile(r"step-(\d{8})\.saving\.json$")
+STEP_DIR = re.compile(r"step-(\d{8})(?:\.s\d+)?$")  # step-00000040, or a later save of it: step-00000040.s7
+CLAIM = re.compile(r"(step-\d{8}(?:\.s\d+)?)\.saving\.json$")
 MANIFEST = "manifest.json"
 TMP = ".tmp"
 
@@ -95,28 +107,67 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank:02d}.pt"
 
 
-def step_dir(step: int) -> str:
-    return f"step-{step:08d}"
+def step_dir(step: int, seq: int | None = None) -> str:
+    """`step-00000040`; with `seq`, the directory of a later save of that step (`step-00000040.s7`)."""
+    return f"step-{step:08d}" if seq is None else f"step-{step:08d}.s{seq}"
 
 
-def claim_file(step: int) -> str:
-    return f"{step_dir(step)}.saving.json"
+def step_of(name: str) -> int:
+    return int(name[5:13])
 
 
-def check_resume_config(url: str, step: int, meta: dict[str, Any], config_hash: str, allow: bool) -> None:
-    """Refuse (ConfigError, exit 2 through the CLI) to resume a checkpoint saved under another config.
+def claim_file(name: str) -> str:
+    return f"{name}.saving.json"
 
-    >>> check_resume_config("ck", 20, {"config_hash": "abc"}, "abc", allow=False)
+
+def hash_differs(manifest: dict[str, Any], config_hash: str | None) -> str | None:
+    """The saved config_hash when it is not this run's (None when equal or not recorded)."""
+    saved = manifest["meta"].get("config_hash")
+    return None if config_hash is None or saved is None or saved == config_hash else saved
+
+
+def resume_refusal(url: str, name: str, manifest: dict[str, Any], world_size: int, config_hash: str | None,
+                   allow: bool) -> ConfigError | None:
+    """Why this run must not resume the checkpoint `name` (a sound manifest): None when it may.
+
+    Another TP size first (its shards cannot be loaded, allowed or not), then another config_hash.
+
+    >>> m = {"world_size": 2, "meta": {"config_hash": "abc"}, "files": []}
+    >>> resume_refusal("ck", "step-00000020", m, 2, "abc", allow=False) is None
+    True
+    >>> resume_refusal("ck", "step-00000020", m, 1, "abc", allow=True).field  # TP: refused, allowed or not
+    'train.tp'
     """
-    saved = meta.get("config_hash")
-    if saved is None or saved == config_hash:
-        return
-    what = f"{step_dir(step)} was saved with config_hash {saved}, this run has {config_hash}"
-    if allow:
-        log.warning("resuming anyway (checkpoint.allow_config_change = true): %s", what)
-        return
-    raise ConfigError("checkpoint.dir", url, f"{what}; resume with the config it was saved with, set "
-                      "checkpoint.allow_config_change = true to load it anyway, or use another checkpoint.dir")
+    saved_tp = manifest["world_size"]
+    if saved_tp != world_size:
+        return ConfigError("train.tp", world_size, f"checkpoint {name} in {url} was saved with train.tp = {saved_tp} "
+                           f"(one shard per TP rank): resume with --tp {saved_tp} (train.tp = {saved_tp}), or give "
+                           "another checkpoint.dir")
+    saved = hash_differs(manifest, config_hash)
+    if saved is None or allow:
+        return None
+    return ConfigError("checkpoint.dir", url, f"{name} was saved with config_hash {saved}, this run has {config_hash}; "
+                       "resume with the config it was saved with, set checkpoint.allow_config_change = true to load "
+                       "it anyway, or use another checkpoint.dir")
+
+
+def check_resume_config(url: str, world_size: int, config_hash: str, allow: bool) -> None:
+    """Refuse, before anything starts, the resume `Checkpointer.load_latest` would refuse (ConfigError).
+
+    A read-only look at the newest save's manifest: nothing is created, no shard is read (one listing
+    and one small read per step directory, with fsspec and json: no torch call). A directory that does
+    not exist yet has nothing to resume.
+
+    >>> check_resume_config("memory://no-such-checkpoints", 1, "abc", allow=False)
+    """
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        scan = scan_directory(fs, root) if fs.isdir(root) else Scan()
+    except OSError as err:
+        raise ConfigError("checkpoint.dir", url, f"cannot be read to check what it would resume: {err}") from None
+    newest = scan.newest_first()
+    if newest and (refusal := resume_refusal(url, newest[0], scan.commits[newest[0]], world_size, config_hash, allow)):
+        raise refusal
 
 
 def manifest_problem(manifest: Any) -> str | None:
@@ -127,6 +178,8 @@ def manifest_problem(manifest: Any) -> str | None:
     if not isinstance(files, list) or not all(
             isinstance(e, dict) and {"file", "sha256", "bytes"} <= e.keys() for e in files):
         return "manifest.json lacks a 'files' list of {file, sha256, bytes}"
+    if not isinstance(manifest.get("world_size"), int):
+        return "manifest.json lacks 'world_size'"
     if not isinstance(manifest.get("meta"), dict):
         return "manifest.json lacks 'meta'"
     return None
@@ -140,18 +193,51 @@ def seq_of(record: dict[str, Any]) -> int:
 
 @dataclass
 class Scan:
-    """What one listing of the directory found."""
+    """What one listing of the directory found, by step directory name (`step-00000040[.s7]`)."""
 
-    dirs: list[int] = field(default_factory=list)                 # every step directory
-    commits: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> sound manifest
-    broken: dict[int, str] = field(default_factory=dict)           # step -> why its manifest is unusable
-    claims: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> claim of an unfinished save
+    dirs: list[str] = field(default_factory=list)                     # every step directory
+    commits: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sound manifest
+    broken: dict[str, str] = field(default_factory=dict)              # name -> why its manifest is unusable
+    claims: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> claim of an unfinished save
 
     def next_seq(self) -> int:
         return 1 + max(map(seq_of, [*self.commits.values(), *self.claims.values()]), default=0)
 
-    def newest_first(self) -> list[int]:
-        return sorted(self.commits, key=lambda s: (seq_of(self.commits[s]), s), reverse=True)
+    def newest_first(self) -> list[str]:
+        return sorted(self.commits, key=lambda n: (seq_of(self.commits[n]), step_of(n)), reverse=True)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> tuple[Any, str | None]:
+    """(parsed JSON, None), (None, None) when there is no file, (None, why) when it is unreadable."""
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read()), None
+    except FileNotFoundError:
+        return None, None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, f"{path.rsplit('/', 1)[-1]} is not valid JSON"
+
+
+def scan_directory(fs: fsspec.AbstractFileSystem, root: str) -> Scan:
+    """List `root` and read every step directory's manifest and every claim (small files only)."""
+    scan = Scan()
+    for entry in fs.ls(root, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        path = f"{root.rstrip('/')}/{name}"
+        if STEP_DIR.match(name):
+            scan.dirs.append(name)
+            manifest, unreadable = read_json(fs, f"{path}/{MANIFEST}")
+            problem = unreadable or (manifest_problem(manifest) if manifest is not None else None)
+            if problem:
+                scan.broken[name] = problem
+            elif manifest is not None:
+                scan.commits[name] = manifest
+        elif m := CLAIM.match(name):
+            claim, _ = read_json(fs, path)
+            if isinstance(claim, dict):
+                scan.claims[m.group(1)] = claim
+    scan.dirs.sort(key=lambda n: (step_of(n), n), reverse=True)
+    return scan
 
 
 class Checkpointer:
@@ -168,13 +254,14 @@ class Checkpointer:
 
     def __init__(self, url: str, rank: int, world_size: int, keep_last: int,
                  agree: Callable[[bool], bool], gather: Callable[[Any], list[Any]]):
+        self.url = url
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self.rank, self.world_size, self.keep_last = rank, world_size, keep_last
         self.agree, self.gather = agree, gather
         self.fs.makedirs(self.root, exist_ok=True)
         # A fresh run until load_latest() adopts the run of the checkpoint it loads. Only rank 0 uses it.
         self.origin = self._scan().next_seq() if rank == 0 else 0
-        self._unusable: set[tuple[int, int]] = set()  # (step, seq) the group could not load on resume
+        self._unusable: set[tuple[str, int]] = set()  # (directory, seq) the group could not load on resume
         self._told_about_others = False
 
     # ---- files ------------------------------------------------------------------------------
@@ -211,39 +298,12 @@ class Checkpointer:
             raise
         self._sync_dir(path.rsplit("/", 1)[0])
 
-    def _read_json(self, path: str) -> tuple[Any, str | None]:
-        """(parsed JSON, None), (None, None) when there is no file, (None, why) when it is unreadable."""
-        try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read()), None
-        except FileNotFoundError:
-            return None, None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None, f"{path.rsplit('/', 1)[-1]} is not valid JSON"
-
     def _scan(self) -> Scan:
-        scan = Scan()
-        for entry in self.fs.ls(self.root, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if m := STEP_DIR.match(name):
-                step = int(m.group(1))
-                scan.dirs.append(step)
-                manifest, unreadable = self._read_json(self._path(name, MANIFEST))
-                problem = unreadable or (manifest_problem(manifest) if manifest is not None else None)
-                if problem:
-                    scan.broken[step] = problem
-                elif manifest is not None:
-                    scan.commits[step] = manifest
-            elif m := CLAIM.match(name):
-                claim, _ = self._read_json(self._path(name))
-                if isinstance(claim, dict):
-                    scan.claims[int(m.group(1))] = claim
-        scan.dirs.sort(reverse=True)
-        return scan
+        return scan_directory(self.fs, self.root)
 
     def steps(self) -> list[int]:
-        """Steps with a directory, newest first (valid or not)."""
-        return self._scan().dirs
+        """Steps with a directory, highest first (valid or not; a step twice where two saves of it exist)."""
+        return [step_of(name) for name in self._scan().dirs]
 
     # ---- saving -----------------------------------------------------------------------------
 
@@ -252,8 +312,9 @@ class Checkpointer:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
-        directory = self._path(step_dir(step))
-        seq = self._together(step, "claiming the directory", lambda: self._begin(step) if self.rank == 0 else 0)[0]
+        seq, name = self._together(step, "claiming the directory",
+                                   lambda: self._begin(step) if self.rank == 0 else None)[0]
+        directory = self._path(name)
 
         def write() -> dict[str, Any]:
             self.fs.makedirs(directory, exist_ok=True)
@@ -264,7 +325,7 @@ class Checkpointer:
         manifest = {"step": step, "seq": seq, "origin": self.origin, "world_size": self.world_size,
                     "files": entries, "meta": meta}
         self._together(step, "writing the manifest",
-                       lambda: self._commit(step, manifest) if self.rank == 0 else None)
+                       lambda: self._commit(name, manifest) if self.rank == 0 else None)
 
     def _together(self, step: int, what: str, action: Callable[[], Any]) -> list[Any]:
         """Run this rank's part, then gather every rank's result; if any rank failed, all raise.
@@ -287,92 +348,104 @@ class Checkpointer:
                           f"failed {what}")
         return [r for _, r in results]
 
-    def _begin(self, step: int) -> int:
-        """Rank 0, before anyone writes: clear this run's debris, claim `step`, return its seq."""
+    def _begin(self, step: int) -> tuple[int, str]:
+        """Rank 0, before anyone writes: clear this run's debris, claim a directory that does not exist
+        yet for `step`, return the save's (seq, directory name)."""
         scan = self._scan()
         self._sweep(scan)
-        self._tell_about_others(scan, step)
+        self._tell_about_others(scan)
         seq = scan.next_seq()
-        self._write_atomic(self._path(claim_file(step)),
-                           json.dumps({"step": step, "seq": seq, "origin": self.origin}).encode())
-        self.fs.makedirs(self._path(step_dir(step)), exist_ok=True)
+        name = step_dir(step)
+        if self.fs.exists(self._path(name)):  # a checkpoint of this step (ours or another run's), or debris:
+            name = step_dir(step, seq)          # never written into; it stays whole until this save commits
+            log.info("%s exists: this save of step %d goes to %s", step_dir(step), step, name)
+        self._write_atomic(self._path(claim_file(name)),
+                           json.dumps({"step": step, "seq": seq, "origin": self.origin, "dir": name}).encode())
+        self.fs.makedirs(self._path(name), exist_ok=True)
         self._sync_dir(self.root)
-        return seq
+        return seq, name
 
-    def _commit(self, step: int, manifest: dict[str, Any]) -> None:
-        self._write_atomic(self._path(step_dir(step), MANIFEST), json.dumps(manifest, indent=1).encode())
+    def _commit(self, name: str, manifest: dict[str, Any]) -> None:
+        self._write_atomic(self._path(name, MANIFEST), json.dumps(manifest, indent=1).encode())
         try:
-            self.fs.rm(self._path(claim_file(step)))
-            self._prune(just_written=step)
+            self.fs.rm(self._path(claim_file(name)))
+            self._prune(just_written=name)
         except OSError as err:  # the checkpoint is committed; tidying up can wait for the next save
-            log.warning("checkpoint %s saved, but cleaning up after it failed: %s", step_dir(step), err)
+            log.warning("checkpoint %s saved, but cleaning up after it failed: %s", name, err)
 
-    def _prune(self, just_written: int) -> None:
-        """Delete this run's checkpoints beyond keep_last (newest saves first); never another run's.
+    def _prune(self, just_written: str) -> None:
+        """Delete this run's checkpoints beyond keep_last (newest saves first) and its older saves of a
+        step it has saved again; never another run's, never the one just written.
 
         Saves the group found unusable when it resumed (a timeline that rewound past them) count last,
         so keep_last keeps loadable checkpoints rather than a newer corrupt one."""
         scan = self._scan()
-        own = [s for s in scan.newest_first() if scan.commits[s].get("origin") == self.origin]
-        own.sort(key=lambda s: (s, seq_of(scan.commits[s])) in self._unusable)  # stable: newest first within
-        for old in own[self.keep_last:]:
-            if old != just_written:
-                self.fs.rm(self._path(step_dir(old)), recursive=True)
+        own = [n for n in scan.newest_first() if scan.commits[n].get("origin") == self.origin]
+        own.sort(key=lambda n: (n, seq_of(scan.commits[n])) in self._unusable)  # stable: newest first within
+        kept, steps_seen = 0, set()
+        for name in own:
+            superseded = step_of(name) in steps_seen  # a newer save of the same step is kept instead
+            steps_seen.add(step_of(name))
+            if name == just_written or not (superseded or kept >= self.keep_last):
+                kept += 1
+            else:
+                self.fs.rm(self._path(name), recursive=True)
 
     def _sweep(self, scan: Scan) -> None:
         """Remove what this run's unfinished saves left behind (claims of this run's origin only).
 
-        Where a manifest exists the directory is a checkpoint (maybe another run's, being replaced):
+        Where a manifest exists the directory is a checkpoint (the save was killed after committing):
         only the `.tmp` files go; otherwise the whole directory."""
-        for step, claim in scan.claims.items():
+        for name, claim in scan.claims.items():
             if claim.get("origin") != self.origin:
                 continue
-            directory = self._path(step_dir(step))
+            directory = self._path(name)
             try:
-                if step in scan.commits or step in scan.broken:
-                    for name in self.fs.ls(directory, detail=False):
-                        if name.endswith(TMP):
-                            self.fs.rm(name)
-                elif step in scan.dirs:
+                if name in scan.commits or name in scan.broken:
+                    for entry in self.fs.ls(directory, detail=False):
+                        if entry.endswith(TMP):
+                            self.fs.rm(entry)
+                elif name in scan.dirs:
                     self.fs.rm(directory, recursive=True)
-                self.fs.rm(self._path(claim_file(step)))
+                self.fs.rm(self._path(claim_file(name)))
             except OSError as err:
                 log.warning("could not clean up the interrupted save %s: %s", directory, err)
 
-    def _tell_about_others(self, scan: Scan, step: int) -> None:
-        """Warn once that other runs' checkpoints are here (kept), and whenever one is replaced."""
-        others = sorted(s for s, m in scan.commits.items() if m.get("origin") != self.origin)
-        if step in others:
-            log.warning("replacing checkpoint %s of another run in %s", step_dir(step), self.root)
+    def _tell_about_others(self, scan: Scan) -> None:
+        """Warn once that other runs' checkpoints are here: they are kept, at this run's steps too."""
+        others = sorted(step_of(n) for n, m in scan.commits.items() if m.get("origin") != self.origin)
         if others and not self._told_about_others:
             self._told_about_others = True
-            log.warning("%s holds %d checkpoint(s) of another run (steps %s): they are kept and never pruned "
-                        "by this run; use an empty checkpoint.dir to avoid mixing runs",
+            log.warning("%s holds %d checkpoint(s) of another run (steps %s): they are kept and never pruned or "
+                        "overwritten by this run; use an empty checkpoint.dir to avoid mixing runs",
                         self.root, len(others), ", ".join(map(str, others[:10])))
 
     # ---- loading ----------------------------------------------------------------------------
 
-    def _candidates(self) -> list[tuple[int, int]]:
-        """(step, seq) of the commits, newest save first; warns about manifests that cannot be used."""
+    def _candidates(self, config_hash: str | None, allow: bool) -> list[tuple[str, int, tuple | None]]:
+        """(directory, seq, refusal) of the commits, newest save first; refusal is the ConfigError's
+        (field, value, allowed) when this run must not resume it. Warns about unusable manifests."""
         scan = self._scan()
-        for step, problem in sorted(scan.broken.items(), reverse=True):
-            log.warning("checkpoint %s is skipped: %s", self._path(step_dir(step)), problem)
-        return [(step, seq_of(scan.commits[step])) for step in scan.newest_first()]
+        for name, problem in sorted(scan.broken.items(), reverse=True):
+            log.warning("checkpoint %s is skipped: %s", self._path(name), problem)
+        out = []
+        for name in scan.newest_first():
+            refusal = resume_refusal(self.url, name, scan.commits[name], self.world_size, config_hash, allow)
+            out.append((name, seq_of(scan.commits[name]),
+                        None if refusal is None else (refusal.field, refusal.value, refusal.allowed)))
+        return out
 
-    def _problem(self, step: int) -> tuple[str | None, bytes | None, dict[str, Any] | None]:
-        """Why this rank cannot load `step` (None when it can), the verified bytes and the manifest."""
-        manifest, unreadable = self._read_json(self._path(step_dir(step), MANIFEST))
+    def _problem(self, name: str) -> tuple[str | None, bytes | None, dict[str, Any] | None]:
+        """Why this rank cannot load `name` (None when it can), the verified bytes and the manifest."""
+        manifest, unreadable = read_json(self.fs, self._path(name, MANIFEST))
         problem = unreadable or ("no manifest (interrupted save)" if manifest is None else manifest_problem(manifest))
         if problem:
             return problem, None, None
-        if manifest.get("world_size") != self.world_size:
-            return (f"saved with {manifest.get('world_size')} TP ranks, this run has {self.world_size}; "
-                    "resume with the same --tp"), None, None
         entry = next((e for e in manifest["files"] if e["file"] == rank_file(self.rank)), None)
         if entry is None:
             return f"manifest lists no {rank_file(self.rank)}", None, None
         try:
-            with self.fs.open(self._path(step_dir(step), entry["file"]), "rb") as f:
+            with self.fs.open(self._path(name, entry["file"]), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
             return f"{entry['file']} is missing", None, None
@@ -382,21 +455,29 @@ class Checkpointer:
             return f"{entry['file']} fails its sha256 check", None, None
         return None, data, manifest
 
-    def load_latest(self) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    def load_latest(self, config_hash: str | None = None,
+                    allow_config_change: bool = False) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         """(step, this rank's state, manifest meta) of the newest save valid on every rank.
 
+        Raises ConfigError on every rank when the save it reaches belongs to another configuration
+        (see `resume_refusal`; `config_hash=None` compares only the TP size): judged from rank 0's
+        manifest, before any shard is read, so a refused resume is never taken for corruption.
         The run then continues the loaded checkpoint's run: its later saves prune that run's older ones."""
-        order = self.gather(self._candidates() if self.rank == 0 else None)[0]  # one order for all ranks
-        for step, seq in order:
-            problem, data, manifest = self._problem(step)
+        order = self.gather(self._candidates(config_hash, allow_config_change) if self.rank == 0 else None)[0]
+        for name, seq, refusal in order:  # one order and one verdict per save for all ranks
+            if refusal is not None:
+                raise ConfigError(*refusal)
+            problem, data, manifest = self._problem(name)
             if not self.agree(problem is None):
-                self._unusable.add((step, seq))
+                self._unusable.add((name, seq))
                 if problem:
-                    log.warning("checkpoint %s is unusable: %s; trying the previous one",
-                                self._path(step_dir(step)), problem)
+                    log.warning("checkpoint %s is unusable: %s; trying the previous one", self._path(name), problem)
                 continue
+            if saved := hash_differs(manifest, config_hash):
+                log.warning("resuming anyway (checkpoint.allow_config_change = true): %s was saved with "
+                            "config_hash %s, this run has %s", name, saved, config_hash)
             if isinstance(manifest.get("origin"), int):
                 self.origin = manifest["origin"]
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            return step, state, manifest["meta"]
+            return step_of(name), state, manifest["meta"]
         return None

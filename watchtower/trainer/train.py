@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
-from watchtower.trainer.checkpoint import Checkpointer, check_resume_config
+from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import Batch, PackedBatches, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan
 from watchtower.trainer.model import Transformer, flops_per_token
@@ -242,16 +242,18 @@ class Trainer:
                  time.perf_counter() - start)
 
     def maybe_resume(self) -> None:
+        """Load the newest checkpoint this run may resume; another TP or config_hash is a ConfigError
+        (exit 2), never a fresh start over another run's checkpoints."""
+        self.resumed_step: int | None = None
         if not self.cfg.checkpoint.resume:
             return
-        found = self.checkpointer.load_latest()
+        found = self.checkpointer.load_latest(self.cfg.config_hash(), self.cfg.checkpoint.allow_config_change)
         if found is None:
             return
-        step, state, meta = found
-        check_resume_config(self.cfg.checkpoint_url, step, meta, self.cfg.config_hash(),
-                            self.cfg.checkpoint.allow_config_change)
+        step, state, _ = found
         self.load_state_dict(state)
         self.replication.load_state_dict(state.get("replication", {"step": step}))
+        self.resumed_step = step
         log.info("resumed from checkpoint step %d", step)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -331,12 +333,22 @@ class Trainer:
                 log_rows = []
             if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and step < t.steps:
                 self.save_checkpoint()
-        self.save_checkpoint()
+        if steps_done or self.step != self.resumed_step:  # else the checkpoint it loaded is this very state
+            self.save_checkpoint()
         self.monitor.close()
         self._write_events()
         self._write_fingerprint()
-        self.replication.shutdown()
+        self.close()
         return 0
+
+    def close(self) -> None:
+        """Stop /metrics (its port freed), the monitor's threads and torchft's manager. `run()` calls it
+        however `train()` ended, so a failed save does not leave an in-process caller holding the port.
+        Idempotent: the monitor's close only flushes again, the manager is shut down once."""
+        self.monitor.close()
+        if not getattr(self, "_closed", False):
+            self._closed = True
+            self.replication.shutdown()
 
     def _agreed_should_step(self, s) -> bool:
         """The monitor's skip verdict (nonfinite_action=skip_step), the same in every group.
@@ -398,6 +410,7 @@ def run(cfg: TrainConfig) -> int:
     try:
         return trainer.train()
     finally:
+        trainer.close()
         if dist.is_initialized():
             dist.barrier()  # let every rank finish its collectives before the group goes away
             dist.destroy_process_group()
