@@ -109,25 +109,18 @@ def test_job_file_not_utf8_is_refused_naming_the_job_file(tmp_path, capsys):
     assert line.startswith("config error: job file = ") and "UTF-8" in line, line
 
 
-@needs_no_cuda
-def test_supervised_cuda_job_on_a_machine_without_cuda_is_refused_before_the_lighthouse(tmp_path, capsys):
+@pytest.mark.parametrize("override,expected", [
+    pytest.param("train.device=cuda", "config error: train.device = 'cuda': ", marks=needs_no_cuda),
+    # Review finding 6: every group died of the traceback and the job ended as a crash loop (exit 3).
+    ("checkpoint.dir=nosuchproto://bucket/ck", "config error: job.train_overrides: checkpoint.dir = 'nosuchproto://"),
+], ids=["cuda-without-cuda", "unusable-checkpoint-dir"])
+def test_supervised_job_the_trainer_would_refuse_is_refused_before_the_lighthouse(tmp_path, capsys, override, expected):
     out = tmp_path / "job-out"
     path = tmp_path / "job.toml"
     path.write_text(job_toml({"name": "cj", "trainer_config": "tiny", "output_dir": str(out),
-                              "train_overrides": ["train.device=cuda"]}, {"nodes": ["a"]}))
+                              "train_overrides": [override]}, {"nodes": ["a"]}))
     line = refused(capsys, "supervise", str(path))
-    assert line.startswith("config error: train.device = 'cuda': "), line
-    assert not out.exists(), "nothing may start before the config is valid"
-
-
-def test_supervised_job_with_an_unusable_checkpoint_dir_is_refused_before_the_lighthouse(tmp_path, capsys):
-    """Review finding 6: every group died of the traceback and the job ended as a crash loop (exit 3)."""
-    out = tmp_path / "job-out"
-    path = tmp_path / "job.toml"
-    path.write_text(job_toml({"name": "ck", "trainer_config": "tiny", "output_dir": str(out),
-                              "train_overrides": ["checkpoint.dir=nosuchproto://bucket/ck"]}, {"nodes": ["a"]}))
-    line = refused(capsys, "supervise", str(path))
-    assert line.startswith("config error: job.train_overrides: checkpoint.dir = 'nosuchproto://"), line
+    assert line.startswith(expected), line
     assert not out.exists(), "nothing may start before the config is valid"
 
 
