@@ -7,13 +7,12 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
 
 from conftest import REPO, free_port, run_watchtower, wait_for_metrics, value, watchtower_cmd
+from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_for_rule_evaluations, wait_until
 from watchtower.metric_catalog import declared_series
 from watchtower.alerting_stack import AlertingStack
@@ -121,28 +120,13 @@ class FakeRank:
 
     def __init__(self, spikes: int) -> None:
         self.spikes = spikes
-        rank = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                data = (f'watchtower_detector_events_total{{detector="loss_spike",severity="critical"}} {rank.spikes}\n'
-                        f'watchtower_detector_last_event_step{{detector="loss_spike"}} 40\n').encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.address = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._served = ServedText(lambda: (
+            f'watchtower_detector_events_total{{detector="loss_spike",severity="critical"}} {self.spikes}\n'
+            f'watchtower_detector_last_event_step{{detector="loss_spike"}} 40\n'))
+        self.address = self._served.address
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._served.close()
 
 
 def test_loss_spike_pages_only_for_a_rank_scraped_before_its_spike(stack):

@@ -10,15 +10,14 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from textual.widgets import DataTable
 
 from conftest import REPO, free_port, run_watchtower, value, wait_for_metrics, watchtower_cmd
+from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_until
 from watchtower.tui.app import HelpScreen, RunScreen, RunsScreen, WatchtowerApp
 from watchtower.tui.sources import ScrapeSource
@@ -35,31 +34,13 @@ class RecordedRanks:
         self.servers = []
         self.targets = []
         for path in sorted(DATA.glob("*.prom")):
-            text = path.read_text()
-
-            class Handler(BaseHTTPRequestHandler):
-                body = text
-
-                def do_GET(self):  # noqa: N802 - http.server's naming
-                    data = HEARTBEAT.sub(lambda m: f"{m.group(1)} {time.time()}", self.body).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/plain; version=0.0.4")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-
-                def log_message(self, *args):
-                    pass
-
-            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            self.servers.append(server)
-            self.targets.append(f"127.0.0.1:{server.server_address[1]}")
+            served = ServedText(lambda text=path.read_text(): HEARTBEAT.sub(lambda m: f"{m.group(1)} {time.time()}", text))
+            self.servers.append(served)
+            self.targets.append(served.address)
 
     def close(self) -> None:
-        for s in self.servers:
-            s.shutdown()
-            s.server_close()
+        for served in self.servers:
+            served.close()
 
 
 @pytest.fixture
