@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.shell import Supervisor
 from watchtower.trainer.data import PackedBatches, load_tokens
 from watchtower.trainer.train import batch_signature
-from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from conftest import REPO, free_port, run_watchtower, serve_bytes, watchtower_cmd
 from waiting import WAIT_CEILING_S, wait_until
 
 
@@ -80,19 +79,6 @@ def assert_every_window_read_once(tmp_path: Path, last_step: int) -> None:
             assert not windows & seen, f"step {step}: group {row['replica_group']} re-read windows"
             seen |= windows
         replay.end_step(committed=True)
-
-
-class WebPage(http.server.BaseHTTPRequestHandler):
-    """What a rank's port may answer with when something else took it: a web page."""
-
-    def do_GET(self):  # noqa: N802 - the stdlib's name
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html")
-        self.end_headers()
-        self.wfile.write(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n")
-
-    def log_message(self, *args):
-        pass
 
 
 def supervise(path: Path, timeout: float = 280, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -285,8 +271,7 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
                                       supervisor={"ft_timeout_s": 5, "lighthouse_grace_s": 20}))
     alive = lambda: None if "code" not in result else pytest.fail(f"supervisor ended early: {result}")  # noqa: E731
     wait_until(lambda: sup.stats.job_step >= 20, "the job past step 20", abort=alive)
-    page = http.server.HTTPServer(("127.0.0.1", 0), WebPage)
-    threading.Thread(target=page.serve_forever, daemon=True).start()
+    page = serve_bytes(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
     endpoint = tmp_path / "job" / "groups" / "g0000" / "endpoint-r0.json"
     real = endpoint.read_text()
     try:

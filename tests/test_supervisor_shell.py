@@ -7,16 +7,14 @@ groups), so each test runs in seconds; tests/test_supervisor.py runs real traine
 from __future__ import annotations
 
 import errno
-import http.server
 import os
 import stat
 import subprocess
 import sys
-import threading
 
 import pytest
 
-from conftest import free_port, samples, scrape_text, value
+from conftest import free_port, samples, scrape_text, serve_bytes, value
 from watchtower.orphan_guard import guarded
 from watchtower.prometheus_config import Target, write_file_sd
 from watchtower.supervisor import metrics as supervisor_metrics
@@ -53,27 +51,6 @@ def supervisor(tmp_path):
         sup.shutdown()
 
 
-class Page(http.server.BaseHTTPRequestHandler):
-    """A port that answers every GET with `body` (set per test)."""
-
-    body = b""
-
-    def do_GET(self):  # noqa: N802 - the stdlib's name
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args):
-        pass
-
-
-def serve(body: bytes) -> http.server.HTTPServer:
-    handler = type("Body", (Page,), {"body": body})
-    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_supervisor_and_tui_import_no_torch():
     """A head or login node supervises and watches without torch (the old supervisor imported the
     trainer: ~3.7 s of torch). torchft is imported only where the Lighthouse starts."""
@@ -100,9 +77,9 @@ def test_scrapes_ignore_http_proxy_feed_progress_and_count_an_html_page(tmp_path
     becomes the policy's progress_at; an HTML page on its port is counted, not raised."""
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("no_proxy", "")
-    rank = serve(b"watchtower_train_step 0\nwatchtower_progress_timestamp_seconds 1234.5\n"
+    rank = serve_bytes(b"watchtower_train_step 0\nwatchtower_progress_timestamp_seconds 1234.5\n"
                  b"watchtower_replica_participating 0\nwatchtower_replica_participants 1\n")
-    html = serve(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n")
+    html = serve_bytes(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
     group_dir = tmp_path / "groups" / "g0000"
     group_dir.mkdir(parents=True)
     proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
@@ -194,3 +171,31 @@ def test_the_launch_config_file_is_all_a_group_is_told(tmp_path):
     assert (cfg.run.output_dir, cfg.monitor.port, cfg.checkpoint.dir) == (str(tmp_path / "g0001"), 9410, "ck")
     assert (cfg.train.steps, cfg.faults.inject, cfg.model) == (7, ["crash@3:group=1"], job.model)
     assert cfg.config_hash() == job.config_hash()
+
+
+def test_a_guarded_child_dies_with_its_parent(processes):
+    """The orphan guard alone, in a second: a parent that starts `sleep` through it and is then
+    SIGKILLed leaves no `sleep` behind (tests/test_supervisor.py does the same with a supervisor)."""
+    import signal
+
+    from waiting import wait_until
+
+    code = ("import subprocess, sys, time\n"
+            "from watchtower.orphan_guard import guarded\n"
+            "child = subprocess.Popen(guarded(['sleep', '600']))\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n")
+    parent = processes.start([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    wait_until(lambda: _command(child) == "sleep", "the guard to exec sleep", interval=0.05)
+    os.kill(parent.pid, signal.SIGKILL)
+    wait_until(lambda: _command(child) != "sleep", "the child to die with its parent", timeout=5, interval=0.05)
+
+
+def _command(pid: int) -> str | None:
+    """The process's command name; None once it is gone or a zombie."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)
+    except OSError:
+        return None
+    return None if fields[1].split()[0] == "Z" else fields[0].split("(", 1)[1]

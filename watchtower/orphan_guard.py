@@ -17,7 +17,6 @@ prctl does not exist (not Linux) the command runs unguarded, with a warning.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -39,7 +38,7 @@ def die_with_parent() -> bool:
     """Ask the kernel to SIGKILL this process when its parent thread ends; False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)  # this process's own symbols: libc's prctl, no library search
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     return True

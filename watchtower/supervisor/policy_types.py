@@ -1,7 +1,7 @@
 """The words of the supervisor's policy: what it observes, what it remembers, what it orders.
 
 Everything here is a frozen dataclass or an enum, so a decision can be written down as a table row
-and compared with `==`. The shell (`supervisor.py`) builds a `View` each poll, calls
+and compared with `==`. The shell (`shell.py`) builds a `View` each poll, calls
 `policy.decide`, executes the actions in order and keeps the returned `PolicyState` for the next
 poll. Nothing here reads a clock, a file or a process.
 """

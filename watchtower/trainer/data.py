@@ -51,8 +51,8 @@ class DataConfig:
         for short-context pretraining); turn off to compare with plain causal attention.
     stage: copy the source into the node-local cache before reading it — "auto": when it is remote
         (not a local path); "always": also local paths (a shared NFS/Lustre mount); "never".
-    cache_dir: the node-local cache; empty: $WATCHTOWER_CACHE_DIR (the supervisor gives each node
-        its own), else ~/.cache/watchtower/data.
+    cache_dir: the node-local cache; empty: $WATCHTOWER_CACHE_DIR, else ~/.cache/watchtower/data. A
+        supervised group is given its node's own in its launch config (`[replica] cache_dir`).
     """
 
     source: str = ""
