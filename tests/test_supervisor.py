@@ -267,7 +267,7 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
     a rank's port reached run()'s `finally` and SIGKILLed every group. Now: the page is counted in
     errors_total{stage="scrape"}, the Lighthouse is restarted on its address, no node is drained and
     the job finishes."""
-    sup, result = in_process(job_file(tmp_path, steps=120, active=2, spares=0, nodes=2, interval=20,
+    sup, result = in_process(job_file(tmp_path, steps=80, active=2, spares=0, nodes=2, interval=20,
                                       supervisor={"ft_timeout_s": 5, "lighthouse_grace_s": 20}))
     alive = lambda: None if "code" not in result else pytest.fail(f"supervisor ended early: {result}")  # noqa: E731
     wait_until(lambda: sup.stats.job_step >= 20, "the job past step 20", abort=alive)
@@ -291,7 +291,7 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
     assert "lighthouse_restarted" in kinds and sup.lighthouse.url == url
     assert "node_drained" not in kinds, [e["message"] for e in ev if e["event"] == "group_failed"]
     assert not [e for e in ev if e["event"] == "group_failed" and (e["drained"] or e["counted"])]
-    assert sup.stats.job_step == 120 > at_outage
+    assert sup.stats.job_step == 80 > at_outage
 
 
 def live_group_pids(tmp_path: Path, run: int = 0) -> set[int]:
@@ -348,12 +348,12 @@ def test_supervisor_death_leaves_no_orphans_and_a_job_dir_has_one_supervisor(tmp
     the last checkpoint; a third, while that one lives, is refused (exit 2); SIGTERM stops every
     group and the Lighthouse within 15 s, writes the event and exits 143."""
     job_dir = tmp_path / "job"
-    path = job_file(tmp_path, steps=3000, active=1, spares=1, nodes=2, interval=10,
+    path = job_file(tmp_path, steps=3000, active=1, spares=0, nodes=1, interval=10,
                     train_overrides=["train.tp=2", "train.log_interval=1"])
     first = supervisors(path, job_dir)
     running = lambda: None if first.poll() is None else pytest.fail(first.stderr.read()[-3000:])  # noqa: E731
-    wait_until(lambda: checkpoint_steps(job_dir) and len(live_group_pids(tmp_path)) == 6,
-               "a checkpoint and 2 groups of a launcher + 2 ranks", abort=running)
+    wait_until(lambda: checkpoint_steps(job_dir) and len(live_group_pids(tmp_path)) == 3,
+               "a checkpoint and a group of a launcher + 2 TP ranks", abort=running)
     first.kill()
     first.wait()
     wait_until(lambda: not live_group_pids(tmp_path), "every rank of the first run gone", timeout=5, interval=0.1)
@@ -362,9 +362,8 @@ def test_supervisor_death_leaves_no_orphans_and_a_job_dir_has_one_supervisor(tmp
     second = supervisors(path, job_dir)
     running = lambda: None if second.poll() is None else pytest.fail(second.stderr.read()[-3000:])  # noqa: E731
     started = wait_until(lambda: [e["replica_id"] for e in events(tmp_path)[1:] if e["event"] == "group_started"
-                                  and e["replica_id"] not in ("g0000", "g0001")], "the second run's groups",
-                         abort=running)
-    assert started == ["g0002", "g0003"], "a resumed run must not reuse a dead run's group directories"
+                                  and e["replica_id"] != "g0000"], "the second run's group", abort=running)
+    assert started == ["g0001"], "a resumed run must not reuse a dead run's group directories"
     first_row = wait_until(lambda: [r["step"] for g in started if (job_dir / "groups" / g / "train_log.jsonl").exists()
                                     for r in train_rows(tmp_path, g)[:1]], "the resumed run's first step",
                            abort=running)
