@@ -29,12 +29,14 @@ def test_demo_refuses_an_output_dir_it_did_not_create_and_leaves_it_alone(tmp_pa
     assert sorted(p.name for p in mine.iterdir()) == ["sentinel.txt"], "nothing may be written into it either"
 
 
-@pytest.mark.parametrize("kind", ["empty-dir", "file"])
+@pytest.mark.parametrize("kind", ["empty-dir", "file", "under-a-file"])
 def test_demo_refuses_any_other_existing_path(tmp_path, capsys, kind):
+    """The refusal names the flag the user typed (not checkpoint.dir, which is derived from it)."""
     path = tmp_path / "out"
     path.mkdir() if kind == "empty-dir" else path.write_text("not a directory")
-    assert cli.main(["demo", "--output-dir", str(path)]) == cli.EXIT_CONFIG
-    assert "--output-dir" in capsys.readouterr().err
+    given = path / "sub" if kind == "under-a-file" else path
+    assert cli.main(["demo", "--output-dir", str(given)]) == cli.EXIT_CONFIG
+    assert capsys.readouterr().err.startswith("config error: --output-dir = ")
     assert path.exists()
 
 

@@ -100,20 +100,34 @@ def cmd_train(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int
 DEMO_MARKER = ".watchtower-demo"  # written into every directory `watchtower demo` creates
 
 
+def check_demo_dir(path: Path) -> None:
+    """Refuse (ConfigError naming --output-dir) a path the demo may not use; touches nothing.
+
+    Run before the job is loaded, so a refusal names the flag the user typed, not a trainer key
+    derived from it (checkpoint.dir under a file).
+    """
+    if path.exists() or path.is_symlink():
+        if not (path.is_dir() and not path.is_symlink() and (path / DEMO_MARKER).is_file()):
+            raise ConfigError("--output-dir", str(path), f"exists and was not made by `watchtower demo` (no "
+                              f"{DEMO_MARKER} in it), so the demo will not delete it; give a new path")
+        return
+    blocking = next((p for p in path.absolute().parents if p.exists() or p.is_symlink()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError("--output-dir", str(path), f"cannot be created: {blocking} is not a directory")
+
+
 def claim_demo_dir(path: Path) -> None:
     """An empty output directory for the demo, carrying the marker that says the demo made it.
 
     The demo starts fresh, so it deletes an earlier demo's directory; it deletes nothing else. A path
     that exists without the marker (a user's results, an empty directory, a file) is refused.
     """
-    if path.exists() or path.is_symlink():
-        if not (path.is_dir() and not path.is_symlink() and (path / DEMO_MARKER).is_file()):
-            raise ConfigError("--output-dir", str(path), f"exists and was not made by `watchtower demo` (no "
-                              f"{DEMO_MARKER} in it), so the demo will not delete it; give a new path")
+    check_demo_dir(path)
+    if path.exists():
         shutil.rmtree(path)
     try:
         path.mkdir(parents=True)
-    except OSError as err:  # a parent that is a file, no permission
+    except OSError as err:  # no permission
         raise ConfigError("--output-dir", str(path), f"cannot be created: {err.strerror}") from None
     (path / DEMO_MARKER).write_text("made by `watchtower demo`; the next demo deletes this directory\n")
 
@@ -126,6 +140,8 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
     job_path = str(Path(__file__).resolve().parent.parent / "configs" / "demo-job.toml")
     overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
+    if args.output_dir:
+        check_demo_dir(Path(args.output_dir))
     job, trainer = load_job(job_path, overrides)
     claim_demo_dir(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
     print(f"watchtower demo: {job.cluster.active_groups} replica groups + {job.cluster.spare_groups} hot spare "
