@@ -109,25 +109,3 @@ def processes():
     registry = Processes()
     yield registry
     registry.stop_all()
-
-
-def serve_bytes(body: bytes, content_type: str = "text/plain") -> "http.server.HTTPServer":
-    """A loopback HTTP server (port 0) answering every GET with `body`, on a daemon thread: what a
-    port may answer when something else took it (an HTML page) or a stand-in /metrics. Call
-    `.shutdown()` when done; `.server_port` is where it listens."""
-    import http.server
-    import threading
-
-    class Body(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Body)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server

@@ -21,7 +21,8 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.shell import Supervisor
 from watchtower.trainer.data import PackedBatches, load_tokens
 from watchtower.trainer.train import batch_signature
-from conftest import REPO, free_port, run_watchtower, serve_bytes, watchtower_cmd
+from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_until
 
 
@@ -271,15 +272,15 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
                                       supervisor={"ft_timeout_s": 5, "lighthouse_grace_s": 20}))
     alive = lambda: None if "code" not in result else pytest.fail(f"supervisor ended early: {result}")  # noqa: E731
     wait_until(lambda: sup.stats.job_step >= 20, "the job past step 20", abort=alive)
-    page = serve_bytes(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
+    page = ServedText(lambda: "<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
     endpoint = tmp_path / "job" / "groups" / "g0000" / "endpoint-r0.json"
     real = endpoint.read_text()
     try:
-        endpoint.write_text(json.dumps({"port": page.server_port}))
+        endpoint.write_text(json.dumps({"port": page.server.server_address[1]}))
         wait_until(lambda: sup.errors.snapshot()["scrape"] >= 2, "two scrapes of the web page counted", abort=alive)
     finally:
         endpoint.write_text(real)
-        page.shutdown()
+        page.close()
     assert not [e for e in events(tmp_path) if e["event"] == "group_failed"], "the web page killed a group"
     at_outage = sup.stats.job_step
     url = sup.lighthouse.url

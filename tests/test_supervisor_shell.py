@@ -14,7 +14,8 @@ import sys
 
 import pytest
 
-from conftest import free_port, samples, scrape_text, serve_bytes, value
+from conftest import free_port, samples, scrape_text, value
+from served_text import ServedText
 from watchtower.orphan_guard import guarded
 from watchtower.prometheus_config import Target, write_file_sd
 from watchtower.supervisor import metrics as supervisor_metrics
@@ -77,9 +78,9 @@ def test_scrapes_ignore_http_proxy_feed_progress_and_count_an_html_page(tmp_path
     becomes the policy's progress_at; an HTML page on its port is counted, not raised."""
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("no_proxy", "")
-    rank = serve_bytes(b"watchtower_train_step 0\nwatchtower_progress_timestamp_seconds 1234.5\n"
-                 b"watchtower_replica_participating 0\nwatchtower_replica_participants 1\n")
-    html = serve_bytes(b"<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
+    rank = ServedText(lambda: "watchtower_train_step 0\nwatchtower_progress_timestamp_seconds 1234.5\n"
+                              "watchtower_replica_participating 0\nwatchtower_replica_participants 1\n")
+    html = ServedText(lambda: "<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
     group_dir = tmp_path / "groups" / "g0000"
     group_dir.mkdir(parents=True)
     proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
@@ -90,12 +91,12 @@ def test_scrapes_ignore_http_proxy_feed_progress_and_count_an_html_page(tmp_path
                   launched_at=1000.0)
         errors = StageErrors()
         observer = Observer(tmp_path, tp=1, last_step=100, errors=errors)
-        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {rank.server_port}}}')
+        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {rank.server.server_address[1]}}}')
         with errors.guard("scrape"):
             observer.scrape(g)
         view = g.view()
         assert (view.progress_at, view.role, view.state) == (1234.5, Role.SPARE, GroupState.RUNNING)
-        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {html.server_port}}}')
+        (group_dir / "endpoint-r0.json").write_text(f'{{"port": {html.server.server_address[1]}}}')
         with errors.guard("scrape"):
             observer.scrape(g)
         assert errors.snapshot()["scrape"] == 1
@@ -103,8 +104,8 @@ def test_scrapes_ignore_http_proxy_feed_progress_and_count_an_html_page(tmp_path
     finally:
         proc.kill()
         proc.wait()
-        rank.shutdown()
-        html.shutdown()
+        rank.close()
+        html.close()
 
 
 def test_collect_reads_the_loops_snapshot_not_the_groups_it_mutates(supervisor):

@@ -118,7 +118,7 @@ SUPERVISOR_LABELS = ("run",)
 SUPERVISOR_METRICS = _specs(
     MetricSpec("watchtower_supervisor_groups", "gauge", "Replica groups by state (active, spare, starting).",
                SUPERVISOR_LABELS + ("state",)),
-    MetricSpec("watchtower_supervisor_nodes", "gauge", "Nodes by state (busy, free, drained).",
+    MetricSpec("watchtower_supervisor_nodes", "gauge", "Nodes by state (busy, free, draining, drained, down).",
                SUPERVISOR_LABELS + ("state",)),
     MetricSpec("watchtower_supervisor_spares_available", "gauge", "Hot-spare groups in sync and ready to take over.",
                SUPERVISOR_LABELS),
@@ -133,7 +133,7 @@ SUPERVISOR_METRICS = _specs(
     MetricSpec("watchtower_supervisor_lighthouse_up", "gauge",
                "1 while the torchft Lighthouse answers the supervisor's health probe.", SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_restarts_total", "counter",
-               "Groups started to recover: a new spare, or the whole job from its checkpoint.",
+               "Recoveries started: a new spare group, the whole job from its checkpoint, or the Lighthouse.",
                SUPERVISOR_LABELS + ("kind",)),
     MetricSpec("watchtower_supervisor_recovery_seconds", "gauge",
                "Seconds from the last failure until the quorum was back at full strength.", SUPERVISOR_LABELS),
