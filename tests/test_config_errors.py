@@ -124,6 +124,20 @@ def test_supervised_job_the_trainer_would_refuse_is_refused_before_the_lighthous
     assert not out.exists(), "nothing may start before the config is valid"
 
 
+def test_corpus_too_small_for_the_active_groups_is_refused_before_the_lighthouse(tmp_path, capsys):
+    """Review of issue 11, finding 4: 1500 bytes hold one group's batch (11 windows of 128, batch 8) but
+    not the global batch of 2 active groups; every group exited 2 at step 1 and was restarted forever."""
+    out = tmp_path / "job-out"
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "cj", "trainer_config": "tiny", "output_dir": str(out),
+                              "train_overrides": ["data.max_bytes=1500"]},
+                             {"nodes": ["a", "b"], "active_groups": 2}))
+    line = refused(capsys, "supervise", str(path))
+    assert line.startswith("config error: data.source = "), line
+    assert "2 active groups" in line and "train.micro_batch_size" in line, line
+    assert not out.exists(), "nothing may start before the config is valid"
+
+
 def test_missing_config_file_names_presets(capsys):
     line = refused(capsys, "train", "--config", "no-such-preset")
     assert "--config" in line and "tiny" in line

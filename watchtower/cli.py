@@ -164,11 +164,14 @@ def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) ->
     from watchtower.config import check_resume, check_this_machine
     from watchtower.supervisor.config import load_job
     from watchtower.supervisor.shell import Supervisor
+    from watchtower.trainer.data import check_corpus_fits
 
     job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
     if job.cluster.launcher == "local":
         check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse
     check_resume(trainer)  # a resume every group would refuse (exit 2) is refused here, before any group
+    check_corpus_fits(trainer.data, trainer.train.seq_len, trainer.train.micro_batch_size,  # the same: a corpus
+                      trainer.train.grad_accum_steps, job.cluster.active_groups)  # short of the global batch
     supervisor = Supervisor(job, trainer)  # claims the output dir: a live supervisor there is refused (exit 2)
     supervisor.install_signal_handlers()  # SIGTERM / SIGINT: stop every group and the Lighthouse, exit 143 / 130
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "

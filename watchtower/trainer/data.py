@@ -159,6 +159,41 @@ def window_layout(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return idx - start, torch.cumsum(is_bos.to(torch.int64), dim=-1)
 
 
+def corpus_windows(num_tokens: int, seq_len: int) -> int:
+    """Whole windows of `seq_len` inputs in a corpus (each window's targets reach one token further)."""
+    return (num_tokens - 1) // seq_len
+
+
+def step_windows(batch_size: int, micro_steps: int, participants: int) -> int:
+    """The global batch of a step: `batch_size × micro_steps` windows for each participating group."""
+    return batch_size * micro_steps * participants
+
+
+def corpus_tokens(cfg: DataConfig) -> int:
+    """How many tokens `load_tokens` returns, from the source files' sizes: one BOS per non-empty file
+    plus its bytes, up to `max_bytes` in all. Lets a supervisor check the corpus without reading or
+    staging it; costs one listing and one size query per file read."""
+    files, total = 0, 0
+    for url in list_source_files(cfg.source):
+        if total >= cfg.max_bytes:
+            break
+        fs, path = fsspec.core.url_to_fs(url)
+        size = min(fs.size(path), cfg.max_bytes - total)
+        files, total = files + (size > 0), total + size
+    return files + total
+
+
+def check_corpus_fits(cfg: DataConfig, seq_len: int, batch_size: int, micro_steps: int, groups: int) -> None:
+    """Refuse a corpus with fewer windows than one step of `groups` active groups needs. Every group
+    would refuse it at its first step (exit 2), after the Lighthouse and every group have started."""
+    windows = corpus_windows(corpus_tokens(cfg), seq_len)
+    need = step_windows(batch_size, micro_steps, groups)
+    require(windows >= need, "data.source", cfg.source or "(the built-in corpus)",
+            f"holds {windows} windows of {seq_len} tokens (data.max_bytes = {cfg.max_bytes}), fewer than one "
+            f"global batch of {groups} active groups ({need}); add data, raise data.max_bytes, or lower "
+            "cluster.active_groups / train.seq_len / train.micro_batch_size / train.grad_accum_steps")
+
+
 class PackedBatches:
     """An endless, resumable source of packed batches, in one order shared by every replica group.
 
@@ -189,7 +224,7 @@ class PackedBatches:
         self.micro_steps = micro_steps  # micro-batches per step and group (train.grad_accum_steps)
         self.seed = seed
         self.document_masking = document_masking
-        self.num_windows = (len(tokens) - 1) // seq_len
+        self.num_windows = corpus_windows(len(tokens), seq_len)
         self.epoch = 0
         self.cursor = 0  # windows of the current epoch's order consumed by committed steps
         self._orders: dict[int, torch.Tensor] = {}
@@ -205,7 +240,8 @@ class PackedBatches:
 
     def step_windows(self, participants: int) -> int:
         """The global batch of a step with `participants` groups, in windows."""
-        return self.batch_size * self.micro_steps * participants
+        return step_windows(self.batch_size, self.micro_steps, participants)
+
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
