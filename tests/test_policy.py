@@ -153,6 +153,15 @@ CASES = [
          [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
            ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("exhausted", "spare", 2),
            ("stop", 4, "too few groups left to form a quorum and no free node to start one")]], cfg=THREE_NODES),
+    # Review of issue 11, findings 4 and 5: exit code 2 is the trainer refusing its config (a resume with
+    # another config_hash, a corpus short of the global batch). Every restart would be refused the same
+    # way: the job stops at once, exit 2, and no node is drained for it (they drained and crash-looped).
+    Case("a_group_refusing_its_config_stops_the_job_and_drains_no_node", [View(NOW, pool(g0=gone("g0", "a", 2)))],
+         [[("failed", "g0", "exit", "counted", "-"), ("stop", 2, "g0 refused its config; see its log")]]),
+    Case("every_group_refusing_its_config_stops_once_not_a_restart",
+         [View(NOW, pool(g0=gone("g0", "a", 2), g1=gone("g1", "b", 2), g2=gone("g2", "c", 2)))],
+         [[("failed", "g0", "exit", "counted", "-"), ("failed", "g1", "exit", "counted", "-"),
+           ("failed", "g2", "exit", "counted", "-"), ("stop", 2, "g0 refused its config; see its log")]]),
     Case("drain_request_kills_its_group_as_a_planned_drain", [View(NOW, pool(), drain_requests=("b",))],
          [[("kill", "g1", "drained"), ("failed", "g1", "drained", "free", "-"), ("drain", "b", "drain requested"),
            ("launch", "d", "spare", "spare")]]),
@@ -176,12 +185,12 @@ CASES = [
           [("kill", "g3", "drained"), ("failed", "g3", "drained", "free", "-"), ("drain", "d", "drain requested"),
            ("exhausted", "spare", 1)]],
          cfg=budget(max_failures=2, crash_loop_limit=2)),
-    Case("failure_budget_by_count_within_the_window", [View(NOW, pool(g0=gone("g0", "a", 2)))],
+    Case("failure_budget_by_count_within_the_window", [View(NOW, pool(g0=gone("g0", "a", 1)))],
          [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("stop", 3, "crash loop")]],
          cfg=budget(max_failures=3, failure_window_s=3600),
          state=replace(STARTED, drained=frozenset({"d", "e"}), failures=(
              failed(NOW - 2000, "g7", "d", FailureKind.HANG), failed(NOW - 1000, "g8", "e", FailureKind.EXIT, 1)))),
-    Case("failures_older_than_the_window_are_forgotten", [View(NOW, pool(g0=gone("g0", "a", 2)))],
+    Case("failures_older_than_the_window_are_forgotten", [View(NOW, pool(g0=gone("g0", "a", 1)))],
          [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("exhausted", "spare", 1)]],
          cfg=budget(max_failures=3, failure_window_s=3600),
          state=replace(STARTED, drained=frozenset({"d", "e"}), failures=(

@@ -17,9 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from watchtower.validation import ConfigError
-
-EXIT_CONFIG = 2
+from watchtower.validation import EXIT_CONFIG, ConfigError
 
 
 def split_overrides(rest: list[str]) -> list[tuple[str, str]]:

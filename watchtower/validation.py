@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+EXIT_CONFIG = 2  # a refused config's exit code: the CLI's, so a supervised group's too (the policy stops on it)
+
 
 class ConfigError(ValueError):
     """A config value is wrong. `field` is the dotted key; the message says what would be right."""

@@ -10,8 +10,9 @@ Cost: a few list passes over groups, nodes and the failures in the budget window
 Each poll, in this order (the reasons are in the functions below):
   1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
      timeouts: recorded, but they drain no node and spend no budget, and hangs are not judged.
-  2. exits: 0 means the job is finished; any other code drains the group's node (torchft promotes a
-     spare by itself within one Lighthouse heartbeat timeout).
+  2. exits: 0 means the job is finished; 2 (EXIT_CONFIG) is the trainer refusing its config, which
+     every restart would refuse again: stop at once with exit 2, no node drained; any other code
+     drains the group's node (torchft promotes a spare by itself within one Lighthouse heartbeat timeout).
   3. drain requests: a valid node is retired for good (no new group, spares included); its group is
      killed as a planned drain, never counted. A bad name is reported once and touches nothing.
   4. nodes the launcher reports down: their groups are killed, the nodes drained.
@@ -34,6 +35,7 @@ from watchtower.supervisor.policy_types import (
     FailureKind, GroupFailed, GroupFinished, GroupState, GroupView, Kill, Launch, LaunchReason, LighthouseHealth,
     NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse, Role, SparesExhausted, Stop,
     View, node_name_problem)
+from watchtower.validation import EXIT_CONFIG
 
 _BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
 
@@ -54,6 +56,8 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     state = _begin(state, view, cfg, out)
     state = _watch_lighthouse(state, view, cfg, out)
     state = _note_exits(state, view, out)
+    if out and isinstance(out[-1], Stop):
+        return state, out  # a group refused its config
     state = _take_drain_requests(state, view, cfg, out)
     for g in _running(state, view):
         if g.node in view.down_nodes:
@@ -139,6 +143,9 @@ def _watch_lighthouse(state: PolicyState, view: View, cfg: PolicyConfig, out: li
 
 
 def _note_exits(state: PolicyState, view: View, out: list[Action]) -> PolicyState:
+    """Record this poll's exits; end with a `Stop` if a group refused its config (exit 2): a restart
+    or a spare reads the same config and would refuse it too, so no node is to blame."""
+    refused = []
     for g in view.groups:
         if g.state is not GroupState.EXITED or g.replica_id in state.ended:
             continue
@@ -146,7 +153,10 @@ def _note_exits(state: PolicyState, view: View, out: list[Action]) -> PolicyStat
             out.append(GroupFinished(g.replica_id, g.node, g.step))
             state = replace(state, finished=True, ended=state.ended | {g.replica_id})
         else:
+            refused += [g.replica_id] if g.exit_code == EXIT_CONFIG else []
             state = _fail(state, g, FailureKind.EXIT, view.now, out)
+    if refused:
+        out.append(Stop(EXIT_CONFIG, f"{refused[0]} refused its config; see its log"))
     return state
 
 
@@ -187,7 +197,7 @@ def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Acti
 def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: list[Action]) -> PolicyState:
     """Record a group's loss (killing it if it still runs); drain its node if the node is to blame."""
     excused = kind is not FailureKind.DRAINED and state.excuse_until is not None and now <= state.excuse_until
-    blamed = kind in _BLAMES_NODE and not excused
+    blamed = kind in _BLAMES_NODE and not excused and g.exit_code != EXIT_CONFIG
     failure = Failure(now, g.replica_id, g.node, kind, g.exit_code, g.step, g.launched_at,
                       counted=kind is not FailureKind.DRAINED and not excused, blamed=blamed)
     if g.state is GroupState.RUNNING:

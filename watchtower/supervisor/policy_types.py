@@ -15,7 +15,7 @@ from typing import Union
 from watchtower.supervisor.failure_budget import FailureBudget
 from watchtower.validation import require
 
-EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES = 0, 3, 4
+EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES = 0, 3, 4  # EXIT_CONFIG (2) is watchtower.validation's
 
 
 class Role(Enum):
