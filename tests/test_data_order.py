@@ -125,3 +125,17 @@ def test_a_spare_reads_nothing_and_a_step_holds_micro_steps_batches():
         next(data)
     with pytest.raises(RuntimeError, match="end_step"):
         next(data)
+
+
+@pytest.mark.parametrize("max_bytes", [1500, 100_000])
+def test_corpus_size_the_supervisor_checks_is_what_the_trainer_loads(tmp_path, max_bytes):
+    """supervise refuses a corpus too small for its groups from file sizes alone (corpus_tokens);
+    that count must be what load_tokens gives, or it would refuse a job that fits (or pass one that
+    every group then refuses at step 1)."""
+    from watchtower.trainer.data import DataConfig, corpus_tokens, load_tokens
+
+    for i, text in enumerate(["a" * 700, "", "b" * 1200, "c" * 90]):
+        (tmp_path / f"doc{i}.txt").write_text(text)
+    for source in ("", str(tmp_path)):
+        cfg = DataConfig(source=source, max_bytes=max_bytes, stage="never")
+        assert corpus_tokens(cfg) == len(load_tokens(cfg)), (source, max_bytes)

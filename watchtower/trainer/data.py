@@ -242,7 +242,6 @@ class PackedBatches:
         """The global batch of a step with `participants` groups, in windows."""
         return step_windows(self.batch_size, self.micro_steps, participants)
 
-
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch not in self._orders:
             generator = torch.Generator().manual_seed(self.seed + epoch)
