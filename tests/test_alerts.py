@@ -208,3 +208,16 @@ def test_prometheus_config_command_writes_a_config_promtool_accepts(tmp_path):
     assert checked.returncode == 0, checked.stdout + checked.stderr
     bad = run_watchtower("prometheus-config", "--out", str(out), "--scrape-interval", "fast")
     assert bad.returncode == 2 and "--scrape-interval" in bad.stderr
+
+
+def test_the_alerting_stack_is_reached_directly_under_an_http_proxy(tmp_path, monkeypatch):
+    """Prometheus and Alertmanager run on loopback beside us; a proxy exported for the outside world
+    (nothing listens on :9 here) must not stand between us and them."""
+    for var in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    with AlertingStack(tmp_path / "stack", interval="1s") as stack:
+        assert stack.prometheus_api("/api/v1/query", query="vector(1)")["result"][0]["value"][1] == "1"
+        stack.post_alerts([{"labels": {"alertname": "ProxyCheck"}}])
+        assert any(a["labels"]["alertname"] == "ProxyCheck" for a in stack.alertmanager_alerts())

@@ -22,6 +22,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from watchtower.direct_http import get_direct, open_direct
 from watchtower.launch import free_port
 from watchtower.prometheus_config import Target, render_prometheus_config, write_file_sd
 
@@ -74,7 +75,7 @@ def wait_ready(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(url, timeout=1).read()
+            get_direct(url, timeout=1)
             return
         except OSError:
             time.sleep(0.2)
@@ -148,10 +149,11 @@ class AlertingStack:
         """Send alerts straight to Alertmanager's v2 API (for routing and inhibition checks)."""
         req = urllib.request.Request(f"{self.alertmanager_url}/api/v2/alerts", data=json.dumps(alerts).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
-        urllib.request.urlopen(req, timeout=5).read()
+        with open_direct(req, timeout=5) as r:
+            r.read()
 
     def alertmanager_alerts(self) -> list[dict]:
-        with urllib.request.urlopen(f"{self.alertmanager_url}/api/v2/alerts", timeout=5) as r:
+        with open_direct(f"{self.alertmanager_url}/api/v2/alerts", timeout=5) as r:
             return json.loads(r.read())
 
     # Prometheus's own view, read once per call: what tests and drills wait on instead of a clock.
@@ -159,7 +161,7 @@ class AlertingStack:
     def prometheus_api(self, path: str, **params: str) -> dict | list:
         """The `data` of a GET on Prometheus's HTTP API, e.g. `prometheus_api("/api/v1/query", query="up")`."""
         url = f"{self.prometheus_url}{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with open_direct(url, timeout=10) as r:
             body = json.loads(r.read())
         if body.get("status") != "success":
             raise RuntimeError(f"Prometheus {path} {params}: {body}")
