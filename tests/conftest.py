@@ -79,7 +79,7 @@ def wait_for_metrics(port: int, until, timeout: float = WAIT_CEILING_S, proc: su
         if proc is not None and proc.poll() is not None and proc.returncode != 0:
             raise AssertionError(f"process exited with {proc.returncode} before metrics on :{port} matched")
 
-    return wait_until(matched, f"metrics on :{port} to match", abort=exited)
+    return wait_until(matched, f"metrics on :{port} to match", timeout=timeout, abort=exited)
 
 
 class Processes:
