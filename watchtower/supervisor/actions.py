@@ -129,7 +129,7 @@ class Executor:
     def restart_from_checkpoint(self, a: RestartFromCheckpoint, now: float) -> None:
         self.stats.restarts["checkpoint"] += 1
         returned = f"; nodes given back: {', '.join(a.nodes_returned)}" if a.nodes_returned else ""
-        self.events.emit("restart_from_checkpoint", f"every group is lost at step {a.step}; restarting from the "
+        self.events.emit("restart_from_checkpoint", f"every group holding the run's progress is lost at step {a.step}; restarting from the "
                          f"last checkpoint in {self.checkpoint_url}{returned}", step=a.step,
                          nodes_returned=list(a.nodes_returned))
 

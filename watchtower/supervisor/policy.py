@@ -19,8 +19,8 @@ Each poll, in this order (the reasons are in the functions below):
   5. hangs (`silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
      if every stale group has waited so for three timeouts it is a deadlock and all of them go.
   6. the failure budget (`budget_verdict`) spent → stop as a crash loop.
-  7. the pool: finished → stop when the last group is gone; every group lost → restart from the
-     checkpoint; else refill to active + spare groups, fresh nodes first. Fewer groups than
+  7. the pool: finished → stop when the last group is gone; every group holding the run's progress
+     lost (a replacement that never finished a step holds none) → restart from the checkpoint; else refill to active + spare groups, fresh nodes first. Fewer groups than
      active_groups able to run (torchft would block every commit) → stop, no nodes.
 """
 
@@ -212,23 +212,33 @@ def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: 
 
 def _keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
     """Refill, restart or stop. A whole-job loss is not its nodes' fault (they failed together), so
-    the nodes this incident drained are given back to the restart, the freshest still first."""
-    running = len(_running(state, view))
+    the nodes this incident drained are given back to the restart, the freshest still first.
+
+    The job is lost when the last group holding its progress in memory (one that has finished a
+    step) is gone, even if a replacement started between the losses: a replacement that never
+    finished a step holds nothing to heal from, it too resumes from the checkpoint. It is kept
+    and counted; the restart launches the rest."""
+    alive = _running(state, view)
+    running = len(alive)
     if state.finished:
         if not running:
             out.append(Stop(EXIT_DONE, f"all groups finished at step {state.job_step}"))
         return state
     if not state.started:
         return _launch(state, view, cfg, out, 0, LaunchReason.INITIAL)
-    if running >= cfg.target:
-        return replace(state, short_of_nodes=False)
-    if running:
+    holders = any(g.heartbeat is not None for g in alive)
+    state_lost = not running or (state.live_state and not holders)
+    state = replace(state, live_state=holders)
+    if not state_lost:
+        if running >= cfg.target:
+            return replace(state, short_of_nodes=False)
         return _launch(state, view, cfg, out, running, LaunchReason.SPARE)
     since = state.incident_since if state.incident_since is not None else view.now
     lost = {f.node for f in state.failures if f.blamed and f.at >= since}
     returned = tuple(n for n in cfg.nodes if n in lost and n in state.drained and n not in state.retired)
     state = replace(state, drained=state.drained - set(returned))  # they failed together: not their fault
-    return _launch(state, view, cfg, out, 0, LaunchReason.RESTART, RestartFromCheckpoint(state.job_step, returned))
+    return _launch(state, view, cfg, out, running, LaunchReason.RESTART,
+                   RestartFromCheckpoint(state.job_step, returned))
 
 
 _NO_NODES = {LaunchReason.INITIAL: "not enough free nodes to start the job",

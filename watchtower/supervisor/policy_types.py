@@ -163,6 +163,7 @@ class PolicyState:
     incident_since: float | None = None  # first loss since enough groups ran for a quorum
     short_of_nodes: bool = False  # spares_exhausted reported; cleared once the pool is full
     job_step: int = 0
+    live_state: bool = False  # at the last poll a running group had finished a step: progress lived in memory
 
     @classmethod
     def initial(cls, cfg: PolicyConfig) -> PolicyState:
