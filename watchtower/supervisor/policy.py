@@ -26,15 +26,13 @@ Each poll, in this order (the reasons are in the functions below):
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 
 from watchtower.supervisor.failure_budget import budget_verdict
+from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_groups  # noqa: F401 (node_states: re-exported)
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_NO_NODES, Action, DrainNode, DrainRejected, Failure,
-    FailureKind, GroupFailed, GroupFinished, GroupState, GroupView, Kill, Launch, LaunchReason, LighthouseHealth,
-    NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse, Role, SparesExhausted, Stop,
-    View, node_name_problem)
+    EXIT_CRASH_LOOP, Action, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState,
+    GroupView, Kill, LighthouseHealth, PolicyConfig, PolicyState, RestartLighthouse, Stop, View, node_name_problem)
 from watchtower.validation import EXIT_CONFIG
 
 _BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
@@ -59,7 +57,7 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     if out and isinstance(out[-1], Stop):
         return state, out  # a group refused its config
     state = _take_drain_requests(state, view, cfg, out)
-    for g in _running(state, view):
+    for g in running_groups(state, view):
         if g.node in view.down_nodes:
             state = _fail(state, g, FailureKind.NODE_DOWN, view.now, out)
     state = _kill_hung(state, view, cfg, out)
@@ -67,7 +65,7 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     if verdict:
         out.append(Stop(EXIT_CRASH_LOOP, verdict))
         return state, out
-    return _keep_the_pool_full(state, view, cfg, out), out
+    return keep_the_pool_full(state, view, cfg, out), out
 
 
 def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
@@ -87,33 +85,7 @@ def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
     return now - seen - allowed
 
 
-def node_states(state: PolicyState, view: View, cfg: PolicyConfig) -> dict[str, NodeState]:
-    """Every node's state; a node whose group the policy has ended counts as no longer busy."""
-    occupied = {g.node for g in _running(state, view)}
-    winding = {g.node for g in view.groups if g.state is GroupState.RUNNING}
-
-    def one(node: str) -> NodeState:
-        if node in view.down_nodes:
-            return NodeState.DOWN
-        if node in state.drained or node in state.retired:
-            return NodeState.DRAINING if node in winding else NodeState.DRAINED
-        return NodeState.BUSY if node in occupied else NodeState.FREE
-
-    return {node: one(node) for node in cfg.nodes}
-
-
-def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
-    """Free nodes, those with the fewest blamed failures first, so a retry lands on a fresh node."""
-    failed = Counter(f.node for f in state.failures if f.blamed)
-    states = node_states(state, view, cfg)
-    return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
-
-
 # ---- the steps of one poll ---------------------------------------------------------------------
-
-
-def _running(state: PolicyState, view: View) -> list[GroupView]:
-    return [g for g in view.groups if g.state is GroupState.RUNNING and g.replica_id not in state.ended]
 
 
 def _begin(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
@@ -122,7 +94,7 @@ def _begin(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action])
         if g.state is GroupState.RUNNING and g.replica_id in state.ended:
             kind = next((f.kind for f in reversed(state.failures) if f.replica_id == g.replica_id), FailureKind.HANG)
             out.append(Kill(g.replica_id, g.node, kind))
-    incident = None if len(_running(state, view)) >= cfg.active_groups else state.incident_since  # a quorum again
+    incident = None if len(running_groups(state, view)) >= cfg.active_groups else state.incident_since  # a quorum again
 
     def kept(f: Failure) -> bool:  # the window's failures, and the incident's: they name the nodes to give back
         return f.at > view.now - cfg.budget.failure_window_s or (incident is not None and f.at >= incident)
@@ -170,7 +142,7 @@ def _take_drain_requests(state: PolicyState, view: View, cfg: PolicyConfig, out:
             continue
         if name in state.retired:
             continue
-        for g in _running(state, view):
+        for g in running_groups(state, view):
             if g.node == name:
                 state = _fail(state, g, FailureKind.DRAINED, view.now, out)
         if name not in state.drained:
@@ -185,7 +157,7 @@ def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Acti
     has waited that way past three timeouts, nobody can be blamed: a deadlock, all of them go."""
     if state.excuse_until is not None and view.now <= state.excuse_until:
         return state  # every group waits on the quorum; none is stuck by itself
-    stale = [g for g in _running(state, view) if silence_s(g, view.now, cfg) > 0]
+    stale = [g for g in running_groups(state, view) if silence_s(g, view.now, cfg) > 0]
     culprits, kind = [g for g in stale if not g.in_collective], FailureKind.HANG
     if stale and not culprits and all(silence_s(g, view.now, cfg) > 2 * cfg.heartbeat_timeout_s for g in stale):
         culprits, kind = stale, FailureKind.DEADLOCK
@@ -210,55 +182,3 @@ def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: 
                    incident_since=now if state.incident_since is None else state.incident_since)
 
 
-def _keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
-    """Refill, restart or stop. A whole-job loss is not its nodes' fault (they failed together), so
-    the nodes this incident drained are given back to the restart, the freshest still first.
-
-    The job is lost when the last group holding its progress in memory (one that has finished a
-    step) is gone, even if a replacement started between the losses: a replacement that never
-    finished a step holds nothing to heal from, it too resumes from the checkpoint. It is kept
-    and counted; the restart launches the rest."""
-    alive = _running(state, view)
-    running = len(alive)
-    if state.finished:
-        if not running:
-            out.append(Stop(EXIT_DONE, f"all groups finished at step {state.job_step}"))
-        return state
-    if not state.started:
-        return _launch(state, view, cfg, out, 0, LaunchReason.INITIAL)
-    holders = any(g.heartbeat is not None for g in alive)
-    state_lost = not running or (state.live_state and not holders)
-    state = replace(state, live_state=holders)
-    if not state_lost:
-        if running >= cfg.target:
-            return replace(state, short_of_nodes=False)
-        return _launch(state, view, cfg, out, running, LaunchReason.SPARE)
-    since = state.incident_since if state.incident_since is not None else view.now
-    lost = {f.node for f in state.failures if f.blamed and f.at >= since}
-    returned = tuple(n for n in cfg.nodes if n in lost and n in state.drained and n not in state.retired)
-    state = replace(state, drained=state.drained - set(returned))  # they failed together: not their fault
-    return _launch(state, view, cfg, out, running, LaunchReason.RESTART,
-                   RestartFromCheckpoint(state.job_step, returned))
-
-
-_NO_NODES = {LaunchReason.INITIAL: "not enough free nodes to start the job",
-             LaunchReason.RESTART: "every group is lost and there are not enough nodes to restart",
-             LaunchReason.SPARE: "too few groups left to form a quorum and no free node to start one"}
-
-
-def _launch(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action], have: int, reason: LaunchReason,
-            first: Action | None = None) -> PolicyState:
-    """Start groups up to active + spare; stop when not even the active groups can run."""
-    want = cfg.target - have
-    picked = free_nodes(state, view, cfg)[:want]
-    missing = want - len(picked)
-    if have + len(picked) < cfg.active_groups:
-        out += [SparesExhausted(reason, missing), Stop(EXIT_NO_NODES, f"{_NO_NODES[reason]}: "
-                f"{have + len(picked)} of {cfg.active_groups} active groups can run")]
-        return replace(state, started=True, short_of_nodes=True)
-    out += [first] if first else []
-    out += [Launch(node, Role.ACTIVE if have + i < cfg.active_groups else Role.SPARE, reason)
-            for i, node in enumerate(picked)]
-    if missing and not state.short_of_nodes:
-        out.append(SparesExhausted(reason, missing))
-    return replace(state, started=True, short_of_nodes=bool(missing))

@@ -1,0 +1,95 @@
+"""The pool half of the policy: which nodes are free, and refilling, restarting or stopping.
+
+Pure like the rest of the policy (`policy.decide` calls `keep_the_pool_full` last in each poll).
+Cost: a few passes over groups and nodes; microseconds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from watchtower.supervisor.policy_types import (
+    EXIT_DONE, EXIT_NO_NODES, Action, GroupState, GroupView, Launch, LaunchReason, NodeState, PolicyConfig,
+    PolicyState, RestartFromCheckpoint, Role, SparesExhausted, Stop, View)
+
+
+def running_groups(state: PolicyState, view: View) -> list[GroupView]:
+    return [g for g in view.groups if g.state is GroupState.RUNNING and g.replica_id not in state.ended]
+
+
+
+def node_states(state: PolicyState, view: View, cfg: PolicyConfig) -> dict[str, NodeState]:
+    """Every node's state; a node whose group the policy has ended counts as no longer busy."""
+    occupied = {g.node for g in running_groups(state, view)}
+    winding = {g.node for g in view.groups if g.state is GroupState.RUNNING}
+
+    def one(node: str) -> NodeState:
+        if node in view.down_nodes:
+            return NodeState.DOWN
+        if node in state.drained or node in state.retired:
+            return NodeState.DRAINING if node in winding else NodeState.DRAINED
+        return NodeState.BUSY if node in occupied else NodeState.FREE
+
+    return {node: one(node) for node in cfg.nodes}
+
+
+def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
+    """Free nodes, those with the fewest blamed failures first, so a retry lands on a fresh node."""
+    failed = Counter(f.node for f in state.failures if f.blamed)
+    states = node_states(state, view, cfg)
+    return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
+
+
+def keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """Refill, restart or stop. A whole-job loss is not its nodes' fault (they failed together), so
+    the nodes this incident drained are given back to the restart, the freshest still first.
+
+    The job is lost when the last group holding its progress in memory (one that has finished a
+    step) is gone, even if a replacement started between the losses: a replacement that never
+    finished a step holds nothing to heal from, it too resumes from the checkpoint. It is kept
+    and counted; the restart launches the rest."""
+    alive = running_groups(state, view)
+    running = len(alive)
+    if state.finished:
+        if not running:
+            out.append(Stop(EXIT_DONE, f"all groups finished at step {state.job_step}"))
+        return state
+    if not state.started:
+        return _launch(state, view, cfg, out, 0, LaunchReason.INITIAL)
+    holders = any(g.heartbeat is not None for g in alive)
+    state_lost = not running or (state.live_state and not holders)
+    state = replace(state, live_state=holders)
+    if not state_lost:
+        if running >= cfg.target:
+            return replace(state, short_of_nodes=False)
+        return _launch(state, view, cfg, out, running, LaunchReason.SPARE)
+    since = state.incident_since if state.incident_since is not None else view.now
+    lost = {f.node for f in state.failures if f.blamed and f.at >= since}
+    returned = tuple(n for n in cfg.nodes if n in lost and n in state.drained and n not in state.retired)
+    state = replace(state, drained=state.drained - set(returned))  # they failed together: not their fault
+    return _launch(state, view, cfg, out, running, LaunchReason.RESTART,
+                   RestartFromCheckpoint(state.job_step, returned))
+
+
+_NO_NODES = {LaunchReason.INITIAL: "not enough free nodes to start the job",
+             LaunchReason.RESTART: "every group is lost and there are not enough nodes to restart",
+             LaunchReason.SPARE: "too few groups left to form a quorum and no free node to start one"}
+
+
+def _launch(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action], have: int, reason: LaunchReason,
+            first: Action | None = None) -> PolicyState:
+    """Start groups up to active + spare; stop when not even the active groups can run."""
+    want = cfg.target - have
+    picked = free_nodes(state, view, cfg)[:want]
+    missing = want - len(picked)
+    if have + len(picked) < cfg.active_groups:
+        out += [SparesExhausted(reason, missing), Stop(EXIT_NO_NODES, f"{_NO_NODES[reason]}: "
+                f"{have + len(picked)} of {cfg.active_groups} active groups can run")]
+        return replace(state, started=True, short_of_nodes=True)
+    out += [first] if first else []
+    out += [Launch(node, Role.ACTIVE if have + i < cfg.active_groups else Role.SPARE, reason)
+            for i, node in enumerate(picked)]
+    if missing and not state.short_of_nodes:
+        out.append(SparesExhausted(reason, missing))
+    return replace(state, started=True, short_of_nodes=bool(missing))
