@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,12 +83,61 @@ def direct_peers(env: dict[str, str] | os._Environ, hosts: list[str]) -> dict[st
     return {"no_proxy": joined, "NO_PROXY": joined}
 
 
+NODE_ENV = "WATCHTOWER_NODE"  # set for a command run by `run_on_node`: the node it runs for
+NODE_CACHE_ENV = "WATCHTOWER_NODE_CACHE_DIR"  # and that node's data cache (`node_cache_dir`)
+OUTPUT_TAIL_CHARS = 4000  # of a node command's output kept (stdout and stderr together)
+
+
+def node_env(node: str, cache_dir: Path) -> dict[str, str]:
+    """What a command run on a node is told of it, on every launcher (a site health check keys on it).
+
+    >>> node_env("node-b", Path("/scratch/cache"))
+    {'WATCHTOWER_NODE': 'node-b', 'WATCHTOWER_NODE_CACHE_DIR': '/scratch/cache'}
+    """
+    return {NODE_ENV: node, NODE_CACHE_ENV: str(cache_dir)}
+
+
+def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
+    """Run `argv` to its end or for `timeout_s`: (exit code, or None on a timeout; the output's tail).
+
+    It runs in its own session, guarded (it dies with us), stdout and stderr into one unnamed temp
+    file (not a pipe: a background child holding a pipe would stall us until the timeout). When it
+    exits or times out, its whole session is SIGKILLed, so nothing it started is left running.
+    Blocks the calling thread up to `timeout_s`; costs one extra interpreter start (the orphan guard).
+    """
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(guarded(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        _kill_session(proc.pid)
+        proc.wait()
+        out.seek(max(out.seek(0, os.SEEK_END) - 4 * OUTPUT_TAIL_CHARS, 0))
+        text = out.read().decode(errors="replace").strip()
+    return code, text[-OUTPUT_TAIL_CHARS:]
+
+
+def _kill_session(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Launcher(Protocol):
     def launch(self, spec: GroupSpec) -> GroupProcess: ...
 
     def node_cache_dir(self, node: str) -> Path: ...
 
     def down_nodes(self) -> frozenset[str]: ...
+
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
+        """Run a short command ON `node` (the health gate's checks) with `node_env` in its environment:
+        (its exit code, or None if it ran past `timeout_s` and was killed; its output's tail). Blocks
+        the calling thread up to about `timeout_s`; leaves no process of the command behind."""
+        ...
 
 
 class LocalLauncher:
@@ -102,6 +152,10 @@ class LocalLauncher:
 
     def down_nodes(self) -> frozenset[str]:
         return frozenset()  # slots of this machine: never unreachable while the supervisor runs
+
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
+        """A local subprocess with the node's environment (its name and its cache dir)."""
+        return run_bounded(argv, {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s)
 
     def launch(self, spec: GroupSpec) -> GroupProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
