@@ -17,7 +17,7 @@ from watchtower.supervisor.policy import decide, node_states
 from watchtower.supervisor.policy_types import (
     DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState, GroupView,
     Kill, Launch, LighthouseHealth, NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse,
-    Role, SparesExhausted, Stop, View)
+    NodeUnhealthy, Role, SparesExhausted, Stop, View)
 from watchtower.validation import ConfigError
 
 NODES = ("a", "b", "c", "d", "e")
@@ -68,7 +68,8 @@ def brief(a) -> tuple:
             Stop: lambda: ("stop", a.code, a.message.split(":")[0]),
             GroupFinished: lambda: ("finished", a.replica_id),
             SparesExhausted: lambda: ("exhausted", a.reason.value, a.missing),
-            DrainRejected: lambda: ("rejected", a.name)}[type(a)]()
+            DrainRejected: lambda: ("rejected", a.name),
+            NodeUnhealthy: lambda: ("unhealthy", a.node, a.output)}[type(a)]()
 
 
 @dataclass
@@ -186,6 +187,31 @@ CASES = [
          [View(NOW, pool(g0=gone("g0", "a", 2), g1=gone("g1", "b", 2), g2=gone("g2", "c", 2)))],
          [[("failed", "g0", "exit", "counted", "-"), ("failed", "g1", "exit", "counted", "-"),
            ("failed", "g2", "exit", "counted", "-"), ("stop", 2, "g0 refused its config; see its log")]]),
+    # Issue 13, item 5: the shell runs the health gate on the nodes a decision would launch on and
+    # decides again with the failures in View.unhealthy_nodes (found this poll; the policy remembers).
+    Case("unhealthy_nodes_are_never_launched_on_reported_once_and_spend_no_budget",
+         [View(NOW, unhealthy_nodes={"a": "gpu 0: ECC", "b": "cache: 0 bytes free"}),
+          View(NOW + 1, (grp("g0", "c", at=NOW + 1), gone("g1", "d", 1), grp("g2", "e", at=NOW + 1)),
+               unhealthy_nodes={"a": "gpu 0: ECC"})],
+         [[("unhealthy", "a", "gpu 0: ECC"), ("unhealthy", "b", "cache: 0 bytes free"),
+           ("launch", "c", "active", "initial"), ("launch", "d", "active", "initial"),
+           ("launch", "e", "spare", "initial")],
+          [("failed", "g1", "exit", "counted", "blamed"), ("drain", "d", "exit"), ("exhausted", "spare", 1)]],
+         cfg=budget(max_failures=2), state=PolicyState()),
+    Case("a_spare_refill_onto_an_unhealthy_node_goes_to_the_next_node",
+         [View(NOW, pool(g0=gone("g0", "a", 1)), unhealthy_nodes={"d": "site check: exit 1"})],
+         [[("unhealthy", "d", "site check: exit 1"), ("failed", "g0", "exit", "counted", "blamed"),
+           ("drain", "a", "exit"), ("launch", "e", "spare", "spare")]]),
+    Case("too_few_healthy_nodes_stop_the_job_no_nodes",
+         [View(NOW, unhealthy_nodes={"b": "timed out", "c": "timed out"})],
+         [[("unhealthy", "b", "timed out"), ("unhealthy", "c", "timed out"), ("exhausted", "initial", 2),
+           ("stop", 4, "not enough free nodes to start the job")]], cfg=THREE_NODES, state=PolicyState()),
+    Case("an_unhealthy_node_is_not_given_back_by_a_restart",
+         [View(NOW, (gone("g0", "a", -9), gone("g1", "b", -9)), unhealthy_nodes={"c": "gpu 1: 2% free"})],
+         [[("unhealthy", "c", "gpu 1: 2% free"), ("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"), ("restart", 40, ("a", "b")),
+           ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart")]],
+         cfg=replace(THREE_NODES, spare_groups=0)),
     Case("drain_request_kills_its_group_as_a_planned_drain", [View(NOW, pool(), drain_requests=("b",))],
          [[("kill", "g1", "drained"), ("failed", "g1", "drained", "free", "-"), ("drain", "b", "drain requested"),
            ("launch", "d", "spare", "spare")]]),

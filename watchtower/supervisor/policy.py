@@ -8,6 +8,8 @@ next poll. No I/O, no clock, no processes: every decision is a table row in test
 Cost: a few list passes over groups, nodes and the failures in the budget window; microseconds.
 
 Each poll, in this order (the reasons are in the functions below):
+  -  nodes that failed the health gate (`View.unhealthy_nodes`, see health.py): retired for the
+     job's life, reported once; no failure is recorded, so no budget is spent and nobody is restarted.
   1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
      timeouts: recorded, but they drain no node and spend no budget, and hangs are not judged.
   2. exits: 0 means the job is finished; 2 (EXIT_CONFIG) is the trainer refusing its config, which
@@ -32,7 +34,8 @@ from watchtower.supervisor.failure_budget import budget_verdict
 from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_groups  # noqa: F401 (node_states: re-exported)
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, Action, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState,
-    GroupView, Kill, LighthouseHealth, PolicyConfig, PolicyState, RestartLighthouse, Stop, View, node_name_problem)
+    GroupView, Kill, LighthouseHealth, NodeUnhealthy, PolicyConfig, PolicyState, RestartLighthouse, Stop, View,
+    node_name_problem)
 from watchtower.validation import EXIT_CONFIG
 
 _BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
@@ -52,6 +55,7 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     """
     out: list[Action] = []
     state = _begin(state, view, cfg, out)
+    state = _exclude_unhealthy(state, view, cfg, out)
     state = _watch_lighthouse(state, view, cfg, out)
     state = _note_exits(state, view, out)
     if out and isinstance(out[-1], Stop):
@@ -103,6 +107,17 @@ def _begin(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action])
                    rejected=state.rejected & set(view.drain_requests), incident_since=incident,
                    failures=tuple(filter(kept, state.failures)),
                    job_step=max([state.job_step, *(g.step for g in view.groups)]))
+
+
+def _exclude_unhealthy(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """A node that failed its health check never gets a group. The gate checks only nodes a launch
+    was decided for (free ones), so no group runs there; it is not the job's fault, so it spends no
+    budget, and it stays retired even through a restart (no check has said it recovered)."""
+    for node, output in view.unhealthy_nodes.items():
+        if node in cfg.nodes and node not in state.retired:
+            out.append(NodeUnhealthy(node, output))
+            state = replace(state, retired=state.retired | {node})
+    return state
 
 
 def _watch_lighthouse(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:

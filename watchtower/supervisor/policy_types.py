@@ -129,6 +129,7 @@ class View:
     drain_requests: tuple[str, ...] = ()  # raw names, as found; validated by the policy
     down_nodes: frozenset[str] = frozenset()
     lighthouse: LighthouseHealth = LighthouseHealth.UP
+    unhealthy_nodes: dict[str, str] = field(default_factory=dict)  # node → check output, found this poll
 
 
 @dataclass(frozen=True)
@@ -235,5 +236,11 @@ class DrainRejected:
     why: str
 
 
+@dataclass(frozen=True)
+class NodeUnhealthy:  # a record: the node failed its health check and is out for the job's life
+    node: str
+    output: str
+
+
 Action = Union[Launch, Kill, DrainNode, RestartFromCheckpoint, RestartLighthouse, Stop, GroupFailed, GroupFinished,
-               SparesExhausted, DrainRejected]
+               SparesExhausted, DrainRejected, NodeUnhealthy]
