@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-JSON_DIR = Path(__file__).resolve().parent / "json"
-PROVISIONING_DIR = Path(__file__).resolve().parent / "provisioning"
+from watchtower import shipped
+
+JSON_DIR = shipped.dashboards_json_dir()
+PROVISIONING_DIR = shipped.provisioning_dir()
 FOLDER_UID = "watchtower"
 FOLDER_TITLE = "Watchtower"
 

@@ -13,7 +13,8 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
-           "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard"]
+           "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",
+           "watchtower.shipped", "watchtower.alert_export"]
 
 
 @pytest.mark.parametrize("name", MODULES)

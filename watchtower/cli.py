@@ -136,7 +136,9 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     from watchtower.supervisor.config import load_job
     from watchtower.supervisor.shell import Supervisor
 
-    job_path = str(Path(__file__).resolve().parent.parent / "configs" / "demo-job.toml")
+    from watchtower import shipped
+
+    job_path = str(shipped.demo_job_file())
     overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
     if args.output_dir:
         check_demo_dir(Path(args.output_dir))
@@ -257,6 +259,10 @@ def print_summary(summary: dict, code: int) -> None:
     recovery = summary["recovery_seconds"]
     print(f"  last recovery: {'-' if recovery is None else f'{recovery:.1f}s'}   goodput: {summary['goodput_ratio']:.0%}"
           f"   exit: {code}{' (crash loop)' if summary['crash_loop'] else ''}")
+    wall = summary["wall_seconds"]
+    print(f"  where the {wall:.1f}s of wall time went (productive step time, then badput by cause):")
+    for cause, seconds in summary["breakdown_seconds"].items():
+        print(f"    {cause:<11} {seconds:8.1f}s {seconds / wall if wall > 0 else 0.0:6.1%}")
 
 
 def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
@@ -281,6 +287,16 @@ def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[
     return 0
 
 
+def cmd_alerts(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """`export DIR`: the shipped rules.yml and alertmanager.yml, for a Prometheus / Alertmanager host."""
+    from watchtower.alert_export import export_alerts
+
+    rules, alertmanager = export_alerts(Path(args.dir))
+    print(f"wrote {rules} and {alertmanager}; fill in alertmanager.yml's receivers, then:\n"
+          f"  watchtower prometheus-config --rules {rules} ...   amtool check-config {alertmanager}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="watchtower", description=__doc__.splitlines()[0])
@@ -298,9 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="file_sd file of the supervisor itself (default: supervisor_targets.json beside "
                            "--targets-file; '' for none)")
     prom.add_argument("--alertmanager", default="127.0.0.1:9093", help="host:port of Alertmanager ('' for none)")
-    prom.add_argument("--rules", action="append", default=[], help="rule file (default: alerts/rules.yml)")
+    prom.add_argument("--rules", action="append", default=[], help="rule file (default: the rules.yml the package ships)")
     prom.add_argument("--scrape-interval", default="15s")
     prom.add_argument("--evaluation-interval", default="15s")
+    alerts = sub.add_parser("alerts", help="export the alert rules and Alertmanager config for a Prometheus host")
+    alerts.add_argument("action", choices=["export"])
+    alerts.add_argument("dir", help="directory to write rules.yml and alertmanager.yml into (created if missing)")
     dash = sub.add_parser("dashboards", help="build the Grafana dashboards from code, or push them to a Grafana")
     dash.add_argument("action", choices=["build", "push"])
     dash.add_argument("--out", default=None, help="build: directory for the JSON (default: the package's)")
@@ -319,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
+                "alerts": cmd_alerts,
                 "supervise": cmd_supervise, "dashboards": cmd_dashboards, "tui": cmd_tui}
     try:
         if rest and args.command not in ("train", "supervise"):

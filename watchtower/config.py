@@ -27,12 +27,10 @@ from watchtower.trainer.data import BYTE_VOCAB, DataConfig
 from watchtower.trainer.faults import Fault, parse_fault
 from watchtower.trainer.model import ModelConfig
 from watchtower.trainer.staging import require_fsspec_backend
+from watchtower import shipped
 from watchtower.supervisor.contract import ReplicaConfig
 from watchtower.toml_dataclasses import build, read_toml, set_dotted  # noqa: F401 - re-exported: the loaders' home
 from watchtower.validation import ConfigError, require
-
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-
 
 @dataclass
 class RunConfig:
@@ -193,14 +191,15 @@ def require_directory_path(path: str, field: str) -> None:
 # Loading: TOML dict + dotted overrides -> validated dataclasses.
 
 def resolve_config_path(name: str) -> Path:
-    """A path, or a preset name (`tiny` -> configs/tiny.toml in the working directory or the repo)."""
+    """A path, or a preset name (`tiny` -> configs/tiny.toml in the working directory, else the one
+    the package ships: see `watchtower.shipped`)."""
     candidates = [Path(name)]
     if not name.endswith(".toml"):
-        candidates += [Path("configs") / f"{name}.toml", PRESET_DIR / f"{name}.toml"]
+        candidates += [Path("configs") / f"{name}.toml", shipped.preset_file(name)]
     for path in candidates:
         if path.is_file():
             return path
-    presets = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+    presets = ", ".join(shipped.preset_names())
     raise ConfigError("--config", name, f"no such file; give a TOML path or a preset ({presets})")
 
 

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from watchtower import shipped
 from watchtower.atomic_write import write_atomic
 
-REPO_ALERTS = Path(__file__).resolve().parent.parent / "alerts"
 RANK_JOB = "watchtower-ranks"
 SUPERVISOR_JOB = "watchtower-supervisor"
 
@@ -38,7 +38,7 @@ def write_file_sd(path: str | Path, targets: list[Target]) -> None:
 def render_prometheus_config(targets_file: str, alertmanager: str | None, rule_files: list[str] | None = None,
                              scrape_interval: str = "15s", evaluation_interval: str = "15s",
                              supervisor_targets_file: str | None = None) -> str:
-    rule_files = rule_files if rule_files is not None else [str(REPO_ALERTS / "rules.yml")]
+    rule_files = rule_files if rule_files is not None else [str(shipped.rules_file())]
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
         "rule_files": rule_files,
