@@ -16,7 +16,8 @@ Example (a complete loop; runs on CPU):
 What each part costs:
 - `wrap`: two `perf_counter` calls per batch.
 - `step`: two `perf_counter` calls, on GPU two CUDA events, and appending 0-d tensors to a list:
-  loss and grad norm stay on the device. Every `log_interval` steps they are stacked and copied to
+  loss and grad norm stay on the device, and so does a token count given as a tensor (e.g. an
+  attention mask's sum: it is counted when the interval's copy arrives). Every `log_interval` steps they are stacked and copied to
   the host without blocking; the detectors then see every step's value. No host sync per step.
 - parallel checks: one small all-gather every `parallel_check_interval` steps.
 - system metrics: a background thread; scrapes: the exporter's thread.
@@ -85,13 +86,13 @@ class _StepRecord:
     step: int
     seconds: float
     wait_s: float
-    tokens: float
+    tokens: float | None  # None: a device count still on its way (see Monitor._take_ready_records)
 
 
 class StepHandle:
     """What `with monitor.step() as s` gives: `s.record(...)`, `s.should_step()` and the two marks."""
 
-    def __init__(self, monitor: "Monitor", step: int, tokens: float):
+    def __init__(self, monitor: "Monitor", step: int, tokens: float | torch.Tensor):
         self.monitor, self.step, self.tokens = monitor, step, tokens
         self._loss = self._grad_norm = None
         self.skipped = False  # set by should_step(): the loop was told not to apply this step
@@ -112,11 +113,18 @@ class StepHandle:
                 self.monitor._check_parallel_if_due(self.step)
         return False  # the trainer's own exceptions are its own: never swallowed
 
-    def record(self, loss: Any = None, grad_norm: Any = None, lr: Any = None) -> None:
-        """Hand over this step's loss and grad norm (tensors stay on the device) and the lr."""
+    def record(self, loss: Any = None, grad_norm: Any = None, lr: Any = None, tokens: Any = None) -> None:
+        """Hand over this step's loss and grad norm (tensors stay on the device) and the lr.
+
+        tokens: this step's token count when it is known only inside the step (a framework's loop
+        hands the batch over after the step began); it replaces `step(tokens=...)`. A tensor stays
+        on the device, like the loss.
+        """
         with self.monitor.errors.guard("record"):
             self.monitor._record(self, loss, grad_norm, lr)
 
+            if tokens is not None:
+                self.tokens = _token_count(tokens)
     def should_step(self) -> bool:
         """False when the step's loss or grad norm is not finite and nonfinite_action=skip_step.
 
@@ -152,6 +160,13 @@ class StepHandle:
 
 
 class _NullStep:
+def _token_count(tokens: Any) -> float | torch.Tensor:
+    """A tensor stays on its device (reading it here would be a host sync); anything else is a float."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.detach()
+    return float(tokens or 0)
+
+
     def __enter__(self):
         return self
 
@@ -274,7 +289,7 @@ class Monitor:
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._flops_per_token = flops_per_token
         self._peak_flops = self.cfg.peak_flops
-        self._losses, self._grad_norms = DeviceSeries(), DeviceSeries()
+        self._losses, self._grad_norms, self._token_counts = DeviceSeries(), DeviceSeries(), DeviceSeries()
         self._records: list[_StepRecord] = []
         self._cuda_events: deque[tuple[int, Any, Any]] = deque()
         self._pending_wait = 0.0
@@ -350,12 +365,16 @@ class Monitor:
         return False
 
     def step(self, tokens: Any = 0, step: int | None = None) -> StepHandle | _NullStep:
-        """Context manager around one optimizer step. `step`: the global step (default: count)."""
+        """Context manager around one optimizer step. `step`: the global step (default: count).
+
+        tokens: the step's tokens on this rank; a 0-d tensor (e.g. `attention_mask.sum()`) is fine
+        and stays on the device: tokens_total and tokens/s then count it at the next log interval.
+        """
         if not self.cfg.enabled:
             return _NullStep()
         try:
             number = int(step) if step is not None else self.state.step + 1
-            return StepHandle(self, number, float(tokens or 0))
+            return StepHandle(self, number, _token_count(tokens))
         except Exception as err:  # noqa: BLE001
             self.errors.record("step", err)
             return _NullStep()
@@ -463,7 +482,11 @@ class Monitor:
         s = self.state
         tokens = self._count_attempt(handle)
         s.step_time_total_s += seconds  # wall time of every attempt: skipped, redone or applied
-        s.tokens_total += tokens
+        if isinstance(tokens, torch.Tensor):
+            self._token_counts.append(handle.step, tokens)
+            tokens = None  # counted when the interval's copy arrives
+        else:
+            s.tokens_total += tokens
         s.data_wait_total_s += wait
         s.heartbeat = time.time()
         self._records.append(_StepRecord(handle.step, seconds, wait, tokens))
@@ -471,7 +494,7 @@ class Monitor:
         if attempts % self.cfg.log_interval == 0:
             self._flush(wait=False)
 
-    def _count_attempt(self, handle: StepHandle) -> float:
+    def _count_attempt(self, handle: StepHandle) -> float | torch.Tensor:
         """Count the attempt as exactly one of applied, skipped or uncommitted; its applied tokens.
 
         Only a committed attempt is a step: a skipped one still moves the step number (it is done,
@@ -510,7 +533,7 @@ class Monitor:
 
     def _flush(self, wait: bool) -> None:
         """Turn the interval's records and the device buffers into metrics and detector events."""
-        records, self._records = self._records, []
+        records = self._take_ready_records(wait)
         if records:
             elapsed = sum(r.seconds for r in records)
             self.state.step_time_s = elapsed / len(records)
@@ -547,6 +570,26 @@ class Monitor:
     def _check_finite(self, step: int, what: str, value: float) -> None:
         if math.isfinite(value) or step in self._nonfinite_steps:
             return
+    def _take_ready_records(self, wait: bool) -> list[_StepRecord]:
+        """The records whose tokens are known, oldest first; the rest wait for the next flush.
+
+        Device token counts arrive in step order, one per record that has none yet: each is filled
+        in and counted in tokens_total. On CPU all of them arrive at once; on GPU an interval's
+        counts usually arrive at the next flush, so its tokens/s is reported one interval late.
+        """
+        self._token_counts.flush()
+        arrived = iter([n for _, n in self._token_counts.harvest(wait)])
+        ready = 0
+        for r in self._records:
+            if r.tokens is None:
+                r.tokens = next(arrived, None)
+                if r.tokens is None:
+                    break
+                self.state.tokens_total += r.tokens
+            ready += 1
+        records, self._records = self._records[:ready], self._records[ready:]
+        return records
+
         self._nonfinite_steps.add(step)
         if len(self._nonfinite_steps) > 10_000:
             self._nonfinite_steps.clear()

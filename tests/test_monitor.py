@@ -255,3 +255,21 @@ def test_wrapped_loader_can_be_copied_and_indexed():
     assert next(copy.copy(stream)) is batches[0] and next(stream) is batches[0], "a copied iterator is its own"
     assert monitor.errors.counts["wrap"] == 0
     monitor.close()
+
+
+def test_token_counts_given_as_tensors_are_read_at_the_interval_not_per_step():
+    """A framework integration counts tokens from the attention mask on the device; `step(tokens=...)`
+    used to call float() on it, a host sync per step. Now the count stays a tensor until the
+    interval's copy, like the loss, and adds up to the same totals as numbers would."""
+    monitor = make(log_interval=4)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0  # padding: 13 real tokens of 16
+    for step in range(1, 9):
+        late = step % 2 == 0  # half the steps hand their count over inside the step, as the callbacks do
+        with monitor.step(step=step, tokens=None if late else mask.sum()) as s:
+            s.record(loss=torch.tensor(2.0), tokens=mask.sum() if late else None)
+        if step in (3, 7):
+            assert monitor.state.tokens_total == 13 * (step - 3), "read only at the log interval"
+    monitor.close()
+    assert monitor.state.tokens_total == 8 * 13 and monitor.state.steps_total == 8
+    assert monitor.state.tokens_per_s > 0 and sum(monitor.errors.counts.values()) == 0
