@@ -17,7 +17,7 @@ from watchtower.supervisor.policy import decide, node_states
 from watchtower.supervisor.policy_types import (
     DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState, GroupView,
     Kill, Launch, LighthouseHealth, NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse,
-    NodeUnhealthy, Role, SparesExhausted, Stop, View)
+    LaunchFailure, NodeUnhealthy, Role, SparesExhausted, Stop, View)
 from watchtower.validation import ConfigError
 
 NODES = ("a", "b", "c", "d", "e")
@@ -282,6 +282,40 @@ CASES = [
     Case("a_lighthouse_that_keeps_dying_spends_the_budget",
          [View(NOW, pool(), lighthouse=DOWN), View(NOW + 1, pool(NOW + 1), lighthouse=DOWN)],
          [[("lighthouse",)], [("lighthouse",), ("stop", 3, "crash loop")]], cfg=budget(max_failures=2)),
+    # A launch that raised (the launcher's OSError, an unwritable group directory) was only counted as a
+    # shell error: the next poll ordered the same launch on the same free node, forever, and no budget
+    # was spent. It is now a failure of its node: drained, counted, the retry goes elsewhere.
+    Case("a_failed_launch_drains_its_node_and_the_retry_goes_to_another_node",
+         [View(NOW, pool()[:2], launch_failures=(LaunchFailure("g3", "c", NOW - 1, "OSError: [Errno 28] full"),))],
+         [[("failed", "g3", "launch", "counted", "blamed"), ("drain", "c", "launch"),
+           ("launch", "d", "spare", "spare")]]),
+    Case("a_launcher_failing_everywhere_stops_as_a_crash_loop_not_a_tight_loop",
+         [View(NOW), View(NOW + 1, launch_failures=(LaunchFailure("g0", "a", NOW + 0.1, "OSError: fork"),)),
+          View(NOW + 2, launch_failures=(LaunchFailure("g1", "b", NOW + 1.1, "OSError: fork"),)),
+          View(NOW + 3, launch_failures=(LaunchFailure("g2", "c", NOW + 2.1, "OSError: fork"),))],
+         [[("launch", "a", "active", "initial")],
+          [("failed", "g0", "launch", "counted", "blamed"), ("drain", "a", "launch"),
+           ("launch", "b", "active", "initial")],
+          [("failed", "g1", "launch", "counted", "blamed"), ("drain", "b", "launch"),
+           ("launch", "c", "active", "initial")],
+          [("failed", "g2", "launch", "counted", "blamed"), ("drain", "c", "launch"), ("stop", 3, "crash loop")]],
+         cfg=ONE_GROUP, state=PolicyState()),
+    Case("launches_failing_one_after_another_in_one_poll_are_fresh_node_retries",
+         [View(NOW + 1, launch_failures=tuple(LaunchFailure(f"g{i}", n, NOW + 0.1 * i, "OSError: fork")
+                                              for i, n in enumerate("abc")))],
+         [[("failed", "g0", "launch", "counted", "blamed"), ("drain", "a", "launch"),
+           ("failed", "g1", "launch", "counted", "blamed"), ("drain", "b", "launch"),
+           ("failed", "g2", "launch", "counted", "blamed"), ("drain", "c", "launch"), ("stop", 3, "crash loop")]]),
+    Case("a_restart_does_not_give_back_a_node_whose_launch_failed",
+         [View(NOW, pool(g0=gone("g0", "a", -9))),
+          View(NOW + 1, (gone("g1", "b", -9), gone("g2", "c", -9)),
+               launch_failures=(LaunchFailure("g3", "d", NOW + 0.5, "OSError: fork"),))],
+         [[("failed", "g0", "exit", "counted", "blamed"), ("drain", "a", "exit"), ("launch", "d", "spare", "spare")],
+          [("failed", "g3", "launch", "counted", "blamed"), ("drain", "d", "launch"),
+           ("failed", "g1", "exit", "counted", "blamed"), ("drain", "b", "exit"),
+           ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("restart", 40, ("a", "b", "c")),
+           ("launch", "e", "active", "restart"), ("launch", "a", "active", "restart"),
+           ("launch", "b", "spare", "restart")]]),
     Case("bad_drain_names_are_rejected_once_and_touch_nothing",
          [View(NOW, pool(), drain_requests=("..", "", "a/../b", "zz")),
           View(NOW + 1, pool(NOW + 1), drain_requests=("..", "", "a/../b", "zz"))],
@@ -321,6 +355,16 @@ def test_node_states_show_a_drain_while_its_group_winds_down():
                       "e": NodeState.FREE}
     after = node_states(state, View(NOW + 1, pool(NOW + 1, g1=gone("g1", "b", -9))), CFG)
     assert after["b"] is NodeState.DRAINED
+
+
+def test_a_crash_loop_of_failed_launches_names_the_error():
+    """The stop a person is paged for says what the launcher said, not only "launch"."""
+    case = next(c for c in CASES if c.name == "a_launcher_failing_everywhere_stops_as_a_crash_loop_not_a_tight_loop")
+    state = case.state
+    for view in case.polls:
+        state, actions = decide(state, view, case.cfg)
+    assert actions[-1] == Stop(3, "crash loop: the same failure (launch) on 3 fresh nodes (a, b, c); not spending "
+                                  "more spares; last error: OSError: fork")
 
 
 def test_budget_verdict_counts_only_counted_failures_inside_its_window():

@@ -144,6 +144,45 @@ def test_a_full_disk_under_events_and_file_sd_is_counted_and_kills_no_group(supe
     assert {rid: g.process.pid for rid, g in supervisor.groups.items()} == pids, "no group replaced"
 
 
+def test_a_launch_that_fails_drains_its_node_instead_of_being_retried_there_every_poll(supervisor):
+    """A launch that raised was only counted as a shell error: every poll ordered the same launch on
+    the same free node, forever, with no event naming the node and no budget spent. Here g0000's
+    directory cannot be made (a file stands in its place): its node n0 is drained once, the event
+    names the error, the spare's launch on n1 and a refill on n2 carry the job on."""
+    groups = supervisor.out / "groups"
+    groups.mkdir(exist_ok=True)
+    (groups / "g0000").write_text("not a directory")
+    codes = [supervisor.poll_once() for _ in range(4)]
+    assert codes == [None] * 4 and supervisor.executor.seq == 3, "one failed launch, one refill, then quiet"
+    assert {rid: g.node for rid, g in supervisor.groups.items()} == {"g0001": "n1", "g0002": "n2"}
+    assert all(g.process.poll() is None for g in supervisor.groups.values())
+    failed = [e for e in supervisor.events.events if e["event"] == "group_failed"]
+    assert [(e["replica_id"], e["node"], e["reason"], e["drained"], e["counted"]) for e in failed] == \
+        [("g0000", "n0", "launch", True, True)]
+    assert failed[0]["error"].startswith(("FileExistsError", "NotADirectoryError")) and "g0000" in failed[0]["error"]
+    assert failed[0]["error"] in failed[0]["message"]
+    metrics = samples(scrape_text(supervisor.metrics_port))
+    assert value(metrics, "watchtower_supervisor_nodes", state="drained") == 1
+    assert value(metrics, "watchtower_supervisor_failures_total", reason="launch") == 1
+
+
+def test_a_launcher_failing_everywhere_stops_as_a_crash_loop_naming_the_error(supervisor, monkeypatch):
+    """The same defect with a launcher that cannot fork on any node: each node is tried once, then
+    the failure budget (the same failure on crash_loop_limit = 3 fresh nodes) stops the job, exit 3."""
+    def cannot_fork(spec):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(supervisor.launcher, "launch", cannot_fork)
+    assert [supervisor.poll_once() for _ in range(3)] == [None, None, 3]
+    failed = [(e["node"], e["reason"]) for e in supervisor.events.events if e["event"] == "group_failed"]
+    assert failed == [("n0", "launch"), ("n1", "launch"), ("n2", "launch")]
+    stopped = supervisor.events.events[-1]
+    assert (stopped["event"], stopped["exit_code"]) == ("job_stopped", 3)
+    assert stopped["message"].endswith(f"; last error: BlockingIOError: [Errno {errno.EAGAIN}] "  # OSError(EAGAIN)'s
+                                       f"{os.strerror(errno.EAGAIN)}")
+    assert value(samples(scrape_text(supervisor.metrics_port)), "watchtower_supervisor_crash_loop") == 1
+
+
 def test_a_stopped_lighthouse_is_restarted_on_the_same_address(supervisor):
     url = supervisor.lighthouse.url
     supervisor.poll_once()

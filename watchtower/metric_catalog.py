@@ -124,10 +124,11 @@ SUPERVISOR_METRICS = _specs(
                SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_free_nodes", "gauge", "Nodes a new spare could start on.", SUPERVISOR_LABELS),
     MetricSpec("watchtower_supervisor_failures_total", "counter",
-               "Group failures by reason (exit, hang, deadlock, node_down, lighthouse, drained).",
+               "Group failures by reason (exit, hang, deadlock, node_down, lighthouse, drained, launch: the launcher "
+               "could not start a group on the node).",
                SUPERVISOR_LABELS + ("reason",)),
     MetricSpec("watchtower_supervisor_errors_total", "counter",
-               "Exceptions the supervisor caught, by stage of its loop (e.g. scrape, events, file_sd, launch); "
+               "Exceptions the supervisor caught, by stage of its loop (e.g. scrape, events, file_sd, kill); "
                "logged once per stage, never fatal to a group.",
                SUPERVISOR_LABELS + ("stage",)),
     MetricSpec("watchtower_supervisor_lighthouse_up", "gauge",

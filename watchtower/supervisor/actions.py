@@ -1,9 +1,11 @@
 """Execute: the policy's actions, in order, each on its own, and the events they leave.
 
-An action that raises (a launcher that cannot fork, a full disk under a group's launch config, a
-Lighthouse that cannot rebind) is counted under its stage and skipped; the policy sees the result
-at the next poll (one group short, the Lighthouse still down) and orders it again. Records
-(`GroupFailed`, `SparesExhausted`, ...) become events and counters only.
+An action that raises (a Lighthouse that cannot rebind, a kill that fails) is counted under its
+stage and skipped; the policy sees the result at the next poll (the Lighthouse still down) and
+orders it again. A launch that raises (a launcher that cannot fork, a full disk under the group's
+launch config) is a fact instead: kept in `launch_failures` for the next poll's `View`, where the
+policy blames the node and spends the failure budget (a retry on the same node every poll would
+spin forever). Records (`GroupFailed`, `SparesExhausted`, ...) become events and counters only.
 """
 
 from __future__ import annotations
@@ -22,9 +24,19 @@ from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, Action, DrainNode, DrainRejected, FailureKind, GroupFailed, GroupFinished, Kill, Launch,
-    LaunchReason, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
+    LaunchFailure, LaunchReason, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
 
 LOG_TAIL_LINES = 5
+
+
+def one_line(err: BaseException) -> str:
+    """An error as one line for an event: its type and the first line of its message.
+
+    >>> one_line(OSError(28, "No space left on device"))
+    'OSError: [Errno 28] No space left on device'
+    """
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def first_free_seq(groups_dir: Path) -> int:
@@ -47,6 +59,7 @@ class Executor:
         self.out = job.job.output_path
         self.seq = first_free_seq(self.out / "groups")
         self.node_index = {n: i for i, n in enumerate(job.cluster.nodes)}
+        self.launch_failures: list[LaunchFailure] = []  # for the next View; the loop takes them
         self._do = {Launch: ("launch", self.launch), Kill: ("kill", self.kill),
                     RestartLighthouse: ("lighthouse", self.restart_lighthouse), DrainNode: ("events", self.drained),
                     RestartFromCheckpoint: ("events", self.restart_from_checkpoint),
@@ -71,6 +84,12 @@ class Executor:
         seq = self.seq
         self.seq += 1  # taken even if this launch fails half-way: a directory may already exist
         replica_id = f"g{seq:04d}"  # torchft ranks groups by id: later groups sort last and start as spares
+        try:
+            self._start(a, seq, replica_id)
+        except Exception as err:  # noqa: BLE001 - whatever stopped it, the policy must see the node fail
+            self.launch_failures.append(LaunchFailure(replica_id, a.node, time.time(), one_line(err)))
+
+    def _start(self, a: Launch, seq: int, replica_id: str) -> None:
         group_dir = self.out / "groups" / replica_id
         s = self.job.supervisor
         replica = ReplicaConfig(lighthouse=self.lighthouse().url, replica_id=replica_id, replica_group=seq,
@@ -116,11 +135,13 @@ class Executor:
         self.stats.failed(f, self.stats.job_step)
         group = self.groups.get(f.replica_id)
         code = "" if f.exit_code is None else f", exit code {f.exit_code}"
+        code += f": {f.detail}" if f.detail else ""
         verdict = "node drained" if f.blamed else "node kept" + ("" if f.counted else ", not counted")
         self.events.emit("group_failed", f"{f.replica_id} on {f.node} failed ({f.kind.value}{code}) at step {f.step}; "
                          f"{verdict}", replica_id=f.replica_id, node=f.node, reason=f.kind.value,
                          exit_code=f.exit_code, step=f.step, drained=f.blamed, counted=f.counted,
-                         log_tail=group.process.log_tail(LOG_TAIL_LINES) if group else [])
+                         log_tail=group.process.log_tail(LOG_TAIL_LINES) if group else [],
+                         **({"error": f.detail} if f.detail else {}))
 
     def drained(self, a: DrainNode, now: float) -> None:
         self.events.emit("node_drained", f"{a.node} drained ({a.reason}): no new group starts there",

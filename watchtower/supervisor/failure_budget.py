@@ -58,14 +58,21 @@ def budget_verdict(failures: tuple[Failure, ...], now: float, budget: FailureBud
     if len(recent) >= budget.max_failures:
         kinds = ", ".join(f"{kind} x{n}" for kind, n in Counter(f.kind.value for f in recent).items())
         return (f"crash loop: {len(recent)} failures within {budget.failure_window_s:g} s ({kinds}) spent the "
-                f"failure budget of {budget.max_failures}")
+                f"failure budget of {budget.max_failures}{_last_error(recent)}")
     for signature in dict.fromkeys(f.signature for f in recent if f.node is not None):
         nodes = fresh_nodes([f for f in recent if f.signature == signature])
         if len(nodes) >= budget.crash_loop_limit:
             kind, code = signature
             return (f"crash loop: the same failure ({kind.value}{'' if code is None else f', exit code {code}'}) "
-                    f"on {len(nodes)} fresh nodes ({', '.join(nodes)}); not spending more spares")
+                    f"on {len(nodes)} fresh nodes ({', '.join(nodes)}); not spending more spares"
+                    f"{_last_error([f for f in recent if f.signature == signature])}")
     return None
+
+
+def _last_error(failures: list[Failure]) -> str:
+    """The newest error text among `failures` (a failed launch's), as a suffix of the verdict."""
+    detail = next((f.detail for f in reversed(failures) if f.detail), "")
+    return f"; last error: {detail}" if detail else ""
 
 
 def fresh_nodes(same: list[Failure]) -> list[str]:

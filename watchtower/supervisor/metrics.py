@@ -98,8 +98,9 @@ class JobStats:
         self._last_step, self._last_step_at = 0, started
 
     def failed(self, failure: Failure, job_step: int) -> None:
+        """Count it; a lost group starts the recovery clock (a failed launch lost nothing that ran)."""
         self.failures[failure.kind.value] += 1
-        if self._recovering_since is None:
+        if self._recovering_since is None and failure.kind is not FailureKind.LAUNCH:
             self._recovering_since, self._step_at_failure = failure.at, job_step
 
     def refilling(self, replica_id: str, now: float) -> None:

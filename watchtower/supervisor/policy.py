@@ -8,6 +8,8 @@ next poll. No I/O, no clock, no processes: every decision is a table row in test
 Cost: a few list passes over groups, nodes and the failures in the budget window; microseconds.
 
 Each poll, in this order (the reasons are in the functions below):
+  0. the last poll's failed launches: each drains its node and is counted, like a group that died at
+     once (else the same launch is ordered on the same free node every poll, forever).
   -  nodes that failed the health gate (`View.unhealthy_nodes`, see health.py): retired for the
      job's life, reported once; no failure is recorded, so no budget is spent and nobody is restarted.
   1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
@@ -55,6 +57,7 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     """
     out: list[Action] = []
     state = _begin(state, view, cfg, out)
+    state = _note_failed_launches(state, view, out)
     state = _exclude_unhealthy(state, view, cfg, out)
     state = _watch_lighthouse(state, view, cfg, out)
     state = _note_exits(state, view, out)
@@ -117,6 +120,20 @@ def _exclude_unhealthy(state: PolicyState, view: View, cfg: PolicyConfig, out: l
         if node in cfg.nodes and node not in state.retired:
             out.append(NodeUnhealthy(node, output))
             state = replace(state, retired=state.retired | {node})
+    return state
+
+
+def _note_failed_launches(state: PolicyState, view: View, out: list[Action]) -> PolicyState:
+    """A launch that failed blames its node (the retry goes to another) and spends the budget, so a
+    launcher failing everywhere stops as a crash loop. Each attempt is its own retry in the budget's
+    fresh-node chain: it started (`launched_at`) after the previous attempt failed (`at`)."""
+    for lf in view.launch_failures:
+        f = Failure(lf.at, lf.replica_id, lf.node, FailureKind.LAUNCH, None, state.job_step, lf.at,
+                    counted=True, blamed=True, detail=lf.error)
+        out.append(GroupFailed(f))
+        if lf.node not in state.drained | state.retired:
+            out.append(DrainNode(lf.node, FailureKind.LAUNCH.value))
+        state = replace(state, failures=state.failures + (f,), drained=state.drained | {lf.node})
     return state
 
 

@@ -44,15 +44,16 @@ class LighthouseHealth(Enum):
 
 
 class FailureKind(Enum):
-    """EXIT, HANG, NODE_DOWN blame the node (drained); DEADLOCK blames nobody (every stale group was
-    waiting on a peer); LIGHTHOUSE is the quorum server dying; DRAINED is a planned drain (never
-    counted toward the failure budget)."""
+    """EXIT, HANG, NODE_DOWN, LAUNCH blame the node (drained); DEADLOCK blames nobody (every stale group
+    was waiting on a peer); LIGHTHOUSE is the quorum server dying; DRAINED is a planned drain (never
+    counted toward the failure budget). LAUNCH: the launcher could not start a group there."""
     EXIT = "exit"
     HANG = "hang"
     DEADLOCK = "deadlock"
     NODE_DOWN = "node_down"
     LIGHTHOUSE = "lighthouse"
     DRAINED = "drained"
+    LAUNCH = "launch"
 
 
 class LaunchReason(Enum):
@@ -121,6 +122,17 @@ class GroupView:
 
 
 @dataclass(frozen=True)
+class LaunchFailure:
+    """A launch the shell could not carry out (the launcher raised, the group's directory could not be
+    written): `replica_id` the id it took, `at` when it failed, `error` the error's one line."""
+
+    replica_id: str
+    node: str
+    at: float
+    error: str
+
+
+@dataclass(frozen=True)
 class View:
     """One poll's observations. A group stays listed until the shell has reported it EXITED once."""
 
@@ -129,6 +141,7 @@ class View:
     drain_requests: tuple[str, ...] = ()  # raw names, as found; validated by the policy
     down_nodes: frozenset[str] = frozenset()
     lighthouse: LighthouseHealth = LighthouseHealth.UP
+    launch_failures: tuple[LaunchFailure, ...] = ()  # the last poll's launches that failed
     unhealthy_nodes: dict[str, str] = field(default_factory=dict)  # node → check output, found this poll
 
 
@@ -143,6 +156,7 @@ class Failure:
     launched_at: float
     counted: bool  # toward the failure budget
     blamed: bool  # its node was drained for it
+    detail: str = ""  # a failed launch's error, for the event and the crash-loop message
 
     @property
     def signature(self) -> tuple[FailureKind, int | None]:

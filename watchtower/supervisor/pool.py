@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import replace
 
 from watchtower.supervisor.policy_types import (
-    EXIT_DONE, EXIT_NO_NODES, Action, GroupState, GroupView, Launch, LaunchReason, NodeState, PolicyConfig,
+    EXIT_DONE, EXIT_NO_NODES, Action, FailureKind, GroupState, GroupView, Launch, LaunchReason, NodeState, PolicyConfig,
     PolicyState, RestartFromCheckpoint, Role, SparesExhausted, Stop, View)
 
 
@@ -57,6 +57,8 @@ def keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: l
         return state
     if not state.started:
         return _launch(state, view, cfg, out, 0, LaunchReason.INITIAL)
+    if not running and not view.groups and view.launch_failures:  # the last poll's launches failed: retried
+        return _launch(state, view, cfg, out, 0, LaunchReason.RESTART if state.job_step else LaunchReason.INITIAL)
     holders = any(g.heartbeat is not None for g in alive)
     state_lost = not running or (state.live_state and not holders)
     state = replace(state, live_state=holders)
@@ -65,7 +67,7 @@ def keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: l
             return replace(state, short_of_nodes=False)
         return _launch(state, view, cfg, out, running, LaunchReason.SPARE)
     since = state.incident_since if state.incident_since is not None else view.now
-    lost = {f.node for f in state.failures if f.blamed and f.at >= since}
+    lost = {f.node for f in state.failures if f.blamed and f.at >= since and f.kind is not FailureKind.LAUNCH}
     returned = tuple(n for n in cfg.nodes if n in lost and n in state.drained and n not in state.retired)
     state = replace(state, drained=state.drained - set(returned))  # they failed together: not their fault
     return _launch(state, view, cfg, out, running, LaunchReason.RESTART,

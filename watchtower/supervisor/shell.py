@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
@@ -127,11 +128,13 @@ class Supervisor:
         """observe → decide → execute → emit; the exit code of a `Stop`, else None."""
         now = time.time()
         view = self.observer.observe(list(self.groups.values()), self.lighthouse, self.launcher, now)
+        view = replace(view, launch_failures=tuple(self.executor.launch_failures))
         actions = []
         with self.errors.guard("decide"):
             self.state, actions = decide(self.state, view, self.policy_cfg)
             for g in self.groups.values():  # the policy has now seen each exit once
                 g.reported = g.reported or not g.running
+            del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch
         self.stats.job_step = max(self.stats.job_step, self.state.job_step)
         code = self.executor.run(actions, now)
         with self.errors.guard("metrics"):
