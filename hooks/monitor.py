@@ -38,6 +38,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from watchtower import __version__
+from watchtower.compute_budget import ComputeBudget
 from watchtower.hooks.config import MonitorConfig
 from watchtower.hooks.detectors import (DataStallDetector, DetectorEvent, LossSpikeDetector,
                                         ThroughputDropDetector)
@@ -122,9 +123,9 @@ class StepHandle:
         """
         with self.monitor.errors.guard("record"):
             self.monitor._record(self, loss, grad_norm, lr)
-
             if tokens is not None:
                 self.tokens = _token_count(tokens)
+
     def should_step(self) -> bool:
         """False when the step's loss or grad norm is not finite and nonfinite_action=skip_step.
 
@@ -159,7 +160,6 @@ class StepHandle:
         self.committed = False
 
 
-class _NullStep:
 def _token_count(tokens: Any) -> float | torch.Tensor:
     """A tensor stays on its device (reading it here would be a host sync); anything else is a float."""
     if isinstance(tokens, torch.Tensor):
@@ -167,6 +167,7 @@ def _token_count(tokens: Any) -> float | torch.Tensor:
     return float(tokens or 0)
 
 
+class _NullStep:
     def __enter__(self):
         return self
 
@@ -301,6 +302,7 @@ class Monitor:
         self._stall = DataStallDetector(self.cfg.data_stall)
         self._throughput = ThroughputDropDetector(self.cfg.throughput)
         self._nonfinite_steps: set[int] = set()
+        self._budget: ComputeBudget | None = None
         if not self.cfg.enabled:
             return
         with self.errors.guard("start"):
@@ -558,18 +560,6 @@ class Monitor:
             self.state.grad_norm = norm
             self._check_finite(step, "grad_norm", norm)
 
-    def _harvest_cuda_times(self) -> None:
-        """GPU-side step times from CUDA events whose end has already passed (never waits)."""
-        times = []
-        while self._cuda_events and self._cuda_events[0][2].query():
-            _, start, end = self._cuda_events.popleft()
-            times.append(start.elapsed_time(end) / 1000.0)
-        if times:
-            self.state.step_time_s = sum(times) / len(times)
-
-    def _check_finite(self, step: int, what: str, value: float) -> None:
-        if math.isfinite(value) or step in self._nonfinite_steps:
-            return
     def _take_ready_records(self, wait: bool) -> list[_StepRecord]:
         """The records whose tokens are known, oldest first; the rest wait for the next flush.
 
@@ -590,6 +580,18 @@ class Monitor:
         records, self._records = self._records[:ready], self._records[ready:]
         return records
 
+    def _harvest_cuda_times(self) -> None:
+        """GPU-side step times from CUDA events whose end has already passed (never waits)."""
+        times = []
+        while self._cuda_events and self._cuda_events[0][2].query():
+            _, start, end = self._cuda_events.popleft()
+            times.append(start.elapsed_time(end) / 1000.0)
+        if times:
+            self.state.step_time_s = sum(times) / len(times)
+
+    def _check_finite(self, step: int, what: str, value: float) -> None:
+        if math.isfinite(value) or step in self._nonfinite_steps:
+            return
         self._nonfinite_steps.add(step)
         if len(self._nonfinite_steps) > 10_000:
             self._nonfinite_steps.clear()
@@ -613,6 +615,10 @@ class Monitor:
         f.add("watchtower_step_seconds_total", s.step_time_total_s)
         f.add("watchtower_tokens_total", s.tokens_total)
         f.add("watchtower_tokens_per_second", s.tokens_per_s)
+        if self._budget is not None:
+            now, planned = self._budget.tokens_per_parameter(s.step, s.tokens_total, s.steps_total)
+            f.add("watchtower_tokens_per_parameter", now)
+            f.add("watchtower_planned_tokens_per_parameter", planned)
         f.add("watchtower_mfu_ratio", s.mfu)
         f.add("watchtower_data_wait_seconds_total", s.data_wait_total_s)
         f.add("watchtower_data_wait_ratio", s.data_wait_ratio)

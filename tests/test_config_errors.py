@@ -151,3 +151,21 @@ def test_a_real_process_prints_one_line_and_exits_2(tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
     assert result.stderr.startswith("config error: model.dim = -3: "), result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,says", [
+    ("health_check", "", "must be a shell command"),
+    ("health_check", "   ", "must be a shell command"),
+    ("health_check_timeout_s", -5, "must be > 0 seconds"),
+    ("health_check_timeout_s", 0, "must be > 0 seconds"),
+    ("health_min_free_bytes", -1, "must be >= 0"),
+    ("health_min_gpu_free_fraction", 1.5, "between 0 and 1"),
+])
+def test_bad_health_gate_key_exits_2_naming_the_key(tmp_path, capsys, key, value, says):
+    """Issue 13, item 5: the node health gate's [cluster] keys are refused before anything starts."""
+    out = tmp_path / "job-out"
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "cj", "trainer_config": "tiny", "output_dir": str(out)}, {"nodes": ["a"], key: value}))
+    line = refused(capsys, "supervise", str(path))
+    assert line.startswith(f"config error: cluster.{key} = ") and says in line, line
+    assert not out.exists(), "nothing may start before the config is valid"

@@ -10,6 +10,7 @@ import pytest
 MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
            "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike",
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
+           "watchtower.supervisor.node_check", "watchtower.supervisor.health",
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",

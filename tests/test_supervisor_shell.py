@@ -239,3 +239,50 @@ def _command(pid: int) -> str | None:
     except OSError:
         return None
     return None if fields[1].split()[0] == "Z" else fields[0].split("(", 1)[1]
+
+
+class FinishingLauncher(LocalLauncher):
+    """Starts `true` in place of a trainer: a group that reaches its last step at once (exit 0)."""
+
+    def launch(self, spec: GroupSpec) -> GroupProcess:
+        return GroupProcess(spec, subprocess.Popen(guarded(["true"]), start_new_session=True))
+
+
+def test_a_node_failing_its_health_check_never_gets_a_group_and_costs_no_failure(tmp_path):
+    """Issue 13, item 5: groups started on any free node, a bad one included, and its loss was then
+    counted as the job's failure. The site check fails on n0 only (its output names the node it ran
+    on): n0 never gets a group, a node_unhealthy event carries the check's output, nothing is
+    counted, and the job finishes on n1 and n2."""
+    check = 'if [ "$WATCHTOWER_NODE" = n0 ]; then echo "gpu 3: uncorrectable ECC on $WATCHTOWER_NODE"; exit 1; fi'
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "gate", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n0", "n1", "n2"], "active_groups": 1, "spare_groups": 1,
+                              "health_check": check},
+                             {"metrics_port": 0, "base_port": free_port()}))
+    job, trainer = load_job(str(path))
+    sup = Supervisor(job, trainer, FinishingLauncher(tmp_path / "job" / "nodes"))
+    assert sup.run() == 0
+    events = sup.events.events
+    assert sorted(e["node"] for e in events if e["event"] == "group_started") == ["n1", "n2"]
+    unhealthy = [e for e in events if e["event"] == "node_unhealthy"]
+    assert [e["node"] for e in unhealthy] == ["n0"]
+    assert unhealthy[0]["output"].startswith("exit code 1") and "ECC on n0" in unhealthy[0]["output"]
+    assert "ok cache" in unhealthy[0]["output"], "the built-in checks ran first, on the node's own cache"
+    assert not any(e["event"] in ("group_failed", "node_drained") for e in events)
+    assert events[-1]["event"] == "job_finished" and sup.summary()["failures"] == 0
+
+
+def test_a_hung_node_command_is_killed_at_its_timeout(tmp_path):
+    """A health check that hangs must not hold the supervisor's loop: it is killed with everything it
+    started at `timeout_s` and reads as a timeout (exit code None), which the gate calls unhealthy."""
+    code, _ = LocalLauncher(tmp_path).run_on_node("n1", ["sh", "-c", "sleep 617 & exec sleep 618"], timeout_s=0.5)
+    assert code is None
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) in ("sleep 617", "sleep 618")]
+    assert not left, "the check and its child were killed"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return ""

@@ -24,7 +24,7 @@ from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, Action, DrainNode, DrainRejected, FailureKind, GroupFailed, GroupFinished, Kill, Launch,
-    LaunchFailure, LaunchReason, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
+    LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
 
 LOG_TAIL_LINES = 5
 
@@ -65,7 +65,8 @@ class Executor:
                     RestartFromCheckpoint: ("events", self.restart_from_checkpoint),
                     GroupFailed: ("events", self.failed), GroupFinished: ("events", self.finished),
                     SparesExhausted: ("events", self.spares_exhausted),
-                    DrainRejected: ("events", self.drain_rejected)}
+                    DrainRejected: ("events", self.drain_rejected),
+                    NodeUnhealthy: ("events", self.node_unhealthy)}
 
     def run(self, actions: list[Action], now: float) -> int | None:
         """Execute in order; returns the exit code of a `Stop`, else None."""
@@ -165,3 +166,9 @@ class Executor:
     def drain_rejected(self, a: DrainRejected, now: float) -> None:
         self.events.emit("drain_rejected", f"drain request {a.name!r} ignored: the name {a.why}", name=a.name,
                          why=a.why)
+
+    def node_unhealthy(self, a: NodeUnhealthy, now: float) -> None:
+        """Not a failure: no counter, no budget (health.py). `output`: the verdict, then the check's tail."""
+        lines = a.output.splitlines() or ["no output"]
+        self.events.emit("node_unhealthy", f"{a.node} failed its health check ({lines[0]}: {lines[-1]}): "
+                         "no group starts there for the rest of the job", node=a.node, output=a.output)

@@ -11,6 +11,7 @@
     nodes = ["node-a", "node-b", "node-c", "node-d"]
     active_groups = 2
     spare_groups = 1
+    health_check = "nvidia-smi -L"          # optional site check, run on a node before a group starts
 
     [supervisor]
     heartbeat_timeout_s = 30                 # no step for this long: the group is hung
@@ -67,6 +68,15 @@ class ClusterSection:
     active_groups: int = 1
     spare_groups: int = 0
     launcher: str = "local"
+    # The node health gate (health.py) checks a node before a group starts there; one that fails is
+    # out for the job's life, never counted as a failure. health_check: a site command (`/bin/sh -c`
+    # on the node; $WATCHTOWER_NODE names it) run after the built-in checks, non-zero exit = unhealthy;
+    # leave it out for none. health_check_timeout_s: the whole check of a node; the supervisor's loop
+    # waits for it (running groups train on), so raise it only as far as the site check needs.
+    health_check: str | None = None
+    health_check_timeout_s: float = 60.0
+    health_min_free_bytes: int = 1 << 30  # free in the node's data cache; raise it to the staged size
+    health_min_gpu_free_fraction: float = 0.9  # of each GPU's memory, on a CUDA job (a leftover process?)
 
     def __post_init__(self) -> None:
         require(len(self.nodes) > 0, "nodes", self.nodes, "must list at least one node")
@@ -78,6 +88,13 @@ class ClusterSection:
             require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
         require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
         require(self.spare_groups >= 0, "spare_groups", self.spare_groups, "must be >= 0")
+        require(self.health_check is None or bool(self.health_check.strip()), "health_check", self.health_check,
+                "must be a shell command run on each node before a group starts (leave the key out for none)")
+        require(self.health_check_timeout_s > 0, "health_check_timeout_s", self.health_check_timeout_s,
+                "must be > 0 seconds")
+        require(self.health_min_free_bytes >= 0, "health_min_free_bytes", self.health_min_free_bytes, "must be >= 0")
+        require(0 <= self.health_min_gpu_free_fraction <= 1, "health_min_gpu_free_fraction",
+                self.health_min_gpu_free_fraction, "must be between 0 and 1")
         require(self.active_groups + self.spare_groups <= len(self.nodes) - len(self.exclude), "active_groups", self.active_groups,
                 f"active_groups + spare_groups = {self.active_groups + self.spare_groups} needs that many nodes, "
                 f"cluster.nodes has {len(self.nodes) - len(self.exclude)} usable")

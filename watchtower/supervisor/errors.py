@@ -17,7 +17,8 @@ from typing import Iterator
 
 log = logging.getLogger("watchtower.supervisor")
 
-STAGES = ("exits", "scrape", "drain", "lighthouse", "decide", "launch", "kill", "events", "file_sd", "metrics")
+STAGES = ("exits", "scrape", "drain", "lighthouse", "decide", "health", "launch", "kill", "events", "file_sd",
+          "metrics")
 
 
 class StageErrors:

@@ -3,7 +3,8 @@ failures, with hot spares, around a pure policy.
 
 Every `poll_interval_s`:
   observe  exits, each group's rank-0 /metrics, drain requests, the Lighthouse's health (`observe.py`)
-  decide   `policy.decide(state, view, cfg)`: pure, every rule is a table row in tests/test_policy.py
+  decide   `policy.decide(state, view, cfg)`: pure, every rule is a table row in tests/test_policy.py;
+           through the node health gate (`health.py`): the nodes a launch names are checked first
   execute  launch, kill, drain, restart from checkpoint, restart the Lighthouse (`actions.py`)
   emit     events.jsonl, file_sd targets, the /metrics snapshot (`metrics.py`)
 Each observation and action runs on its own: an exception is logged once and counted in
@@ -30,13 +31,14 @@ from watchtower.supervisor.actions import Executor
 from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.health import HealthCheck, HealthGate, gated_decision
 from watchtower.supervisor.launcher import Launcher, LocalLauncher
 from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.lock import JobDirLock
 from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, write_rank_targets,
                                            write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
-from watchtower.supervisor.policy import decide, node_states
+from watchtower.supervisor.policy import node_states
 from watchtower.supervisor.policy_types import PolicyState, View
 from watchtower.validation import ConfigError
 
@@ -65,6 +67,7 @@ class Supervisor:
         self.events = EventLog(self.out / "events.jsonl", self.errors.record)
         self.stats = JobStats(time.time(), job.cluster.active_groups)
         self.launcher = launcher or LocalLauncher(self.out / "nodes")
+        self.health = HealthGate(HealthCheck.for_job(job, trainer), self.launcher, self.errors)
         self.groups: dict[str, Group] = {}
         self.lighthouse: Lighthouse | None = None
         self.observer = Observer(self.out, trainer.train.tp, trainer.train.steps, self.errors)
@@ -131,7 +134,7 @@ class Supervisor:
         view = replace(view, launch_failures=tuple(self.executor.launch_failures))
         actions = []
         with self.errors.guard("decide"):
-            self.state, actions = decide(self.state, view, self.policy_cfg)
+            self.state, actions = gated_decision(self.state, view, self.policy_cfg, self.health)
             for g in self.groups.values():  # the policy has now seen each exit once
                 g.reported = g.reported or not g.running
             del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch
