@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from conftest import free_port_pair, value, wait_for_metrics, watchtower_cmd
 from test_metrics import assert_promtool_clean
 
 DETECTORS = ("loss_spike", "nonfinite", "data_stall", "data_wait_rising", "throughput_drop",
              "tp_replicated_divergence", "tp_identical_shards", "dp_drift")
+
+
+def tiny_parameters() -> int:
+    """The `tiny` preset's whole model, counted here independently of the trainer."""
+    from watchtower.config import load_config
+    from watchtower.trainer.model import Transformer
+
+    return sum(p.numel() for p in Transformer(load_config("tiny").model).parameters())
 
 
 def events(scraped, rank: str) -> dict[str, float]:
@@ -35,6 +45,9 @@ def test_clean_run_exports_every_rank_and_fires_nothing(processes, tmp_path):
         assert value(s, "watchtower_steps_total") == steps
         assert value(s, "watchtower_tokens_total") == steps * 8 * 128
         assert value(s, "watchtower_tokens_per_second") > 0
+        # D/N: the whole model's parameters on both TP ranks (a DTensor counts in full), planned = now at the end
+        assert value(s, "watchtower_tokens_per_parameter") == pytest.approx(steps * 8 * 128 / tiny_parameters())
+        assert value(s, "watchtower_planned_tokens_per_parameter") == value(s, "watchtower_tokens_per_parameter")
         assert 0 <= value(s, "watchtower_data_wait_ratio") < 0.5
         assert value(s, "watchtower_loss") < 5.0
         assert value(s, "watchtower_grad_norm") > 0

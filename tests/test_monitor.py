@@ -273,3 +273,28 @@ def test_token_counts_given_as_tensors_are_read_at_the_interval_not_per_step():
     monitor.close()
     assert monitor.state.tokens_total == 8 * 13 and monitor.state.steps_total == 8
     assert monitor.state.tokens_per_s > 0 and sum(monitor.errors.counts.values()) == 0
+
+
+def test_tokens_per_parameter_counts_the_steps_before_a_resume_and_plans_to_the_last_step():
+    """D/N from the step number (a resumed process's counters start at 0, its step does not), the
+    job's tokens per step (data_parallel ranks see different data) and the configured total steps."""
+    from watchtower.compute_budget import ComputeBudget
+
+    monitor = make(log_interval=2)
+    assert samples_of(monitor).get("watchtower_tokens_per_parameter") is None, "no budget: not exported"
+    monitor.set_compute_budget(parameters=1000, total_steps=500, data_parallel=2)
+    for step in (101, 102):  # resumed at step 100
+        with monitor.step(step=step, tokens=50):
+            pass
+    monitor.close()
+    scraped = samples_of(monitor)
+    assert scraped["watchtower_tokens_per_parameter"] == 102 * 50 * 2 / 1000
+    assert scraped["watchtower_planned_tokens_per_parameter"] == 500 * 50 * 2 / 1000
+    assert ComputeBudget(1000).tokens_per_parameter(step=3, tokens_total=0, steps_total=3) == (None, None)
+    monitor.set_compute_budget(parameters=0)  # a bad budget is a counted hook error, never an exception
+    assert monitor.errors.counts["set_compute_budget"] == 1
+
+
+def samples_of(monitor: Monitor) -> dict[str, float]:
+    """name -> value of each unlabelled-beyond-the-rank series the monitor exports now."""
+    return {s.name: s.value for fam in monitor.registry.collect() for s in fam.samples if len(s.labels) == 4}

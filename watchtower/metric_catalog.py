@@ -62,6 +62,11 @@ RANK_METRICS = _specs(
     MetricSpec("watchtower_step_seconds_total", "counter",
                "Wall time spent in step attempts, skipped and redone ones included."),
     MetricSpec("watchtower_tokens_total", "counter", "Tokens of the steps this rank applied."),
+    MetricSpec("watchtower_tokens_per_parameter", "gauge",
+               "Training tokens the model has seen per parameter (D/N): the job's mean tokens per step times "
+               "the step, over the whole model's parameters. Compute-optimal (Chinchilla) is about 20."),
+    MetricSpec("watchtower_planned_tokens_per_parameter", "gauge",
+               "D/N the run will reach at its configured total steps, at the current tokens per step."),
     MetricSpec("watchtower_tokens_per_second", "gauge",
                "Tokens of applied steps per second of wall time over the last log interval."),
     MetricSpec("watchtower_mfu_ratio", "gauge", "Model FLOPs utilisation: achieved / peak FLOP/s of the device."),

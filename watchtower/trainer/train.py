@@ -115,6 +115,9 @@ class Trainer:
             if self.faults.has("tp_seed_bug"):
                 seed_bug_reinit(self.model, cfg.run.seed, cfg.model.init_std)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # a DTensor's numel() is the full tensor's: the whole model's count on every TP rank
+        self.monitor.set_compute_budget(sum(p.numel() for p in self.model.parameters()), cfg.train.steps,
+                                        data_parallel=cfg.replica.active_groups)
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
