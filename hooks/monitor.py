@@ -428,6 +428,16 @@ class Monitor:
                 raise ValueError(f"{name} is not a per-rank gauge")
             self.state.extra_gauges[name] = float(value)
 
+    def set_compute_budget(self, parameters: int, total_steps: int = 0, data_parallel: int = 1) -> None:
+        """Export tokens per parameter, now and planned at `total_steps` (see watchtower.compute_budget).
+
+        parameters: the whole model's count (under TP, not one shard's). data_parallel: ranks or
+        replica groups that see different data. Call it again when the plan changes. Costs nothing
+        per step: the ratios are worked out at scrape time.
+        """
+        with self.errors.guard("set_compute_budget"):
+            self._budget = ComputeBudget(int(parameters), int(total_steps), int(data_parallel))
+
     def close(self) -> None:
         """Flush what is buffered (waiting for in-flight copies) and stop the background threads."""
         if not self.cfg.enabled:
