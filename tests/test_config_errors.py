@@ -35,6 +35,9 @@ BAD_FLAGS = [
     (["--checkpoint.keep_last", "0"], "checkpoint.keep_last"),
     (["--data.source", "/no/such/corpus"], "data.source"),
     (["--model.vocab_size", "100"], "model.vocab_size"),
+    # the --section.key flags are argparse's now: a value like -1e-3 stays a value, a flag without one is one line
+    (["--optim.lr", "-1e-3"], "optim.lr", "> 0"),
+    (["--model.dim"], "model.dim", "needs a value"),
     # accepted before, then never fired (no group -1, no rank 99 at tp=1) or injected NaN as a "spike"
     (["--inject", "crash@5:group=-1"], "faults.inject[0]", "group"),
     (["--inject", "crash@5:rank=99"], "faults.inject[0]", "train.tp = 1"),

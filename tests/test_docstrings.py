@@ -15,7 +15,7 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
            "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",
-           "watchtower.shipped", "watchtower.alert_export"]
+           "watchtower.shipped", "watchtower.alert_export", "watchtower.config_flags"]
 
 
 @pytest.mark.parametrize("name", MODULES)

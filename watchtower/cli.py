@@ -51,14 +51,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="fault to inject, e.g. loss_spike@120, stall@50:3s, tp_seed_bug (repeatable)")
 
 
+def add_config_keys(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Every trainer config key as a `--section.key` flag of `parser` (type, default, doc in --help);
+    returns argv with their values joined (`--optim.lr=-1e-3`) for parsing. Imports the trainer's
+    sections (torch), so only `train` and `config` call it."""
+    from watchtower.config import TrainConfig
+    from watchtower.config_flags import add_config_flags, join_flag_values
+
+    return join_flag_values(argv, add_config_flags(parser, TrainConfig))
+
+
 def config_from_args(args: argparse.Namespace, rest: list[str]):
     from watchtower.config import load_config
+    from watchtower.config_flags import overrides_from
+
 
     shorts = {"steps": "train.steps", "tp": "train.tp", "seed": "run.seed", "run": "run.name",
               "output_dir": "run.output_dir", "port": "monitor.port"}
     overrides: list[tuple[str, Any]] = [(key, getattr(args, a)) for a, key in shorts.items()
                                         if getattr(args, a) is not None]
-    overrides += split_overrides(rest)
+    overrides += overrides_from(args) + split_overrides(rest)  # known keys, then unknown ones (refused)
     if args.inject:
         overrides.append(("faults.inject", list(args.inject)))
     return load_config(args.config, overrides)
@@ -297,11 +309,30 @@ def cmd_alerts(args: argparse.Namespace, rest: list[str], argv: list[str]) -> in
     return 0
 
 
+def cmd_config(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """`show NAME`: a preset (or TOML file) resolved, `--section.key` flags applied, as TOML to start from."""
+    import shlex
+
+    from watchtower.config import load_config
+    from watchtower.config_flags import overrides_from
+    from watchtower.toml_dataclasses import dump_toml
+
+    cfg = load_config(args.name, overrides_from(args) + split_overrides(rest))
+    print(f"# watchtower {shlex.join(argv)}\n# defaults < {args.name} < command line, resolved; "
+          f"edit it, then: watchtower train --config FILE\n")
+    print(dump_toml(cfg.to_dict()), end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="watchtower", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train the bundled model (spawns --tp ranks)")
+    train = sub.add_parser("train", help="train the bundled model (spawns --tp ranks)", allow_abbrev=False,
+                           usage="watchtower train [--config NAME|FILE] [--steps N] [--tp N] [--inject FAULT] "
+                           "[...] [--section.key VALUE ...]",
+                           description="Precedence: command line > TOML file (--config) > defaults. Every "
+                           "config key below is a flag: --section.key VALUE.")
     add_train_flags(train)
     demo = sub.add_parser("demo", help="a monitored CPU run with an injected fault")
     demo.add_argument("--output-dir", default=None, help="default: runs/demo")
@@ -335,13 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     tui.add_argument("--events", default=None, help="supervisor events.jsonl (default: beside --targets-file)")
     tui.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     tui.add_argument("--run", default=None, help="open this run's view at start")
-    args, rest = parser.parse_known_args(argv)
-    setup_logging()
+    show = sub.add_parser("config", help="print a preset resolved as TOML, to start a config from", allow_abbrev=False,
+                          usage="watchtower config show NAME|FILE [--section.key VALUE ...]")
+    show.add_argument("action", choices=["show"])
+    show.add_argument("name", help="preset name (tiny, smol-135m) or TOML path; --section.key VALUE overrides")
     commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
-                "alerts": cmd_alerts,
+                "alerts": cmd_alerts, "config": cmd_config,
                 "supervise": cmd_supervise, "dashboards": cmd_dashboards, "tui": cmd_tui}
     try:
-        if rest and args.command not in ("train", "supervise"):
+        keyed = {"train": train, "config": show}.get(argv[0] if argv else "")
+        args, rest = parser.parse_known_args(add_config_keys(keyed, argv) if keyed else argv)
+        setup_logging()
+        if rest and args.command not in ("train", "supervise", "config"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return commands[args.command](args, rest, argv)
     except ConfigError as err:

@@ -38,7 +38,7 @@ class RunConfig:
     output_dir: logs and (by default) checkpoints; `{name}` is replaced by the run name."""
 
     name: str = "watchtower"
-    seed: int = 0
+    seed: int = 0  # seed of the weight init (the same full weights on every rank, then sharded)
     output_dir: str = "runs/{name}"
 
     def __post_init__(self) -> None:
@@ -55,14 +55,14 @@ class RunConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay to `min_lr_ratio · lr`."""
 
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 turns clipping off
+    lr: float = 3e-3  # peak learning rate, reached after warmup_steps
+    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio · lr on the last step
+    warmup_steps: int = 10  # linear warmup from 0 to lr over this many steps
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay; 0.95 is steadier than 0.999 for LLMs
+    eps: float = 1e-8  # AdamW's denominator floor
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 turns clipping off
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", self.lr, "must be > 0")
@@ -83,14 +83,14 @@ class TrainingConfig:
     """
 
     steps: int = 100
-    seq_len: int = 128
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
+    seq_len: int = 128  # tokens per sequence (packed windows); <= model.max_seq_len
+    micro_batch_size: int = 8  # sequences per forward/backward pass
+    grad_accum_steps: int = 1  # micro-batches summed into each optimizer step
     tp: int = 1
     device: str = "auto"
     mixed_precision: str = "bf16"
-    activation_checkpointing: bool = False
-    log_interval: int = 10
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    log_interval: int = 10  # steps between writes of train_log.jsonl (every step gets its row)
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "tp", "log_interval"):

@@ -27,10 +27,10 @@ class DataStallConfig:
 
     window: int = 50
     stall_factor: float = 10.0
-    min_stall_s: float = 1.0
+    min_stall_s: float = 1.0  # a shorter wait is never a stall; 10× it is a critical one
     trend_window: int = 100
     share_rise: float = 0.15
-    min_share: float = 0.2
+    min_share: float = 0.2  # a rising wait share counts only once it is at least this (0.2 = 20% of step time)
 
     def __post_init__(self) -> None:
         require(self.window >= 5, "window", self.window, "must be >= 5 steps")

@@ -32,7 +32,7 @@ class LossSpikeConfig:
     ratio_threshold: float = 1.3
     critical_ratio: float = 2.0
     patience: int = 1
-    mean_decay: float = 0.98
+    mean_decay: float = 0.98  # decay of the running mean ratio_threshold compares with (0.98: ~50 steps)
 
     def __post_init__(self) -> None:
         require(self.window >= 5, "window", self.window, "must be >= 5 steps")

@@ -57,7 +57,7 @@ class DataConfig:
 
     source: str = ""
     max_bytes: int = 4_000_000
-    shuffle_seed: int = 1234
+    shuffle_seed: int = 1234  # order of the windows: a permutation from shuffle_seed + epoch
     document_masking: bool = True
     stage: str = "auto"
     cache_dir: str = ""

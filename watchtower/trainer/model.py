@@ -30,16 +30,16 @@ from watchtower.validation import require
 class ModelConfig:
     """Shape of the decoder. `ffn_hidden = 0` picks Llama's rule (8/3 · dim, rounded up to 64)."""
 
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
+    dim: int = 128  # width of the residual stream (embeddings, attention, norms)
+    n_layers: int = 2  # transformer blocks
+    n_heads: int = 4  # attention heads; must divide dim, and train.tp must divide it
     n_kv_heads: int = 0  # 0: same as n_heads (plain multi-head attention)
-    ffn_hidden: int = 0
+    ffn_hidden: int = 0  # SwiGLU width; 0: Llama's rule (8/3 · dim, rounded up to 64)
     vocab_size: int = 320  # byte tokens (256) + BOS, padded to a multiple of 64
     max_seq_len: int = 2048  # size of the RoPE table
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    rope_theta: float = 10000.0  # RoPE base; raise it for longer contexts
+    norm_eps: float = 1e-5  # RMSNorm's epsilon
+    init_std: float = 0.02  # std of the normal weight init
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
