@@ -279,9 +279,20 @@ def fault_tolerance() -> dict:
         P("timeseries", "Recovery seconds", [Q(f"watchtower_supervisor_recovery_seconds{{{RUN}}}", "recovery")],
           unit="s", min=0, w=8),
     ]
+    supervisor = [
+        P("state", "Lighthouse up", [Q(f"watchtower_supervisor_lighthouse_up{{{RUN}}}", "lighthouse")], w=8,
+          description="1 while the torchft Lighthouse answers the supervisor's probe. A dip is a restart; "
+                      "down for a minute pages (WatchtowerLighthouseDown): no quorum can form."),
+        P("bars", "Supervisor errors by stage",
+          [Q(f"sum by (stage) (increase(watchtower_supervisor_errors_total{{{RUN}}}[{RATE}]))", "{{stage}}")], w=16,
+          description="Exceptions the supervisor caught in a stage of its loop; the job goes on, the stage's work "
+                      "does not. A burst while a group is killed is normal; errors for 15 minutes open a ticket "
+                      "(WatchtowerSupervisorStageFailing). Failed launches are failures (reason launch), not errors."),
+    ]
     return _dashboard("watchtower-fault-tolerance", "Watchtower / Fault tolerance",
                       "torchft replica groups, hot spares, failures and recoveries (the supervisor's view).", ["ft"],
-                      [("Now", now), ("Groups", groups), ("Failures", failures)], per_rank=False,
+                      [("Now", now), ("Groups", groups), ("Failures", failures),
+                       ("Supervisor", supervisor)], per_rank=False,
                       annotations=[("Group failures", FAILURES, "red")])
 
 
