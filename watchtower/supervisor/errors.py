@@ -1,10 +1,11 @@
 """What the supervisor survives: an exception in one stage of its loop is counted, never fatal.
 
 A failed scrape (an HTML page on a rank's port), a full disk under `events.jsonl` or `targets.json`,
-a launcher that cannot fork: each is caught around the one observation or action that raised it,
+a Lighthouse that cannot rebind: each is caught around the one observation or action that raised it,
 logged the first time for its stage (with the traceback) and counted in
 `watchtower_supervisor_errors_total{stage}` after that. Only a policy decision kills a group. The
-counters start at zero for every stage, so `increase()` sees the first error.
+counters start at zero for every stage, so `increase()` sees the first error. A launch that fails is
+not an error here but a failure of its node, shown to the policy (see actions.py).
 """
 
 from __future__ import annotations
