@@ -40,3 +40,9 @@ def test_config_show_prints_toml_that_loads_back_to_the_same_config(tmp_path, ca
     assert load_config(str(printed)) == expected
     assert expected != load_config("tiny") and expected.model.dim == 64
     assert expected.faults.inject == ["crash@5", "stall@7:2s"]
+
+
+def test_inject_adds_to_a_faults_inject_given_as_text():
+    """`--faults.inject a,b` (now listed in --help) with `--inject c` was an AttributeError traceback."""
+    cfg = load_config("tiny", [("faults.inject", "crash@5,stall@7:2s"), ("faults.inject", ["nonfinite@9"])])
+    assert cfg.faults.inject == ["crash@5", "stall@7:2s", "nonfinite@9"]

@@ -236,9 +236,11 @@ def load_config(path: str | None, overrides: list[tuple[str, Any]] = ()) -> Trai
     """Defaults, then the TOML file, then each (dotted key, value) override, then validation."""
     data: dict[str, Any] = read_toml(resolve_config_path(path)) if path else {}
     for key, value in overrides:
-        if key == "faults.inject" and isinstance(value, list):
-            existing = data.setdefault("faults", {}).setdefault("inject", [])
-            existing.extend(value)
+        if key == "faults.inject" and isinstance(value, list):  # --inject adds to the file's / --faults.inject's
+            faults = data.setdefault("faults", {})
+            given = faults.get("inject", []) if isinstance(faults, dict) else []  # not a table: set_dotted refuses
+            before = build(FaultsConfig, {"inject": given}, "faults").inject  # "a,b": the list it means
+            set_dotted(data, key, [*before, *value])
         else:
             set_dotted(data, key, value)
     return build(TrainConfig, data)
