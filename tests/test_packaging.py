@@ -14,6 +14,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,19 @@ import yaml
 
 from conftest import REPO
 from watchtower import cli, shipped
+from watchtower.toml_dataclasses import read_toml
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def source_modules() -> list[str]:
+    """Where each .py file of the package folders pyproject maps (`package-dir`) lands in a wheel.
+    A subpackage missing from pyproject's `packages` is silently left out: no warning says so."""
+    mapped = read_toml(REPO / "pyproject.toml")["tool"]["setuptools"]["package-dir"]
+    return [f"{package.replace('.', '/')}/{path.relative_to(REPO / folder).as_posix()}"
+            for package, folder in mapped.items() for path in (REPO / folder).rglob("*.py")]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +46,8 @@ def installed(tmp_path_factory) -> Path:
     assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     (wheel,) = (tmp / "dist").glob("*.whl")
     assert len(list((tmp / "dist").glob("*.tar.gz"))) == 1
+    left_out = sorted(set(source_modules()) - set(zipfile.ZipFile(wheel).namelist()))
+    assert not left_out, f"not in the wheel (add their packages to pyproject's packages): {left_out}"
     venv.create(tmp / "venv", with_pip=False)
     python = tmp / "venv" / "bin" / "python"
     pip = run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
