@@ -3,8 +3,9 @@
 The wheel is built as `python -m build` builds it (an sdist, then the wheel from the unpacked sdist,
 so both are proven), installed without dependencies into a fresh venv that borrows this venv's
 site-packages through a .pth file (torch & co: offline, seconds), and run from an empty directory
-with no PYTHONPATH, so nothing can be found through the repository. `watchtower demo` (a minute) is
-not run there: its job file and the preset it names are loaded instead, which is what it reads.
+with no PYTHONPATH, so nothing can be found through the repository. `watchtower demo` (a minute,
+several on a loaded machine) is not run there: its job file and the preset it names are loaded
+instead, which is all it reads from the package.
 """
 
 from __future__ import annotations
