@@ -12,6 +12,7 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
            "watchtower.supervisor.node_check", "watchtower.supervisor.health",
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
+           "watchtower.supervisor.hangs",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
            "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",

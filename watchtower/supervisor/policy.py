@@ -20,7 +20,7 @@ Each poll, in this order (the reasons are in the functions below):
   3. drain requests: a valid node is retired for good (no new group, spares included); its group is
      killed as a planned drain, never counted. A bad name is reported once and touches nothing.
   4. nodes the launcher reports down: their groups are killed, the nodes drained.
-  5. hangs (`silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
+  5. hangs (hangs.py, `silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
      if every stale group has waited so for three timeouts it is a deadlock and all of them go.
   6. the failure budget (`budget_verdict`) spent → stop as a crash loop.
   7. the pool: finished → stop when the last group is gone; every group holding the run's progress
@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from watchtower.supervisor.failure_budget import budget_verdict
+from watchtower.supervisor.hangs import hung_groups, silence_s  # noqa: F401 (silence_s: re-exported)
 from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_groups  # noqa: F401 (node_states: re-exported)
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, Action, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState,
@@ -73,23 +74,6 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
         out.append(Stop(EXIT_CRASH_LOOP, verdict))
         return state, out
     return keep_the_pool_full(state, view, cfg, out), out
-
-
-def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
-    """Seconds past the silence a group is allowed (negative while fine).
-
-    Before its first step a group is given `startup_grace_s` from its last sign of life, so a spare
-    staging a large dataset for hours stays alive as long as it keeps reporting progress.
-
-    >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30, startup_grace_s=60)
-    >>> silence_s(GroupView("g0", "a", launched_at=0.0, progress_at=500.0), now=570.0, cfg=cfg)
-    10.0
-    >>> silence_s(GroupView("g0", "a", launched_at=0.0, heartbeat=550.0), now=570.0, cfg=cfg)
-    -10.0
-    """
-    seen = max(t for t in (g.launched_at, g.heartbeat, g.progress_at) if t is not None)
-    allowed = cfg.heartbeat_timeout_s if g.heartbeat is not None else cfg.startup_grace_s
-    return now - seen - allowed
 
 
 # ---- the steps of one poll ---------------------------------------------------------------------
@@ -184,15 +168,8 @@ def _take_drain_requests(state: PolicyState, view: View, cfg: PolicyConfig, out:
 
 
 def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
-    """Kill the hung group, not its victims: the healthy groups waiting for it in the quorum or the
-    gradient all-reduce stop finishing steps too, but report `in_collective`. If every stale group
-    has waited that way past three timeouts, nobody can be blamed: a deadlock, all of them go."""
-    if state.excuse_until is not None and view.now <= state.excuse_until:
-        return state  # every group waits on the quorum; none is stuck by itself
-    stale = [g for g in running_groups(state, view) if silence_s(g, view.now, cfg) > 0]
-    culprits, kind = [g for g in stale if not g.in_collective], FailureKind.HANG
-    if stale and not culprits and all(silence_s(g, view.now, cfg) > 2 * cfg.heartbeat_timeout_s for g in stale):
-        culprits, kind = stale, FailureKind.DEADLOCK
+    """Kill what `hung_groups` (hangs.py) judges hung: the culprit, or every group of a deadlock."""
+    culprits, kind = hung_groups(state, view, cfg)
     for g in culprits:
         state = _fail(state, g, kind, view.now, out)
     return state

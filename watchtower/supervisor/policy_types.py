@@ -1,6 +1,7 @@
 """The words of the supervisor's policy: what it observes, what it remembers, what it orders.
 
-Everything here is a frozen dataclass or an enum, so a decision can be written down as a table row
+What it observes (`View`, `GroupView`, ...) is in policy_view.py, re-exported here. Everything
+here is a frozen dataclass or an enum, so a decision can be written down as a table row
 and compared with `==`. The shell (`shell.py`) builds a `View` each poll, calls
 `policy.decide`, executes the actions in order and keeps the returned `PolicyState` for the next
 poll. Nothing here reads a clock, a file or a process.
@@ -13,21 +14,11 @@ from enum import Enum
 from typing import Union
 
 from watchtower.supervisor.failure_budget import FailureBudget
+from watchtower.supervisor.policy_view import (  # noqa: F401 (re-exported: the policy's words in one import)
+    GroupState, GroupView, LaunchFailure, LighthouseHealth, Role, View)
 from watchtower.validation import require
 
 EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES = 0, 3, 4  # EXIT_CONFIG (2) is watchtower.validation's
-
-
-class Role(Enum):
-    """What torchft has a group doing: contributing gradients, in sync as a hot spare, or not yet known."""
-    ACTIVE = "active"
-    SPARE = "spare"
-    STARTING = "starting"
-
-
-class GroupState(Enum):
-    RUNNING = "running"
-    EXITED = "exited"  # GroupView.exit_code says how
 
 
 class NodeState(Enum):
@@ -36,11 +27,6 @@ class NodeState(Enum):
     DRAINING = "draining"  # taken out of the pool; its group is being killed
     DRAINED = "drained"  # out of the pool: failed, excluded, or drained on request
     DOWN = "down"  # the launcher reports it unreachable
-
-
-class LighthouseHealth(Enum):
-    UP = "up"
-    DOWN = "down"
 
 
 class FailureKind(Enum):
@@ -102,47 +88,6 @@ class PolicyConfig:
     @property
     def target(self) -> int:
         return self.active_groups + self.spare_groups
-
-
-@dataclass(frozen=True)
-class GroupView:
-    """One group as the shell last saw it. heartbeat: unix time of its last finished step (None
-    before the first); progress_at: of its last progress report (staging, init, resume, healing)."""
-
-    replica_id: str
-    node: str
-    launched_at: float
-    state: GroupState = GroupState.RUNNING
-    exit_code: int | None = None
-    role: Role = Role.STARTING
-    step: int = 0
-    heartbeat: float | None = None
-    progress_at: float | None = None
-    in_collective: bool = False  # waiting on peers in the quorum or the gradient all-reduce
-
-
-@dataclass(frozen=True)
-class LaunchFailure:
-    """A launch the shell could not carry out (the launcher raised, the group's directory could not be
-    written): `replica_id` the id it took, `at` when it failed, `error` the error's one line."""
-
-    replica_id: str
-    node: str
-    at: float
-    error: str
-
-
-@dataclass(frozen=True)
-class View:
-    """One poll's observations. A group stays listed until the shell has reported it EXITED once."""
-
-    now: float
-    groups: tuple[GroupView, ...] = ()
-    drain_requests: tuple[str, ...] = ()  # raw names, as found; validated by the policy
-    down_nodes: frozenset[str] = frozenset()
-    lighthouse: LighthouseHealth = LighthouseHealth.UP
-    launch_failures: tuple[LaunchFailure, ...] = ()  # the last poll's launches that failed
-    unhealthy_nodes: dict[str, str] = field(default_factory=dict)  # node → check output, found this poll
 
 
 @dataclass(frozen=True)

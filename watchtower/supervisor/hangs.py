@@ -1,0 +1,44 @@
+"""Which running groups are hung, and whether it is a deadlock: the policy's hang judgement.
+
+Pure, like the rest of the policy (`policy.decide` kills what `hung_groups` names). A group is
+stale when it has been silent past what it is allowed (`silence_s`); a stale group that is not
+waiting on its peers in a collective is the culprit, and the stale peers waiting on it are its
+victims. Cost: one pass over the running groups; microseconds.
+"""
+
+from __future__ import annotations
+
+from watchtower.supervisor.policy_types import FailureKind, GroupView, PolicyConfig, PolicyState, View
+from watchtower.supervisor.pool import running_groups
+
+
+def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
+    """Seconds past the silence a group is allowed (negative while fine).
+
+    Before its first step a group is given `startup_grace_s` from its last sign of life, so a spare
+    staging a large dataset for hours stays alive as long as it keeps reporting progress.
+
+    >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30, startup_grace_s=60)
+    >>> silence_s(GroupView("g0", "a", launched_at=0.0, progress_at=500.0), now=570.0, cfg=cfg)
+    10.0
+    >>> silence_s(GroupView("g0", "a", launched_at=0.0, heartbeat=550.0), now=570.0, cfg=cfg)
+    -10.0
+    """
+    seen = max(t for t in (g.launched_at, g.heartbeat, g.progress_at) if t is not None)
+    allowed = cfg.heartbeat_timeout_s if g.heartbeat is not None else cfg.startup_grace_s
+    return now - seen - allowed
+
+
+def hung_groups(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[list[GroupView], FailureKind]:
+    """The groups to kill and why: the hung group, not its victims (the healthy groups waiting for
+    it in the quorum or the gradient all-reduce stop finishing steps too, but report
+    `in_collective`). If every stale group has waited that way past three timeouts, nobody can be
+    blamed: a deadlock, all of them go. While the Lighthouse is excused nothing is judged: every
+    group waits on the quorum, none is stuck by itself."""
+    if state.excuse_until is not None and view.now <= state.excuse_until:
+        return [], FailureKind.HANG
+    stale = [g for g in running_groups(state, view) if silence_s(g, view.now, cfg) > 0]
+    culprits = [g for g in stale if not g.in_collective]
+    if stale and not culprits and all(silence_s(g, view.now, cfg) > 2 * cfg.heartbeat_timeout_s for g in stale):
+        return stale, FailureKind.DEADLOCK
+    return culprits, FailureKind.HANG
