@@ -144,8 +144,8 @@ def run_overview() -> dict:
           description="Tokens per second summed over replica groups (rank 0 of each group: TP ranks share tokens)."),
         P("stat", "MFU", [Q(f"avg(watchtower_mfu_ratio{{{RUN}}})")], unit="percentunit", w=4, h=4,
           description="Model FLOPs utilisation: FLOPs/token × tokens/s ÷ the device's peak."),
-        P("stat", "Goodput", [Q(f"watchtower_supervisor_goodput_ratio{{{RUN}}}")], unit="percentunit", w=4, h=4,
-          min=0, max=1, description="Share of wall time in which the job's step advanced (the supervisor's view)."),
+        P("stat", "Goodput", [Q(f"watchtower_goodput_ratio{{{RUN}}}")], unit="percentunit", w=4, h=4,
+          min=0, max=1, description="Productive step time over the job's wall time (the supervisor's ledger)."),
         P("stat", "Data-wait share", [Q(f"max(watchtower_data_wait_ratio{{{RUN}}})")], unit="percentunit", w=4, h=4,
           description="The worst rank's share of step time spent waiting for the next batch."),
         P("stat", "Firing alerts", [Q(f'count(ALERTS{{{RUN}, alertstate="firing"}}) or vector(0)')], w=4, h=4),
@@ -169,7 +169,7 @@ def run_overview() -> dict:
         P("timeseries", "Data-wait share", [Q(f"max by (replica_group) (watchtower_data_wait_ratio{{{RUN}, {g}}})",
                                               "group {{replica_group}}")], unit="percentunit", min=0),
         P("timeseries", "Learning rate", [Q(f'max(watchtower_learning_rate{{{RUN}}})', "lr")], unit="short", w=8),
-        P("timeseries", "Goodput", [Q(f"watchtower_supervisor_goodput_ratio{{{RUN}}}", "goodput")],
+        P("timeseries", "Goodput", [Q(f"watchtower_goodput_ratio{{{RUN}}}", "goodput")],
           unit="percentunit", min=0, max=1, w=8),
         P("timeseries", "Detector events", [Q(f"sum by (detector) (increase(watchtower_detector_events_total{{{RUN}}}[{RATE}]))",
                                               "{{detector}}")], w=8),
@@ -258,7 +258,7 @@ def fault_tolerance() -> dict:
         P("stat", "Free nodes", [Q(f"watchtower_supervisor_free_nodes{{{RUN}}}")], w=4, h=4),
         P("stat", "Last recovery", [Q(f"watchtower_supervisor_recovery_seconds{{{RUN}}}")], unit="s", w=4, h=4,
           description="Seconds from the last failure until the quorum was back at full strength."),
-        P("stat", "Goodput", [Q(f"watchtower_supervisor_goodput_ratio{{{RUN}}}")], unit="percentunit", w=4, h=4),
+        P("stat", "Goodput", [Q(f"watchtower_goodput_ratio{{{RUN}}}")], unit="percentunit", w=4, h=4),
     ]
     groups = [
         P("timeseries", "Replica groups by state", [Q(f"watchtower_supervisor_groups{{{RUN}}}", "{{state}}")],
@@ -289,10 +289,18 @@ def fault_tolerance() -> dict:
                       "does not. A burst while a group is killed is normal; errors for 15 minutes open a ticket "
                       "(WatchtowerSupervisorStageFailing). Failed launches are failures (reason launch), not errors."),
     ]
+    goodput = [
+        P("timeseries", "Badput by cause (share of wall time)",
+          [Q(f"sum by (cause) (rate(watchtower_badput_seconds_total{{{RUN}}}[{RATE}]))", "{{cause}}")],
+          unit="percentunit", min=0, stack=True, w=24,
+          description="Seconds lost per wall second, by cause; the gap to 100% is productive step time. "
+                      "Startup, detection, recovery, recompute and idle spares are the supervisor's timeline; "
+                      "data wait, checkpoint and collective come from the ranks' own timers."),
+    ]
     return _dashboard("watchtower-fault-tolerance", "Watchtower / Fault tolerance",
                       "torchft replica groups, hot spares, failures and recoveries (the supervisor's view).", ["ft"],
                       [("Now", now), ("Groups", groups), ("Failures", failures),
-                       ("Supervisor", supervisor)], per_rank=False,
+                       ("Supervisor", supervisor), ("Goodput", goodput)], per_rank=False,
                       annotations=[("Group failures", FAILURES, "red")])
 
 

@@ -80,6 +80,7 @@ class MonitorState:
     parallel_ok: dict[str, int] = field(default_factory=dict)
     parallel_checks: Counter = field(default_factory=Counter)
     extra_gauges: dict[str, float] = field(default_factory=dict)
+    extra_counters: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -428,6 +429,17 @@ class Monitor:
                 raise ValueError(f"{name} is not a per-rank gauge")
             self.state.extra_gauges[name] = float(value)
 
+    def count(self, name: str, amount: float) -> None:
+        """Add to a declared per-rank counter the loop knows best (e.g. seconds spent saving a
+        checkpoint); `count(name, 0)` exports it at zero before the first real amount."""
+        with self.errors.guard("count"):
+            spec = ALL_METRICS[name]
+            if spec.kind != "counter" or spec.labels != RANK_LABELS:
+                raise ValueError(f"{name} is not a per-rank counter")
+            if amount < 0:
+                raise ValueError(f"{name} cannot go down (amount {amount})")
+            self.state.extra_counters[name] = self.state.extra_counters.get(name, 0.0) + float(amount)
+
     def set_compute_budget(self, parameters: int, total_steps: int = 0, data_parallel: int = 1) -> None:
         """Export tokens per parameter, now and planned at `total_steps` (see watchtower.compute_budget).
 
@@ -645,7 +657,7 @@ class Monitor:
         for check, ok in s.parallel_ok.items():
             f.add("watchtower_parallel_check_ok", ok, check)
             f.add("watchtower_parallel_checks_total", s.parallel_checks[check], check)
-        for name, v in s.extra_gauges.items():
+        for name, v in (s.extra_gauges | s.extra_counters).items():
             f.add(name, v)
         for hook, n in sorted(self.errors.counts.items()):
             f.add("watchtower_hook_errors_total", n, hook)

@@ -14,7 +14,8 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
            "watchtower.supervisor.hangs",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
-           "watchtower.supervisor.observe", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
+           "watchtower.supervisor.observe", "watchtower.supervisor.goodput", "watchtower.supervisor.timeline",
+           "watchtower.tui.model", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
            "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",
            "watchtower.shipped", "watchtower.alert_export", "watchtower.config_flags"]
 

@@ -21,7 +21,7 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.shell import Supervisor
 from watchtower.trainer.data import PackedBatches, load_tokens
 from watchtower.trainer.train import batch_signature
-from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from conftest import REPO, free_port, run_watchtower, samples, scrape_text, value, watchtower_cmd
 from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_until
 
@@ -90,6 +90,24 @@ def assert_every_window_read_once(tmp_path: Path, last_step: int) -> None:
         replay.end_step(committed=True)
 
 
+def breakdown(stdout: str) -> dict[str, float]:
+    """The summary's wall time split (productive step time, then badput by cause), as printed."""
+    lines = stdout[stdout.index("of wall time went"):].splitlines()[1:]
+    return {cause: float(seconds.rstrip("s")) for cause, seconds, _share in map(str.split, lines)}
+
+
+def assert_adds_up_to_the_wall_time(stdout: str, ev: list[dict]) -> dict[str, float]:
+    """Issue 14, item 3: the summary's causes add up to the job's wall time (from events.jsonl, the
+    other clock) within 5%, and each incident's timeline runs in order."""
+    split = breakdown(stdout)
+    wall = next(e["time"] for e in ev if e["event"] == "job_finished") - ev[0]["time"]
+    assert sum(split.values()) == pytest.approx(wall, rel=0.05), (split, wall)
+    for incident in (e for e in ev if e["event"] == "incident"):
+        times = [t for t in incident["timeline"].values() if t is not None]
+        assert times == sorted(times), incident
+    return split
+
+
 def supervise(path: Path, timeout: float = 280, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(watchtower_cmd("supervise", str(path)), cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=None if env is None else {**os.environ, **env})
@@ -111,6 +129,12 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp
     failed = next(e for e in ev if e["event"] == "group_failed")
     assert failed["replica_id"] == "g0000" and failed["reason"] == "exit" and failed["exit_code"] == -9
     assert "recovered" in kinds and "spares_refilled" in kinds and kinds[-1] == "job_finished"
+    split = assert_adds_up_to_the_wall_time(result.stdout, ev)
+    assert split["productive"] > 0 and split["startup"] > 0 and split["idle_spare"] > 0, split
+    (incident,) = [e for e in ev if e["event"] == "incident"]
+    assert incident["replica_id"] == "g0000" and incident["timeline"]["killed"] is None  # it exited: no kill
+    assert incident["timeline"]["quorum_back"] and incident["timeline"]["refilled"], incident
+    assert incident["badput_seconds"]["recovery"] > 0 and incident["badput_seconds"]["recompute"] == 0, incident
     assert [e["replica_id"] for e in ev if e["event"] == "group_started"] == ["g0000", "g0001", "g0002", "g0003"]
     # the healthy group kept stepping through the outage: every step once, in order, no long gap
     healthy = train_rows(tmp_path, "g0001")
@@ -185,14 +209,20 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
 
 
 def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
-    path = job_file(tmp_path, steps=200, active=2, spares=0, interval=20)
+    """Also issue 14, item 3: the steps run again after the restart are counted as recompute."""
+    port = free_port()
+    path = job_file(tmp_path, steps=200, active=2, spares=0, interval=20, metrics_port=port)
     proc = subprocess.Popen(watchtower_cmd("supervise", str(path)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         def kill_every_group_once_step_40_is_saved() -> int | None:
-            """The last step g0000 logged when every group was killed; None before a checkpoint >= 40."""
+            """The last step g0000 logged when every group was killed; None before a checkpoint >= 40
+            that the supervisor has seen the job pass (so it knows steps will be run again)."""
             ckpts = sorted((tmp_path / "job" / "checkpoints").glob("step-*/manifest.json"))
             if not (ckpts and int(ckpts[-1].parent.name[5:]) >= 40):
+                return None
+            seen = value(samples(scrape_text(port)), "watchtower_supervisor_job_step")
+            if seen is None or seen <= int(ckpts[-1].parent.name[5:]):
                 return None
             rows = train_rows(tmp_path, "g0000")
             for e in events(tmp_path):
@@ -215,6 +245,9 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     assert last_checkpoint_before % 20 == 0
     assert killed_at_step - last_checkpoint_before <= 20 + 5, "lost more than the steps since the checkpoint"
     assert ev[-1]["event"] == "job_finished"
+    assert assert_adds_up_to_the_wall_time(out, ev)["recompute"] > 0
+    (incident,) = [e for e in ev if e["event"] == "incident"]
+    assert incident["badput_seconds"]["recompute"] > 0 and incident["timeline"]["killed"] is None, incident
 
 
 def test_hung_group_is_detected_and_replaced(tmp_path):

@@ -5,6 +5,7 @@ working in a real terminal."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -119,6 +120,31 @@ def test_keys_open_a_run_sort_filter_jump_to_the_worst_and_help(recorded):
         assert app.return_code == 0
 
     asyncio.run(drive())
+
+
+def test_run_view_shows_the_goodput_line_its_supervisor_serves(recorded, tmp_path):
+    """Issue 14, item 3: the run view's goodput line, read from the supervisor's /metrics (found in
+    supervisor_targets.json beside the ranks' targets.json, as the supervisor writes them)."""
+    body = ('watchtower_goodput_ratio{run="smol"} 0.62\n'
+            'watchtower_badput_seconds_total{cause="startup",run="smol"} 40.0\n'
+            'watchtower_badput_seconds_total{cause="idle_spare",run="smol"} 12.5\n'
+            'watchtower_badput_seconds_total{cause="recovery",run="smol"} 0.0\n')
+    supervisor = ServedText(lambda: body)
+    (tmp_path / "targets.json").write_text(json.dumps([{"targets": recorded.targets, "labels": {}}]))
+    (tmp_path / "supervisor_targets.json").write_text(json.dumps([{"targets": [supervisor.address], "labels": {}}]))
+
+    async def drive():
+        app = WatchtowerApp(ScrapeSource(targets_file=tmp_path / "targets.json"), interval=3600, run="smol",
+                            timestamps=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await polls(app, pilot, 1)
+            line = app.screen.query_one("#goodput")
+            assert line.display and str(line.render()) == "goodput 62%   lost: startup 40s, idle_spare 12s"
+
+    try:
+        asyncio.run(drive())
+    finally:
+        supervisor.close()
 
 
 # ---- snapshots -------------------------------------------------------------------------------------

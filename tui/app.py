@@ -165,6 +165,7 @@ class RunScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", id="status")
+        yield Static("", id="goodput")  # shown once the run's supervisor reports its goodput
         table = DataTable(id="ranks", cursor_type="row", cell_padding=0)
         for name, width in RANK_COLUMNS.items():
             table.add_column(name, key=name, width=width)
@@ -201,6 +202,9 @@ class RunScreen(Screen):
     def refresh_from(self, snap: Snapshot) -> None:
         self.query_one("#status", Static).update(Text(
             self.app.status_line() + f"  sort {self.sort}" + (f"  filter {self.filter}" if self.filter else "")))
+        goodput, line = snap.goodput.get(self.run), self.query_one("#goodput", Static)
+        line.display = goodput is not None
+        line.update(Text(goodput.line() if goodput else ""))
         table = self.query_one("#ranks", DataTable)
         keep = None
         if table.row_count:
@@ -267,6 +271,7 @@ class WatchtowerApp(App):
     TITLE = "Watchtower"
     CSS = """
     #status { height: 1; background: $boost; }
+    #goodput { height: 1; }
     #runs { height: 1fr; }
     #ranks { height: 1fr; min-height: 5; }
     #filter { height: 3; }

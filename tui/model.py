@@ -1,7 +1,8 @@
 """What the TUI shows, independent of where it came from (ranks' /metrics or Prometheus) and of Textual.
 
 A source turns one poll into a `Snapshot`: one `RankRow` per rank it knows (a rank that stopped
-answering stays, marked down, with its last labels), the alerts firing, the supervisor's events.
+answering stays, marked down, with its last labels), the alerts firing, the supervisor's events, and
+each run's goodput (from its supervisor's /metrics).
 `History` keeps a short per-run series of loss and throughput for the sparklines.
 """
 
@@ -30,6 +31,8 @@ GPU_GAUGES = {
     "watchtower_gpu_temperature_celsius": ("gpu_temp", max),
 }
 RANK_KEY = ("run", "replica_group", "rank", "node")
+# the supervisor's goodput ledger (per run), for the run view's goodput line
+GOODPUT = ("watchtower_goodput_ratio", "watchtower_badput_seconds_total")
 STALE_HEARTBEAT_S = 60.0  # no finished step for this long reads as a possible hang
 
 
@@ -85,6 +88,31 @@ class Alert:
 
 
 @dataclass
+class Goodput:
+    """A run's goodput from its supervisor: productive share of wall time, seconds lost by cause."""
+
+    ratio: float | None = None
+    badput: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, labels: dict[str, str], value: float) -> None:
+        if name == GOODPUT[0]:
+            self.ratio = value
+        elif name == GOODPUT[1] and "cause" in labels:
+            self.badput[labels["cause"]] = value
+
+    def line(self, causes: int = 4) -> str:
+        """One line for the run view: the ratio and the largest causes of lost time.
+
+        >>> Goodput(0.62, {"startup": 40.0, "idle_spare": 12.5, "recovery": 0.0}).line()
+        'goodput 62%   lost: startup 40s, idle_spare 12s'
+        """
+        worst = sorted(((c, s) for c, s in self.badput.items() if s >= 0.5), key=lambda cs: -cs[1])[:causes]
+        lost = ", ".join(f"{c} {s:.0f}s" for c, s in worst) or "nothing yet"
+        ratio = "-" if self.ratio is None else f"{self.ratio:.0%}"
+        return f"goodput {ratio}   lost: {lost}"
+
+
+@dataclass
 class RunSummary:
     run: str
     ranks: int
@@ -101,6 +129,7 @@ class Snapshot:
     rows: list[RankRow] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    goodput: dict[str, Goodput] = field(default_factory=dict)  # run -> its supervisor's ledger
     source: str = ""
     error: str = ""  # the source itself failed (Prometheus unreachable): shown, never raised
     taken_at: float = 0.0

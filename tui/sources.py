@@ -17,7 +17,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from watchtower.direct_http import get_direct
-from watchtower.tui.model import GPU_GAUGES, RANK_GAUGES, RANK_KEY, Alert, RankRow, Snapshot
+from watchtower.tui.model import GOODPUT, GPU_GAUGES, RANK_GAUGES, RANK_KEY, Alert, Goodput, RankRow, Snapshot
 
 HTTP_TIMEOUT_S = 2.0
 EVENTS_SHOWN = 200
@@ -77,6 +77,24 @@ def read_events(path: Path | None) -> list[dict]:
     return out
 
 
+def read_targets(path: Path | None) -> dict[str, dict[str, str]]:
+    """A file_sd file's targets and their labels; none while it is missing or being rewritten."""
+    out: dict[str, dict[str, str]] = {}
+    if path is not None and path.exists():
+        try:
+            for group in json.loads(path.read_text()):
+                for t in group.get("targets", []):
+                    out[t] = dict(group.get("labels", {}))
+        except ValueError:
+            pass  # being rewritten; the next poll reads it
+    return out
+
+
+def add_goodput(snap: Snapshot, name: str, labels: dict[str, str], value: float) -> None:
+    if name in GOODPUT and "run" in labels:
+        snap.goodput.setdefault(labels["run"], Goodput()).add(name, labels, value)
+
+
 class ScrapeSource:
     """Scrapes each rank's /metrics directly: `targets` (host:port) and/or a file_sd `targets_file`
     re-read every poll, so ranks the supervisor adds or removes appear and go."""
@@ -91,15 +109,21 @@ class ScrapeSource:
         self.describe = " + ".join(parts)
 
     def _targets(self) -> dict[str, dict[str, str]]:
-        out = {t: {} for t in self.static}
-        if self.targets_file and self.targets_file.exists():
+        return {**{t: {} for t in self.static}, **read_targets(self.targets_file)}
+
+    def _goodput(self, snap: Snapshot) -> None:
+        """Each run's goodput from its supervisor's /metrics (supervisor_targets.json beside the
+        ranks' file); a supervisor that does not answer leaves its run's line out."""
+        if self.targets_file is None:
+            return
+        for target in read_targets(self.targets_file.parent / "supervisor_targets.json"):
+            text = self._scrape(target)
             try:
-                for group in json.loads(self.targets_file.read_text()):
-                    for t in group.get("targets", []):
-                        out[t] = dict(group.get("labels", {}))
+                for family in text_string_to_metric_families(text or ""):
+                    for sample in family.samples:
+                        add_goodput(snap, sample.name, sample.labels, sample.value)
             except ValueError:
-                pass  # being rewritten; the next poll reads it
-        return out
+                continue  # not a Prometheus exposition
 
     def _scrape(self, target: str) -> str | None:
         try:
@@ -139,6 +163,7 @@ class ScrapeSource:
                 snap.rows.append(row)
                 self.known[target] = dict(zip(RANK_KEY, row.key))
         snap.events = read_events(self.events_file)
+        self._goodput(snap)
         return snap.finish(now)
 
 
@@ -183,6 +208,9 @@ class PrometheusSource:
                 if float(series["value"][1]) == 0:
                     rows.mark_down(series["metric"], series["metric"].get("instance", ""))
             snap.rows.extend(rows.rows())
+            for series in self._query(f'{{__name__=~"{"|".join(GOODPUT)}"}}'):
+                labels = series["metric"]
+                add_goodput(snap, labels["__name__"], labels, float(series["value"][1]))
             snap.alerts = self._alerts()
         except Exception as err:  # noqa: BLE001 - shown in the status line, never raised into the app
             snap.error = f"{self.describe}: {err}"

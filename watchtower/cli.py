@@ -271,6 +271,10 @@ def print_summary(summary: dict, code: int) -> None:
     recovery = summary["recovery_seconds"]
     print(f"  last recovery: {'-' if recovery is None else f'{recovery:.1f}s'}   goodput: {summary['goodput_ratio']:.0%}"
           f"   exit: {code}{' (crash loop)' if summary['crash_loop'] else ''}")
+    wall = summary["wall_seconds"]
+    print(f"  where the {wall:.1f}s of wall time went (productive step time, then badput by cause):")
+    for cause, seconds in summary["breakdown_seconds"].items():
+        print(f"    {cause:<11} {seconds:8.1f}s {seconds / wall if wall > 0 else 0.0:6.1%}")
 
 
 def cmd_prometheus_config(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:

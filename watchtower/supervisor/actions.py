@@ -23,8 +23,8 @@ from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, Action, DrainNode, DrainRejected, FailureKind, GroupFailed, GroupFinished, Kill, Launch,
-    LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
+    EXIT_CRASH_LOOP, EXIT_DONE, Action, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
+    Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
 
 LOG_TAIL_LINES = 5
 
@@ -37,6 +37,14 @@ def one_line(err: BaseException) -> str:
     """
     lines = str(err).splitlines()
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def failure_onset(f: Failure, group: Group | None) -> float | None:
+    """When a loss began: a hung group's last sign of life (step, progress report or launch); None for
+    the others (an exit, a node down, a drain), which the loop saw within one poll interval."""
+    if group is None or f.kind not in (FailureKind.HANG, FailureKind.DEADLOCK):
+        return None
+    return max(t for t in (group.launched_at, group.heartbeat, group.progress_at) if t is not None)
 
 
 def first_free_seq(groups_dir: Path) -> int:
@@ -112,6 +120,7 @@ class Executor:
 
     def kill(self, a: Kill, now: float) -> None:
         self.groups[a.replica_id].process.kill()
+        self.stats.timeline.killed(a.replica_id, time.time())
 
     def restart_lighthouse(self, a: RestartLighthouse, now: float) -> None:
         lighthouse = self.lighthouse()
@@ -133,8 +142,8 @@ class Executor:
 
     def failed(self, a: GroupFailed, now: float) -> None:
         f = a.failure
-        self.stats.failed(f, self.stats.job_step)
         group = self.groups.get(f.replica_id)
+        self.stats.failed(f, self.stats.job_step, failure_onset(f, group), self.groups)
         code = "" if f.exit_code is None else f", exit code {f.exit_code}"
         code += f": {f.detail}" if f.detail else ""
         verdict = "node drained" if f.blamed else "node kept" + ("" if f.counted else ", not counted")
@@ -150,6 +159,7 @@ class Executor:
 
     def restart_from_checkpoint(self, a: RestartFromCheckpoint, now: float) -> None:
         self.stats.restarts["checkpoint"] += 1
+        self.stats.timeline.restarted(a.step)  # steps up to a.step are run again: recompute
         returned = f"; nodes given back: {', '.join(a.nodes_returned)}" if a.nodes_returned else ""
         self.events.emit("restart_from_checkpoint", f"every group holding the run's progress is lost at step {a.step}; restarting from the "
                          f"last checkpoint in {self.checkpoint_url}{returned}", step=a.step,

@@ -3,7 +3,7 @@
 The loop builds an immutable `Snapshot` at the end of every poll and swaps it in with one reference
 assignment; `SupervisorCollector.collect()` (prometheus-client's HTTP thread) reads that reference
 once, so a scrape never iterates groups the loop is mutating. `JobStats` keeps the running figures
-(failures by kind, restarts, recovery time, goodput) that only the loop updates.
+(failures by kind, restarts, recovery time, goodput and badput by cause) that only the loop updates.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 from watchtower.exposition import Families
 from watchtower.prometheus_config import Target, write_file_sd
 from watchtower.supervisor.events import EventLog
-from watchtower.supervisor.observe import SCRAPE_INTERVAL_S, Group
+from watchtower.supervisor.goodput import BADPUT
+from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import Failure, FailureKind, NodeState
+from watchtower.supervisor.timeline import Timeline
 
 RESTART_KINDS = ("spare", "checkpoint", "lighthouse")
 
@@ -40,6 +42,7 @@ class Snapshot:
     goodput: float = 0.0
     crash_loop: bool = False
     lighthouse_up: bool = True
+    badput: dict[str, float] = field(default_factory=dict)  # cause -> seconds
 
 
 class SupervisorCollector:
@@ -68,7 +71,9 @@ class SupervisorCollector:
         f.add("watchtower_supervisor_active_groups_target", s.active_target)
         f.add("watchtower_supervisor_spare_groups_target", s.spare_target)
         f.add("watchtower_supervisor_job_step", s.job_step)
-        f.add("watchtower_supervisor_goodput_ratio", s.goodput)
+        f.add("watchtower_goodput_ratio", s.goodput)
+        for cause, seconds in s.badput.items():
+            f.add("watchtower_badput_seconds_total", seconds, cause)
         f.add("watchtower_supervisor_crash_loop", int(s.crash_loop))
         f.add("watchtower_supervisor_lighthouse_up", int(s.lighthouse_up))
         f.add("watchtower_supervisor_heartbeat_timestamp_seconds", s.at)
@@ -76,69 +81,56 @@ class SupervisorCollector:
 
 
 class JobStats:
-    """Running figures of the job, updated by the loop: failures, restarts, recovery, goodput.
+    """Running figures of the job, updated by the loop: failures, restarts, and (in `timeline`, see
+    timeline.py) recovery, refills, incidents and the goodput ledger.
 
     recovery: from a failure until every active seat is filled again by a group that participates
-    with a full quorum and the job's step has moved on; spares refilled: until the newest spare has
+    with a full quorum and has committed a step since; spares refilled: until the newest spare has
     finished a step (it joined the quorum and healed).
     """
 
-    def __init__(self, started: float, active_target: int):
+    def __init__(self, started: float, active_target: int, last_step: int):
         self.started, self.active_target = started, active_target
         self.failures: Counter[str] = Counter({kind.value: 0 for kind in FailureKind})
         self.restarts: Counter[str] = Counter({kind: 0 for kind in RESTART_KINDS})
-        self.recovery_s: float | None = None
-        self.productive_s = 0.0
+        self.timeline = Timeline(started, active_target, last_step)
         self.crash_loop = False
         self.job_step = 0  # highest step any group finished (the last step once a group finishes)
-        self._recovering_since: float | None = None
-        self._step_at_failure = 0
-        self._refill_since: float | None = None
-        self._refill_group: str | None = None
-        self._last_step, self._last_step_at = 0, started
 
-    def failed(self, failure: Failure, job_step: int) -> None:
-        """Count it; a lost group starts the recovery clock (a failed launch lost nothing that ran)."""
+    @property
+    def recovery_s(self) -> float | None:
+        return self.timeline.recovery_s
+
+    def failed(self, failure: Failure, job_step: int, onset: float | None = None,
+               groups: dict[str, Group] | None = None) -> None:
+        """Count it; a lost group opens or joins an incident (a failed launch lost nothing that ran).
+        `onset`: when it began (a hang: its last sign of life); None: since the previous poll."""
         self.failures[failure.kind.value] += 1
-        if self._recovering_since is None and failure.kind is not FailureKind.LAUNCH:
-            self._recovering_since, self._step_at_failure = failure.at, job_step
+        if failure.kind is not FailureKind.LAUNCH:
+            self.timeline.failed(failure, onset, groups or {})
 
     def refilling(self, replica_id: str, now: float) -> None:
         self.restarts["spare"] += 1
-        self._refill_since = self._refill_since or now
-        self._refill_group = replica_id
+        self.timeline.refilling(replica_id, now)
 
     def track(self, now: float, groups: dict[str, Group], job_step: int, events: EventLog) -> None:
-        if job_step > self._last_step > 0:  # the job moved since the last poll
-            self.productive_s += min(now - self._last_step_at, 2 * SCRAPE_INTERVAL_S)
-        if job_step != self._last_step:
-            self._last_step, self._last_step_at = job_step, now
-        active = [g for g in groups.values() if g.running and g.participating]
-        if self._recovering_since is not None and len(active) >= self.active_target \
-                and all(g.participants >= self.active_target for g in active) and job_step > self._step_at_failure:
-            self.recovery_s = now - self._recovering_since
-            self._recovering_since = None
-            events.emit("recovered", f"quorum back at {self.active_target} groups after {self.recovery_s:.1f}s",
-                        seconds=round(self.recovery_s, 3), step=job_step)
-        newest = groups.get(self._refill_group or "")
-        if self._refill_since is not None and newest is not None and newest.running \
-                and newest.heartbeat is not None and newest.heartbeat > newest.launched_at:
-            events.emit("spares_refilled", f"spare pool full again after {now - self._refill_since:.1f}s",
-                        seconds=round(now - self._refill_since, 3))
-            self._refill_since = self._refill_group = None
+        self.timeline.track(now, groups, events)
 
-    def goodput(self, now: float) -> float:
-        return min(self.productive_s / max(now - self.started, 1e-9), 1.0)
+    def goodput(self) -> float:
+        return self.timeline.ledger.goodput_ratio()
+
+    def badput(self) -> dict[str, float]:
+        return {c.value: self.timeline.ledger.seconds[c] for c in BADPUT}
 
 
 def write_rank_targets(out: Path, run: str, groups: dict[str, Group]) -> None:
     """Rewrite the ranks' file_sd file (atomic, 0644): every rank of every running group."""
-    write_file_sd(out / "targets.json", [Target(f"127.0.0.1:{port}", run, g.replica_group, rank, g.node)
+    write_file_sd(out / "targets.json", [Target(f"{g.process.address}:{port}", run, g.replica_group, rank, g.node)
                                          for g in groups.values() if g.running for rank, port in enumerate(g.ports)])
 
 
-def write_supervisor_target(out: Path, run: str, port: int | None) -> None:
-    """The supervisor's own file_sd file; empty (port None) once it stops, so a finished job does not
-    page as "supervisor down"."""
+def write_supervisor_target(out: Path, run: str, port: int | None, host: str = "127.0.0.1") -> None:
+    """The supervisor's own file_sd file (`host`: where Prometheus reaches this process); empty (port
+    None) once it stops, so a finished job does not page as "supervisor down"."""
     write_file_sd(out / "supervisor_targets.json",
-                  [Target(f"127.0.0.1:{port}", run, -1, -1, "supervisor")] if port else [])
+                  [Target(f"{host}:{port}", run, -1, -1, "supervisor")] if port else [])

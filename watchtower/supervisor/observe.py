@@ -1,9 +1,10 @@
 """Observe: what the supervisor sees of its groups each poll, folded into the policy's `View`.
 
 Per group: whether its process has exited (and how), and from its rank 0's /metrics its step,
-heartbeat, last progress report (staging, init, resume, healing), role (active, spare, starting)
-and whether it is waiting on peers. Besides groups: drain requests (files `drain/<name>`), nodes the
-launcher reports down, and the Lighthouse's health.
+heartbeat, last progress report (staging, init, resume, healing), role (active, spare, starting),
+whether it is waiting on peers, and its time counters (step, data wait, checkpoint save, collective
+wait: the rank-side half of the goodput split). Besides groups: drain requests (files
+`drain/<name>`), nodes the launcher reports down, and the Lighthouse's health.
 
 Each observation runs on its own in `errors.guard(stage)`: a rank's port answering with an HTML page,
 an endpoint file half written, an unreadable drain directory are counted and leave the last good
@@ -24,12 +25,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from watchtower.direct_http import get_direct
 from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.goodput import RankTimes
 from watchtower.supervisor.launcher import GroupProcess, Launcher
 from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.policy_types import GroupState, GroupView, LighthouseHealth, Role, View
 
 SCRAPE_INTERVAL_S = 0.5
 SCRAPE_TIMEOUT_S = 1.0
+RANK_TIMES = ("watchtower_step_seconds_total", "watchtower_data_wait_seconds_total",  # RankTimes' fields, in order
+              "watchtower_checkpoint_save_seconds_total", "watchtower_collective_wait_seconds_total")
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Group:
     participating: bool | None = None  # None: torchft has not placed it yet
     participants: int = 0
     in_collective: bool = False
+    times: RankTimes = RankTimes()  # rank 0's step, data-wait, checkpoint and collective seconds (goodput)
     exit_code: int | None = None
     reported: bool = False  # its exit has been shown to the policy: it leaves the view
 
@@ -142,6 +147,7 @@ class Observer:
         g.heartbeat = values.get("watchtower_heartbeat_timestamp_seconds", g.heartbeat)
         g.progress_at = values.get("watchtower_progress_timestamp_seconds", g.progress_at)
         g.in_collective = values.get("watchtower_replica_in_collective", 0) == 1
+        g.times = RankTimes(*(values.get(name, 0.0) for name in RANK_TIMES))
         if "watchtower_replica_participating" in values:
             g.participating = values["watchtower_replica_participating"] == 1
             g.participants = int(values.get("watchtower_replica_participants", 0))

@@ -65,7 +65,7 @@ class Supervisor:
         self.state = PolicyState.initial(self.policy_cfg)
         self.errors = StageErrors()
         self.events = EventLog(self.out / "events.jsonl", self.errors.record)
-        self.stats = JobStats(time.time(), job.cluster.active_groups)
+        self.stats = JobStats(time.time(), job.cluster.active_groups, trainer.train.steps)
         self.launcher = launcher or LocalLauncher(self.out / "nodes")
         self.health = HealthGate(HealthCheck.for_job(job, trainer), self.launcher, self.errors)
         self.groups: dict[str, Group] = {}
@@ -166,7 +166,8 @@ class Supervisor:
                         self.errors.snapshot(), self.stats.recovery_s,
                         max((g.participants for g in live if g.participating), default=0),
                         self.job.cluster.active_groups, self.job.cluster.spare_groups, self.stats.job_step,
-                        self.stats.goodput(now), self.stats.crash_loop, self.observer.lighthouse_up)
+                        self.stats.goodput(), self.stats.crash_loop, self.observer.lighthouse_up,
+                        self.stats.badput())
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep in slices; True (at once) when a stop signal has arrived."""
@@ -204,7 +205,10 @@ class Supervisor:
                 self.lighthouse.stop()
 
     def shutdown(self) -> None:
-        """Stop every group and the Lighthouse, empty our file_sd target, stop /metrics, unlock."""
+        """Close the goodput ledger; stop every group and the Lighthouse, empty our file_sd target,
+        stop /metrics, unlock."""
+        with self.errors.guard("metrics"):
+            self.stats.timeline.finish(time.time())
         self._stop_groups()
         with self.errors.guard("file_sd"):
             write_rank_targets(self.out, self.run_name, self.groups)
@@ -222,4 +226,6 @@ class Supervisor:
         counted = sum(n for kind, n in self.stats.failures.items())
         return {"steps": self.stats.job_step, "failures": counted, "restarts": dict(self.stats.restarts),
                 "recovery_seconds": None if self.stats.recovery_s is None else round(self.stats.recovery_s, 2),
-                "goodput_ratio": round(self.stats.goodput(time.time()), 3), "crash_loop": self.stats.crash_loop}
+                "goodput_ratio": round(self.stats.goodput(), 3), "crash_loop": self.stats.crash_loop,
+                "wall_seconds": round(self.stats.timeline.ledger.wall_s, 2),
+                "breakdown_seconds": {c: round(s, 2) for c, s in self.stats.timeline.breakdown().items()}}

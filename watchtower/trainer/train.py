@@ -95,6 +95,8 @@ class Trainer:
                                flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
                                model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
                                config_hash=cfg.config_hash())
+        for name in ("watchtower_checkpoint_save_seconds_total", "watchtower_collective_wait_seconds_total"):
+            self.monitor.count(name, 0.0)  # exported at zero from the start
         if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one)
             (self.output / f"endpoint-r{self.env.rank}.json").write_text(json.dumps({"port": self.monitor.port}))
         self.progress()
@@ -180,12 +182,15 @@ class Trainer:
     @contextmanager
     def _waiting_on_peers(self):
         """Mark the span where this rank blocks on other groups: a supervisor seeing a stale heartbeat
-        then knows this group is a victim of a hang elsewhere, not the hung one."""
+        then knows this group is a victim of a hang elsewhere, not the hung one. Its seconds are
+        counted too (the goodput split's collective wait). Costs two clock reads."""
         self.monitor.set_gauge("watchtower_replica_in_collective", 1)
+        start = time.perf_counter()
         try:
             yield
         finally:
             self.monitor.set_gauge("watchtower_replica_in_collective", 0)
+            self.monitor.count("watchtower_collective_wait_seconds_total", time.perf_counter() - start)
 
     def _agree(self, flag: bool) -> bool:
         if self.env.world_size == 1:
@@ -241,8 +246,9 @@ class Trainer:
         state["replication"] = self.replication.state_dict()
         self.checkpointer.save(self.step, state,
                                {"config_hash": self.cfg.config_hash(), "run": self.cfg.run.name})
-        log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url,
-                 time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.monitor.count("watchtower_checkpoint_save_seconds_total", seconds)
+        log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url, seconds)
 
     def maybe_resume(self) -> None:
         """Load the newest checkpoint this run may resume; another TP or config_hash is a ConfigError
