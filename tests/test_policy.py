@@ -29,6 +29,7 @@ FOUR_EXCLUDED = replace(CFG, exclude=("a", "b", "c", "d"))
 NOW = 1000.0
 STARTED = PolicyState(started=True)
 DOWN = LighthouseHealth.DOWN
+ENOSPC = "OSError: [Errno 28] No space left on device"
 
 
 def budget(**kw) -> PolicyConfig:
@@ -282,9 +283,9 @@ CASES = [
     Case("a_lighthouse_that_keeps_dying_spends_the_budget",
          [View(NOW, pool(), lighthouse=DOWN), View(NOW + 1, pool(NOW + 1), lighthouse=DOWN)],
          [[("lighthouse",)], [("lighthouse",), ("stop", 3, "crash loop")]], cfg=budget(max_failures=2)),
-    # A launch that raised (the launcher's OSError, an unwritable group directory) was only counted as a
-    # shell error: the next poll ordered the same launch on the same free node, forever, and no budget
-    # was spent. It is now a failure of its node: drained, counted, the retry goes elsewhere.
+    # A launch the launcher failed (its OSError on the node) was only counted as a shell error: the next
+    # poll ordered the same launch on the same free node, forever, and no budget was spent. It is now a
+    # failure of its node: drained, counted, the retry goes elsewhere.
     Case("a_failed_launch_drains_its_node_and_the_retry_goes_to_another_node",
          [View(NOW, pool()[:2], launch_failures=(LaunchFailure("g3", "c", NOW - 1, "OSError: [Errno 28] full"),))],
          [[("failed", "g3", "launch", "counted", "blamed"), ("drain", "c", "launch"),
@@ -316,6 +317,17 @@ CASES = [
            ("failed", "g2", "exit", "counted", "blamed"), ("drain", "c", "exit"), ("restart", 40, ("a", "b", "c")),
            ("launch", "e", "active", "restart"), ("launch", "a", "active", "restart"),
            ("launch", "b", "spare", "restart")]]),
+    # Review 12, F3: a launch config the head could not write (ENOSPC on the supervisor's disk) was
+    # blamed on the node: a node drained per poll, and 3 "fresh nodes" stopped a healthy job in ~4 s.
+    Case("a_launch_config_the_head_cannot_write_blames_no_node_and_spends_no_budget",
+         [View(NOW + i, pool(NOW + i)[:2], launch_failures=(LaunchFailure("g3", "c", NOW + i - 0.5, ENOSPC,
+                                                                          on_node=False),)) for i in range(4)],
+         [[("launch", "c", "spare", "spare")]] * 4, cfg=budget(max_failures=2, crash_loop_limit=2)),
+    Case("a_first_launch_the_head_cannot_write_is_launched_again_not_restarted",
+         [View(NOW), View(NOW + 1, launch_failures=tuple(LaunchFailure(f"g{i}", n, NOW + 0.1, ENOSPC, on_node=False)
+                                                         for i, n in enumerate("abc")))],
+         [[("launch", "a", "active", "initial"), ("launch", "b", "active", "initial"),
+           ("launch", "c", "spare", "initial")]] * 2, state=PolicyState()),
     Case("bad_drain_names_are_rejected_once_and_touch_nothing",
          [View(NOW, pool(), drain_requests=("..", "", "a/../b", "zz")),
           View(NOW + 1, pool(NOW + 1), drain_requests=("..", "", "a/../b", "zz"))],

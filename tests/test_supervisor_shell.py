@@ -18,7 +18,7 @@ from conftest import free_port, samples, scrape_text, value
 from served_text import ServedText
 from watchtower.orphan_guard import guarded
 from watchtower.prometheus_config import Target, write_file_sd
-from watchtower.supervisor import metrics as supervisor_metrics
+from watchtower.supervisor import contract, metrics as supervisor_metrics
 from watchtower.supervisor.config import load_job
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.jobfile import job_toml
@@ -144,14 +144,19 @@ def test_a_full_disk_under_events_and_file_sd_is_counted_and_kills_no_group(supe
     assert {rid: g.process.pid for rid, g in supervisor.groups.items()} == pids, "no group replaced"
 
 
-def test_a_launch_that_fails_drains_its_node_instead_of_being_retried_there_every_poll(supervisor):
+def test_a_launch_that_fails_drains_its_node_instead_of_being_retried_there_every_poll(supervisor, monkeypatch):
     """A launch that raised was only counted as a shell error: every poll ordered the same launch on
-    the same free node, forever, with no event naming the node and no budget spent. Here g0000's
-    directory cannot be made (a file stands in its place): its node n0 is drained once, the event
-    names the error, the spare's launch on n1 and a refill on n2 carry the job on."""
-    groups = supervisor.out / "groups"
-    groups.mkdir(exist_ok=True)
-    (groups / "g0000").write_text("not a directory")
+    the same free node, forever, with no event naming the node and no budget spent. Here the
+    launcher cannot start g0000 on n0: n0 is drained once, the event names the error, the spare's
+    launch on n1 and a refill on n2 carry the job on."""
+    launch = supervisor.launcher.launch
+
+    def refused_on_n0(spec):
+        if spec.node == "n0":
+            raise NotADirectoryError(errno.ENOTDIR, f"{spec.replica_id}: no such job step on {spec.node}")
+        return launch(spec)
+
+    monkeypatch.setattr(supervisor.launcher, "launch", refused_on_n0)
     codes = [supervisor.poll_once() for _ in range(4)]
     assert codes == [None] * 4 and supervisor.executor.seq == 3, "one failed launch, one refill, then quiet"
     assert {rid: g.node for rid, g in supervisor.groups.items()} == {"g0001": "n1", "g0002": "n2"}
@@ -159,11 +164,35 @@ def test_a_launch_that_fails_drains_its_node_instead_of_being_retried_there_ever
     failed = [e for e in supervisor.events.events if e["event"] == "group_failed"]
     assert [(e["replica_id"], e["node"], e["reason"], e["drained"], e["counted"]) for e in failed] == \
         [("g0000", "n0", "launch", True, True)]
-    assert failed[0]["error"].startswith(("FileExistsError", "NotADirectoryError")) and "g0000" in failed[0]["error"]
+    assert failed[0]["error"].startswith("NotADirectoryError") and "g0000" in failed[0]["error"]
     assert failed[0]["error"] in failed[0]["message"]
     metrics = samples(scrape_text(supervisor.metrics_port))
     assert value(metrics, "watchtower_supervisor_nodes", state="drained") == 1
     assert value(metrics, "watchtower_supervisor_failures_total", reason="launch") == 1
+
+
+def test_a_full_disk_under_the_job_directory_during_a_refill_drains_no_node_and_stops_nothing(supervisor,
+                                                                                            monkeypatch):
+    """Review 12, F3: ENOSPC writing a refill's trainer.toml on the supervisor's own disk was blamed on
+    the node: a node drained per poll, and three "fresh nodes" stopped the healthy job as a crash loop
+    in ~4 s. It is the head's error: counted under stage "launch", reported once, retried each poll
+    under the same id, on the same node, until the disk has room."""
+    supervisor.poll_once()  # g0000 active on n0, g0001 spare on n1
+    def disk_full(path, text):
+        path.parent.mkdir(parents=True, exist_ok=True)  # what the real write does first, on a full disk too
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(contract, "write_atomic", disk_full)
+    supervisor.groups["g0001"].process.kill()  # the spare dies: a refill is due, on n2
+    codes = [supervisor.poll_once() for _ in range(5)]
+    assert codes == [None] * 5 and supervisor.groups["g0000"].process.poll() is None
+    kinds = [e["event"] for e in supervisor.events.events]
+    assert kinds.count("node_drained") == 1 and kinds.count("launch_deferred") == 1, kinds  # n1: its spare died
+    assert supervisor.errors.snapshot()["launch"] >= 4 and supervisor.stats.failures["launch"] == 0
+    assert sorted(p.name for p in (supervisor.out / "groups").iterdir()) == ["g0000", "g0001"], "nothing left behind"
+    monkeypatch.undo()  # the disk has room again
+    assert supervisor.poll_once() is None
+    assert {rid: g.node for rid, g in supervisor.groups.items() if g.running} == {"g0000": "n0", "g0002": "n2"}
 
 
 def test_a_launcher_failing_everywhere_stops_as_a_crash_loop_naming_the_error(supervisor, monkeypatch):

@@ -2,14 +2,17 @@
 
 An action that raises (a Lighthouse that cannot rebind, a kill that fails) is counted under its
 stage and skipped; the policy sees the result at the next poll (the Lighthouse still down) and
-orders it again. A launch that raises (a launcher that cannot fork, a full disk under the group's
-launch config) is a fact instead: kept in `launch_failures` for the next poll's `View`, where the
-policy blames the node and spends the failure budget (a retry on the same node every poll would
-spin forever). Records (`GroupFailed`, `SparesExhausted`, ...) become events and counters only.
+orders it again. A launch that fails is a fact instead, kept in `launch_failures` for the next
+poll's `View`, with its owner: the launcher failing on the node (cannot fork, srun refused) blames
+the node and spends the failure budget (a retry on the same node every poll would spin forever);
+the head failing to prepare it (a full disk under the group's launch config) is the supervisor's
+own error, counted under stage "launch" and retried at the next poll on the same node, no node
+blamed. Records (`GroupFailed`, `SparesExhausted`, ...) become events and counters only.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +71,7 @@ class Executor:
         self.seq = first_free_seq(self.out / "groups")
         self.node_index = {n: i for i, n in enumerate(job.cluster.nodes)}
         self.launch_failures: list[LaunchFailure] = []  # for the next View; the loop takes them
+        self._head_errors: set[object] = set()  # the distinct errors preparing a launch, each reported once
         self._do = {Launch: ("launch", self.launch), Kill: ("kill", self.kill),
                     RestartLighthouse: ("lighthouse", self.restart_lighthouse), DrainNode: ("events", self.drained),
                     RestartFromCheckpoint: ("events", self.restart_from_checkpoint),
@@ -90,24 +94,26 @@ class Executor:
     # ---- actions --------------------------------------------------------------------------------
 
     def launch(self, a: Launch, now: float) -> None:
-        seq = self.seq
-        self.seq += 1  # taken even if this launch fails half-way: a directory may already exist
-        replica_id = f"g{seq:04d}"  # torchft ranks groups by id: later groups sort last and start as spares
+        """Prepare the group on the head (its directory and launch config), then have the launcher
+        start it on the node. Only the launcher failing is the node's fault; a failed preparation
+        (ENOSPC on the supervisor's disk) leaves nothing behind and keeps its id for the retry, so
+        a full disk retried every poll costs a mkdir and an rmtree, not a directory per poll."""
+        while (self.out / "groups" / f"g{self.seq:04d}").exists():  # not ours (ours advance seq): never reuse
+            self.seq += 1
+        seq, replica_id = self.seq, f"g{self.seq:04d}"  # torchft ranks groups by id: later ones start as spares
+        group_dir = self.out / "groups" / replica_id
         try:
-            self._start(a, seq, replica_id)
+            config = self._prepare(a, seq, replica_id, group_dir)
+        except Exception as err:  # noqa: BLE001 - the head's own I/O: no node to blame
+            shutil.rmtree(group_dir, ignore_errors=True)
+            self._head_failed(a, replica_id, err)
+            return
+        self.seq += 1  # taken: the group's directory now holds its config (and will hold its log)
+        try:
+            process = self.launcher.launch(GroupSpec(replica_id, seq, a.node, config, group_dir / "group.log"))
         except Exception as err:  # noqa: BLE001 - whatever stopped it, the policy must see the node fail
             self.launch_failures.append(LaunchFailure(replica_id, a.node, time.time(), one_line(err)))
-
-    def _start(self, a: Launch, seq: int, replica_id: str) -> None:
-        group_dir = self.out / "groups" / replica_id
-        s = self.job.supervisor
-        replica = ReplicaConfig(lighthouse=self.lighthouse().url, replica_id=replica_id, replica_group=seq,
-                                active_groups=self.job.cluster.active_groups, node=a.node,
-                                cache_dir=str(self.launcher.node_cache_dir(a.node)), ft_timeout_s=s.ft_timeout_s)
-        port = s.base_port + 10 * self.node_index[a.node]
-        config = write_group_config(group_dir,
-                                    group_config(self.trainer, replica, group_dir, port, self.checkpoint_url))
-        process = self.launcher.launch(GroupSpec(replica_id, seq, a.node, config, group_dir / "group.log"))
+            return
         # the real start time, after the poll's `now`: a group launched in the poll that saw a failure
         # started after it (the failure budget's "same failure on fresh nodes" chain relies on it)
         launched_at = time.time()
@@ -117,6 +123,27 @@ class Executor:
         self.events.emit("group_started", f"{replica_id} started on {a.node} as {a.role.value} ({a.reason.value})",
                          replica_id=replica_id, node=a.node, reason=a.reason.value, role=a.role.value,
                          replica_group=seq, pid=process.pid, config=str(config))
+
+    def _prepare(self, a: Launch, seq: int, replica_id: str, group_dir: Path) -> Path:
+        """Write the group's launch config on the head; its path."""
+        s = self.job.supervisor
+        replica = ReplicaConfig(lighthouse=self.lighthouse().url, replica_id=replica_id, replica_group=seq,
+                                active_groups=self.job.cluster.active_groups, node=a.node,
+                                cache_dir=str(self.launcher.node_cache_dir(a.node)), ft_timeout_s=s.ft_timeout_s)
+        port = s.base_port + 10 * self.node_index[a.node]
+        return write_group_config(group_dir, group_config(self.trainer, replica, group_dir, port, self.checkpoint_url))
+
+    def _head_failed(self, a: Launch, replica_id: str, err: Exception) -> None:
+        """Counted under stage "launch" each time (errors_total shows the rate); reported as an event
+        once per distinct error, so a disk full for an hour is one line, not one per poll."""
+        self.errors.record("launch", err)
+        self.launch_failures.append(LaunchFailure(replica_id, a.node, time.time(), one_line(err), on_node=False))
+        distinct = (type(err).__name__, err.errno) if isinstance(err, OSError) and err.errno else one_line(err)
+        if distinct not in self._head_errors:  # an OSError's text names a path that changes with each try
+            self._head_errors.add(distinct)
+            self.events.emit("launch_deferred", f"{replica_id} could not be prepared on the supervisor's side "
+                             f"({one_line(err)}); retried every poll, no node blamed", replica_id=replica_id,
+                             node=a.node, error=one_line(err))
 
     def kill(self, a: Kill, now: float) -> None:
         self.groups[a.replica_id].process.kill()

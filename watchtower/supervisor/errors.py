@@ -4,8 +4,9 @@ A failed scrape (an HTML page on a rank's port), a full disk under `events.jsonl
 a Lighthouse that cannot rebind: each is caught around the one observation or action that raised it,
 logged the first time for its stage (with the traceback) and counted in
 `watchtower_supervisor_errors_total{stage}` after that. Only a policy decision kills a group. The
-counters start at zero for every stage, so `increase()` sees the first error. A launch that fails is
-not an error here but a failure of its node, shown to the policy (see actions.py).
+counters start at zero for every stage, so `increase()` sees the first error. A launch the launcher
+fails on its node is not an error here but a failure of its node, shown to the policy; one the
+supervisor cannot prepare on its own disk is (stage "launch"), retried at the next poll (actions.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ next poll. No I/O, no clock, no processes: every decision is a table row in test
 Cost: a few list passes over groups, nodes and the failures in the budget window; microseconds.
 
 Each poll, in this order (the reasons are in the functions below):
-  0. the last poll's failed launches: each drains its node and is counted, like a group that died at
-     once (else the same launch is ordered on the same free node every poll, forever).
+  0. the last poll's launches the launcher failed on a node: each drains its node and is counted,
+     like a group that died at once (else the same launch is ordered on the same free node every
+     poll, forever); one the head could not prepare (its own disk) is only ordered again.
   -  nodes that failed the health gate (`View.unhealthy_nodes`, see health.py): retired for the
      job's life, reported once; no failure is recorded, so no budget is spent and nobody is restarted.
   1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
@@ -108,10 +109,12 @@ def _exclude_unhealthy(state: PolicyState, view: View, cfg: PolicyConfig, out: l
 
 
 def _note_failed_launches(state: PolicyState, view: View, out: list[Action]) -> PolicyState:
-    """A launch that failed blames its node (the retry goes to another) and spends the budget, so a
-    launcher failing everywhere stops as a crash loop. Each attempt is its own retry in the budget's
-    fresh-node chain: it started (`launched_at`) after the previous attempt failed (`at`)."""
-    for lf in view.launch_failures:
+    """A launch the launcher failed on its node blames the node (the retry goes to another) and
+    spends the budget, so a launcher failing everywhere stops as a crash loop. Each attempt is its
+    own retry in the budget's fresh-node chain: it started (`launched_at`) after the previous attempt
+    failed (`at`). A launch the head could not prepare (`on_node` False: the supervisor's own disk)
+    is no failure: the pool orders it again, on the same node."""
+    for lf in (lf for lf in view.launch_failures if lf.on_node):
         f = Failure(lf.at, lf.replica_id, lf.node, FailureKind.LAUNCH, None, state.job_step, lf.at,
                     counted=True, blamed=True, detail=lf.error)
         out.append(GroupFailed(f))

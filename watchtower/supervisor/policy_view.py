@@ -48,13 +48,16 @@ class GroupView:
 
 @dataclass(frozen=True)
 class LaunchFailure:
-    """A launch the shell could not carry out (the launcher raised, the group's directory could not be
-    written): `replica_id` the id it took, `at` when it failed, `error` the error's one line."""
+    """A launch the shell could not carry out: `replica_id` the id it took, `at` when it failed,
+    `error` the error's one line. on_node: the launcher failed to start it on the node (the node's
+    fault); False: the head could not prepare it (its launch config on the supervisor's own disk),
+    which blames no node and spends no budget: the launch is ordered again."""
 
     replica_id: str
     node: str
     at: float
     error: str
+    on_node: bool = True
 
 
 @dataclass(frozen=True)
