@@ -112,6 +112,24 @@ CASES = [
            ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
            ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
            ("launch", "c", "spare", "restart")]]),
+    # Review 12, F2: the deadlock rule looked at the stale groups only, so a group waiting in a collective
+    # on a peer that was still progressing was killed every ~130 s as a "deadlock", counted, and
+    # relaunched on the same node, until the budget stopped the job.
+    Case("a_spare_healing_from_a_peer_is_not_a_deadlock",
+         [View(NOW + t, pool(NOW + t, g2=GroupView("g2", "c", NOW - 10, progress_at=NOW - 5, in_collective=True)))
+          for t in range(0, 201, 50)], [[]] * 5),
+    Case("a_first_quorum_waiting_on_a_staging_peer_is_not_a_deadlock",
+         [View(NOW + t, (GroupView("g0", "a", NOW - 10, in_collective=True),
+                         GroupView("g1", "b", NOW - 10, progress_at=NOW + t - 1),
+                         GroupView("g2", "c", NOW - 10, progress_at=NOW + t - 2))) for t in range(0, 201, 50)],
+         [[]] * 5),
+    Case("a_deadlock_waits_out_torchfts_own_timeout_when_it_is_longer",
+         [View(NOW, hang_victims(beat=100)), View(NOW + 60, hang_victims(beat=100))],
+         [[], [("kill", "g0", "deadlock"), ("failed", "g0", "deadlock", "counted", "-"),
+               ("kill", "g1", "deadlock"), ("failed", "g1", "deadlock", "counted", "-"),
+               ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
+               ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
+               ("launch", "c", "spare", "restart")]], cfg=replace(CFG, ft_timeout_s=120)),
     Case("startup_grace_counts_from_the_last_progress_report_not_the_launch",
          [View(NOW, pool(g2=GroupView("g2", "c", launched_at=NOW - 5000, progress_at=NOW - 10)))], [[]]),
     Case("starting_group_silent_past_its_grace_is_hung",

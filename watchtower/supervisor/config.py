@@ -173,7 +173,7 @@ class JobConfig:
         return PolicyConfig(nodes=tuple(c.nodes), active_groups=c.active_groups, spare_groups=c.spare_groups,
                             exclude=tuple(c.exclude), heartbeat_timeout_s=s.heartbeat_timeout_s,
                             startup_grace_s=s.startup_grace_s, lighthouse_grace_s=s.lighthouse_grace_s,
-                            budget=s.budget())
+                            ft_timeout_s=s.ft_timeout_s, budget=s.budget())
 
     def trainer_overrides(self) -> list[tuple[str, Any]]:
         pairs = [tuple(item.split("=", 1)) for item in self.job.train_overrides]

@@ -2,8 +2,7 @@
 
 Pure, like the rest of the policy (`policy.decide` kills what `hung_groups` names). A group is
 stale when it has been silent past what it is allowed (`silence_s`); a stale group that is not
-waiting on its peers in a collective is the culprit, and the stale peers waiting on it are its
-victims. Cost: one pass over the running groups; microseconds.
+waiting on its peers in a collective is the culprit, and the peers waiting on it are its victims. Cost: one pass over the running groups; microseconds.
 """
 
 from __future__ import annotations
@@ -32,13 +31,29 @@ def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
 def hung_groups(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[list[GroupView], FailureKind]:
     """The groups to kill and why: the hung group, not its victims (the healthy groups waiting for
     it in the quorum or the gradient all-reduce stop finishing steps too, but report
-    `in_collective`). If every stale group has waited that way past three timeouts, nobody can be
-    blamed: a deadlock, all of them go. While the Lighthouse is excused nothing is judged: every
-    group waits on the quorum, none is stuck by itself."""
+    `in_collective`). While the Lighthouse is excused nothing is judged: every group waits on the
+    quorum, none is stuck by itself.
+
+    A deadlock needs every running group stale and waiting: a group still making progress (an
+    active stepping, a peer staging its data) is what a waiting group may be waiting for (a spare
+    healing from it, a first quorum waiting for it), and torchft's own quorum and collective
+    timeout (ft_timeout_s) ends such a wait if it was wrong. So only when all of them have waited
+    past three timeouts, and past torchft's own if that is longer, is nobody to blame: all go.
+
+    >>> cfg = PolicyConfig(nodes=("a", "b"), heartbeat_timeout_s=30)
+    >>> stepping = GroupView("g0", "a", 0.0, heartbeat=990.0)
+    >>> healing = GroupView("g1", "b", 0.0, progress_at=500.0, in_collective=True)  # silent for 500 s
+    >>> hung_groups(PolicyState(), View(1000.0, (stepping, healing)), cfg)
+    ([], <FailureKind.HANG: 'hang'>)
+    """
     if state.excuse_until is not None and view.now <= state.excuse_until:
         return [], FailureKind.HANG
-    stale = [g for g in running_groups(state, view) if silence_s(g, view.now, cfg) > 0]
+    running = running_groups(state, view)
+    stale = [g for g in running if silence_s(g, view.now, cfg) > 0]
     culprits = [g for g in stale if not g.in_collective]
-    if stale and not culprits and all(silence_s(g, view.now, cfg) > 2 * cfg.heartbeat_timeout_s for g in stale):
+    if culprits or len(stale) < len(running):
+        return culprits, FailureKind.HANG
+    waited = max(2 * cfg.heartbeat_timeout_s, cfg.ft_timeout_s)
+    if stale and all(silence_s(g, view.now, cfg) > waited for g in stale):
         return stale, FailureKind.DEADLOCK
-    return culprits, FailureKind.HANG
+    return [], FailureKind.HANG

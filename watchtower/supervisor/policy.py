@@ -22,7 +22,8 @@ Each poll, in this order (the reasons are in the functions below):
      killed as a planned drain, never counted. A bad name is reported once and touches nothing.
   4. nodes the launcher reports down: their groups are killed, the nodes drained.
   5. hangs (hangs.py, `silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
-     if every stale group has waited so for three timeouts it is a deadlock and all of them go.
+     if every running group is stale and has waited so for three timeouts (and torchft's own
+     ft_timeout_s), it is a deadlock and all of them go; a group still progressing rules it out.
   6. the failure budget (`budget_verdict`) spent → stop as a crash loop.
   7. the pool: finished → stop when the last group is gone; every group holding the run's progress
      lost (a replacement that never finished a step holds none) → restart from the checkpoint; else refill to active + spare groups, fresh nodes first. Fewer groups than

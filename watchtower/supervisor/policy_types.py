@@ -77,6 +77,7 @@ class PolicyConfig:
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
     lighthouse_grace_s: float = 30.0
+    ft_timeout_s: float = 10.0  # torchft's quorum/collective timeout: a deadlock is not judged before it
     budget: FailureBudget = field(default_factory=FailureBudget)
 
     def __post_init__(self) -> None:
