@@ -8,6 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
+           "watchtower.hooks.allocator",
            "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike", "watchtower.compute_budget",
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
            "watchtower.supervisor.node_check", "watchtower.supervisor.health",
