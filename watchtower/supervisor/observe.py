@@ -142,7 +142,7 @@ class Observer:
         ports = self.endpoints(g)
         if not ports:
             return  # not serving yet: its launch time and startup grace speak for it
-        values = metric_values(get_direct(f"http://127.0.0.1:{ports[0]}/metrics", SCRAPE_TIMEOUT_S))
+        values = metric_values(get_direct(f"http://{g.process.address}:{ports[0]}/metrics", SCRAPE_TIMEOUT_S))
         g.step = int(values["watchtower_train_step"])
         g.heartbeat = values.get("watchtower_heartbeat_timestamp_seconds", g.heartbeat)
         g.progress_at = values.get("watchtower_progress_timestamp_seconds", g.progress_at)
