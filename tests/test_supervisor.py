@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -250,15 +251,30 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     assert incident["badput_seconds"]["recompute"] > 0 and incident["timeline"]["killed"] is None, incident
 
 
-def test_hung_group_is_detected_and_replaced(tmp_path):
-    path = job_file(tmp_path, steps=120, inject=["hang@50:group=1"], supervisor={"heartbeat_timeout_s": 5})
+def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_path):
+    """Issue 14, item 1: a hung group was killed with nothing kept but "hang". Now, before the kill,
+    every rank's stack is read (py-spy, in parallel, within capture_timeout_s) into incidents/<id>/,
+    and the event names the rank that hangs (rank 1; rank 0 only waits for it in a TP collective)
+    and the user's frame it is stuck in (the trainer's call into the injector, not the injector's sleep)."""
+    path = job_file(tmp_path, steps=20, active=1, spares=0, nodes=2, interval=5, inject=["hang@12:group=0:rank=1"],
+                    train_overrides=["train.tp=2"], supervisor={"heartbeat_timeout_s": 10, "startup_grace_s": 120})
     result = supervise(path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
-    hung = [e for e in ev if e["event"] == "group_failed"]
-    assert [(e["replica_id"], e["reason"]) for e in hung] == [("g0001", "hang")]
+    (hung,) = [e for e in ev if e["event"] == "group_failed"]
+    assert (hung["replica_id"], hung["reason"], hung["culprit_rank"]) == ("g0000", "hang", 1), hung
+    assert re.fullmatch(r"(Trainer\.)?train at train\.py:\d+", hung["stuck_in"]), hung  # py-spy: Trainer.train
+    assert f"rank 1 stuck in {hung['stuck_in']}" in hung["message"], hung["message"]
+    incident = Path(hung["incident"])
+    assert incident.parent == tmp_path / "job" / "incidents"
+    stack = (incident / "stacks-r1.txt").read_text()
+    assert "read by py-spy" in stack and "before_step (" in stack and "faults.py" in stack, stack
+    decision = json.loads((incident / "decision.json").read_text())
+    assert decision["kind"] == "hang" and "not waiting on peers" in decision["why"], decision
+    assert sorted(decision["ranks"]) == ["0", "1"] and decision["capture_seconds"] <= 10
+    assert (incident / "log_tail.txt").read_text().strip() and (incident / "metrics-r0.txt").exists()
     assert ev[-1]["event"] == "job_finished"
-    assert "g0003" in {e["replica_id"] for e in ev if e["event"] == "group_started"}
+    assert "g0001" in {e["replica_id"] for e in ev if e["event"] == "group_started"}  # from the checkpoint
 
 
 @pytest.mark.parametrize("edit,field", [

@@ -12,7 +12,6 @@ blamed. Records (`GroupFailed`, `SparesExhausted`, ...) become events and counte
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from pathlib import Path
@@ -22,15 +21,14 @@ from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.contract import ReplicaConfig, group_config, write_group_config
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.forensics import Forensics, Incident
 from watchtower.supervisor.launcher import GroupSpec, Launcher
 from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, Action, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
+    EXIT_CRASH_LOOP, EXIT_DONE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
     Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
-
-log = logging.getLogger("watchtower.supervisor")
 
 LOG_TAIL_LINES = 5
 
@@ -51,6 +49,14 @@ def failure_onset(f: Failure, group: Group | None) -> float | None:
     if group is None or f.kind not in (FailureKind.HANG, FailureKind.DEADLOCK):
         return None
     return max(t for t in (group.launched_at, group.heartbeat, group.progress_at) if t is not None)
+
+
+def incident_fields(incident: Incident | None) -> dict[str, Any]:
+    """What a group_failed event says of its incident: where it is, the culprit rank and frame."""
+    if incident is None:
+        return {}
+    return {"incident": str(incident.path), "culprit_rank": incident.rank, "stuck_in": incident.frame,
+            "capture_seconds": incident.seconds}
 
 
 def first_free_seq(groups_dir: Path) -> int:
@@ -75,7 +81,10 @@ class Executor:
         self.node_index = {n: i for i, n in enumerate(job.cluster.nodes)}
         self.launch_failures: list[LaunchFailure] = []  # for the next View; the loop takes them
         self._head_errors: set[object] = set()  # the distinct errors preparing a launch, each reported once
-        self._do = {Launch: ("launch", self.launch), Kill: ("kill", self.kill),
+        self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s)
+        self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
+        self._captures: list[Capture] = []
+        self._do = {Launch: ("launch", self.launch), Capture: ("capture", self.capture), Kill: ("kill", self.kill),
                     RestartLighthouse: ("lighthouse", self.restart_lighthouse), DrainNode: ("events", self.drained),
                     RestartFromCheckpoint: ("events", self.restart_from_checkpoint),
                     GroupFailed: ("events", self.failed), GroupFinished: ("events", self.finished),
@@ -85,6 +94,7 @@ class Executor:
 
     def run(self, actions: list[Action], now: float) -> int | None:
         """Execute in order; returns the exit code of a `Stop`, else None."""
+        self._captures = [a for a in actions if isinstance(a, Capture)]
         for action in actions:
             if isinstance(action, Stop):
                 self.stop(action)
@@ -148,6 +158,12 @@ class Executor:
                              f"({one_line(err)}); retried every poll, no node blamed", replica_id=replica_id,
                              node=a.node, error=one_line(err))
 
+    def capture(self, a: Capture, now: float) -> None:
+        """The first Capture of a poll reads every ordered group at once (a deadlock orders several),
+        so all their ranks share one deadline; the later ones find the work done."""
+        orders, self._captures = [(c, self.groups[c.replica_id]) for c in self._captures], []
+        self.incidents.update(self.forensics.capture(orders, now))
+
     def kill(self, a: Kill, now: float) -> None:
         self.groups[a.replica_id].process.kill()
         self.stats.timeline.killed(a.replica_id, time.time())
@@ -177,20 +193,17 @@ class Executor:
         code = "" if f.exit_code is None else f", exit code {f.exit_code}"
         code += f": {f.detail}" if f.detail else ""
         verdict = "node drained" if f.blamed else "node kept" + ("" if f.counted else ", not counted")
-        self.events.emit("group_failed", f"{f.replica_id} on {f.node} failed ({f.kind.value}{code}) at step {f.step}; "
-                         f"{verdict}", replica_id=f.replica_id, node=f.node, reason=f.kind.value,
+        incident = self.incidents.pop(f.replica_id, None)
+        stuck = f"; {incident.verdict}" if incident else ""
+        self.events.emit("group_failed", f"{f.replica_id} on {f.node} failed ({f.kind.value}{code}) at step {f.step}"
+                         f"{stuck}; {verdict}", replica_id=f.replica_id, node=f.node, reason=f.kind.value,
                          exit_code=f.exit_code, step=f.step, drained=f.blamed, counted=f.counted,
                          log_tail=group.process.log_tail(LOG_TAIL_LINES) if group else [],
-                         **({"error": f.detail} if f.detail else {}))
+                         **({"error": f.detail} if f.detail else {}), **(incident_fields(incident)))
 
     def drained(self, a: DrainNode, now: float) -> None:
         self.events.emit("node_drained", f"{a.node} drained ({a.reason}): no new group starts there",
                          node=a.node, reason=a.reason)
-        refused = self.launcher.node_failed(a.node, a.reason, self.stats.job_step)
-        if refused:  # excluded by the policy all the same: a warning, never a crash
-            log.warning("%s: the launcher could not drain it: %s", a.node, refused)
-            self.events.emit("node_drain_refused", f"{a.node} stays excluded, but the launcher could not drain "
-                             f"it: {refused}", node=a.node, error=refused)
 
     def restart_from_checkpoint(self, a: RestartFromCheckpoint, now: float) -> None:
         self.stats.restarts["checkpoint"] += 1

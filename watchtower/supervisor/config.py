@@ -32,15 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 from watchtower.supervisor.failure_budget import FailureBudget
 from watchtower.supervisor.policy_types import PolicyConfig, node_name_problem
-from watchtower.supervisor.slurm import SlurmSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
 
 if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer()` loads it
     from watchtower.config import TrainConfig
-
-
-LAUNCHERS = ("local", "slurm")
 
 
 @dataclass
@@ -64,11 +60,8 @@ class JobSection:
 
 @dataclass
 class ClusterSection:
-    """nodes: the machines (with the local launcher: slots on this machine) the job may use; with
-        launcher = "slurm", Slurm node names of the allocation, or empty: every allocated node.
-    active_groups: replica groups that contribute gradients; spare_groups: hot spares on top.
-    launcher: "local" (slots on this machine) or "slurm" (one job step per group inside the Slurm
-        allocation the supervisor runs in; see `watchtower sbatch` and `[slurm]`)."""
+    """nodes: the machines (with the local launcher: slots on this machine) the job may use.
+    active_groups: replica groups that contribute gradients; spare_groups: hot spares on top."""
 
     nodes: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # known-bad nodes, drained from the start
@@ -86,14 +79,13 @@ class ClusterSection:
     health_min_gpu_free_fraction: float = 0.9  # of each GPU's memory, on a CUDA job (a leftover process?)
 
     def __post_init__(self) -> None:
-        require(self.launcher in LAUNCHERS, "launcher", self.launcher,
-                "must be local (slots on this machine) or slurm (job steps in a Slurm allocation)")
-        require(len(self.nodes) > 0 or self.launcher == "slurm", "nodes", self.nodes,
-                "must list at least one node (with launcher = slurm, leave it empty for the allocation's nodes)")
+        require(len(self.nodes) > 0, "nodes", self.nodes, "must list at least one node")
         for i, node in enumerate(self.nodes):
             problem = node_name_problem(node)
             require(problem is None, f"nodes[{i}]", node, f"{problem}: node names become directory names")
         require(len(set(self.nodes)) == len(self.nodes), "nodes", self.nodes, "must not repeat a node")
+        for i, node in enumerate(self.exclude):
+            require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
         require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
         require(self.spare_groups >= 0, "spare_groups", self.spare_groups, "must be >= 0")
         require(self.health_check is None or bool(self.health_check.strip()), "health_check", self.health_check,
@@ -103,13 +95,10 @@ class ClusterSection:
         require(self.health_min_free_bytes >= 0, "health_min_free_bytes", self.health_min_free_bytes, "must be >= 0")
         require(0 <= self.health_min_gpu_free_fraction <= 1, "health_min_gpu_free_fraction",
                 self.health_min_gpu_free_fraction, "must be between 0 and 1")
-        if not self.nodes:
-            return  # slurm: the allocation's nodes, checked (and this run again) once the launcher reads them
-        for i, node in enumerate(self.exclude):
-            require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
         require(self.active_groups + self.spare_groups <= len(self.nodes) - len(self.exclude), "active_groups", self.active_groups,
                 f"active_groups + spare_groups = {self.active_groups + self.spare_groups} needs that many nodes, "
                 f"cluster.nodes has {len(self.nodes) - len(self.exclude)} usable")
+        require(self.launcher == "local", "launcher", self.launcher, "must be local (slurm is not built yet)")
 
 
 @dataclass
@@ -131,7 +120,10 @@ class SupervisorSection:
     base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
         writes where it really serves); the supervisor serves on metrics_bind:metrics_port (0: not at all).
     linger_s: after a stop that needs a person (crash loop, no nodes left) keep /metrics up this long,
-        so Prometheus scrapes the reason and the page goes out before the process is gone."""
+        so Prometheus scrapes the reason and the page goes out before the process is gone.
+    capture_timeout_s: before a hung group is killed, every rank's Python stack is read into
+        `incidents/<id>/` (py-spy, else faulthandler); all ranks together get at most this long, then
+        the kill goes ahead whatever was read. 0: no capture (kill at once)."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
@@ -147,6 +139,7 @@ class SupervisorSection:
     metrics_bind: str = "0.0.0.0"
     poll_interval_s: float = 0.2
     linger_s: float = 60.0
+    capture_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
@@ -166,6 +159,8 @@ class SupervisorSection:
                 "must be a TCP port in 1024..65000: the supervisor watches every rank through /metrics")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be a TCP port (0: none)")
         require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
+        require(0 <= self.capture_timeout_s <= 60, "capture_timeout_s", self.capture_timeout_s,
+                "must be 0..60 seconds (0: no stack capture); it delays the kill of a hung group")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
 
     def budget(self) -> FailureBudget:
@@ -177,7 +172,6 @@ class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
-    slurm: SlurmSection = field(default_factory=SlurmSection)
 
     def policy(self) -> PolicyConfig:
         """What the policy needs to know of this job."""

@@ -18,6 +18,7 @@ one group, no torchft.
 from __future__ import annotations
 
 import copy
+import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,19 @@ from watchtower.toml_dataclasses import dump_toml
 from watchtower.validation import require
 
 GROUP_CONFIG = "trainer.toml"
+
+# What each rank leaves in its group directory for the supervisor: where it serves /metrics and its
+# pid (`endpoint-r<rank>.json`), and where it dumps its Python stacks on STACK_SIGNAL (faulthandler,
+# the fallback when py-spy cannot read the process). SIGUSR2: neither the trainer, torch nor torchft uses it.
+STACK_SIGNAL = signal.SIGUSR2
+
+
+def endpoint_file(group_dir: Path, rank: int) -> Path:
+    return Path(group_dir) / f"endpoint-r{rank}.json"
+
+
+def stack_file(group_dir: Path, rank: int) -> Path:
+    return Path(group_dir) / f"stacks-r{rank}.txt"
 
 
 @dataclass

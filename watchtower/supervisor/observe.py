@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from watchtower.direct_http import get_direct
+from watchtower.supervisor.contract import endpoint_file
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.goodput import RankTimes
 from watchtower.supervisor.launcher import GroupProcess, Launcher
@@ -52,6 +54,8 @@ class Group:
     times: RankTimes = RankTimes()  # rank 0's step, data-wait, checkpoint and collective seconds (goodput)
     exit_code: int | None = None
     reported: bool = False  # its exit has been shown to the policy: it leaves the view
+    last_metrics: bytes = b""  # rank 0's last /metrics body, kept for an incident directory
+    last_metrics_at: float = 0.0
 
     @property
     def replica_id(self) -> str:
@@ -131,8 +135,8 @@ class Observer:
     def endpoints(self, g: Group) -> list[int]:
         """Each rank's real /metrics port, from the file the rank writes once it serves."""
         group_dir = g.process.spec.config_path.parent
-        ports = [int(json.loads((group_dir / f"endpoint-r{rank}.json").read_text())["port"])
-                 for rank in range(self.tp) if (group_dir / f"endpoint-r{rank}.json").exists()]
+        ports = [int(json.loads(endpoint_file(group_dir, rank).read_text())["port"])
+                 for rank in range(self.tp) if endpoint_file(group_dir, rank).exists()]
         if len(ports) == self.tp:
             g.ports = ports
         return g.ports
@@ -142,7 +146,9 @@ class Observer:
         ports = self.endpoints(g)
         if not ports:
             return  # not serving yet: its launch time and startup grace speak for it
-        values = metric_values(get_direct(f"http://{g.process.address}:{ports[0]}/metrics", SCRAPE_TIMEOUT_S))
+        body = get_direct(f"http://127.0.0.1:{ports[0]}/metrics", SCRAPE_TIMEOUT_S)
+        values = metric_values(body)
+        g.last_metrics, g.last_metrics_at = body, time.time()
         g.step = int(values["watchtower_train_step"])
         g.heartbeat = values.get("watchtower_heartbeat_timestamp_seconds", g.heartbeat)
         g.progress_at = values.get("watchtower_progress_timestamp_seconds", g.progress_at)

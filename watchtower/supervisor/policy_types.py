@@ -139,6 +139,17 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """Before a hung or deadlocked group is killed: read every rank's stacks into an incident
+    directory (bounded by supervisor.capture_timeout_s; the `Kill` follows, whatever was read)."""
+
+    replica_id: str
+    node: str
+    kind: FailureKind
+    why: str  # the decision in words, for the incident
+
+
+@dataclass(frozen=True)
 class Kill:
     """Kill the group's whole process group; a kill that fails is ordered again at the next poll."""
 
@@ -202,5 +213,5 @@ class NodeUnhealthy:  # a record: the node failed its health check and is out fo
     output: str
 
 
-Action = Union[Launch, Kill, DrainNode, RestartFromCheckpoint, RestartLighthouse, Stop, GroupFailed, GroupFinished,
+Action = Union[Launch, Capture, Kill, DrainNode, RestartFromCheckpoint, RestartLighthouse, Stop, GroupFailed, GroupFinished,
                SparesExhausted, DrainRejected, NodeUnhealthy]

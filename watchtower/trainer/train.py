@@ -10,6 +10,7 @@ participants, so the data order can be replayed; written every log interval) and
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
+from watchtower.supervisor.contract import STACK_SIGNAL, endpoint_file, stack_file
 from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import Batch, PackedBatches, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan
@@ -97,8 +99,14 @@ class Trainer:
                                config_hash=cfg.config_hash())
         for name in ("watchtower_checkpoint_save_seconds_total", "watchtower_collective_wait_seconds_total"):
             self.monitor.count(name, 0.0)  # exported at zero from the start
-        if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one)
-            (self.output / f"endpoint-r{self.env.rank}.json").write_text(json.dumps({"port": self.monitor.port}))
+        if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one), and who
+            endpoint_file(self.output, self.env.rank).write_text(json.dumps({"port": self.monitor.port,
+                                                                             "pid": os.getpid()}))
+        # A supervisor reads a hung rank's stacks with py-spy; where ptrace is not allowed it sends
+        # STACK_SIGNAL instead: faulthandler dumps every thread from the signal handler itself, in C, so
+        # a rank blocked in a collective (no Python running) still answers. Costs one open file.
+        self._stack_dump = open(stack_file(self.output, self.env.rank), "a")
+        faulthandler.register(STACK_SIGNAL, file=self._stack_dump, all_threads=True)
         self.progress()
         try:
             self._build()
@@ -354,6 +362,8 @@ class Trainer:
         """Stop /metrics (its port freed), the monitor's threads and torchft's manager. `run()` calls it
         however `train()` ended, so a failed save does not leave an in-process caller holding the port.
         Idempotent: the monitor's close only flushes again, the manager is shut down once."""
+        faulthandler.unregister(STACK_SIGNAL)
+        self._stack_dump.close()
         self.monitor.close()
         if not getattr(self, "_closed", False):
             self._closed = True

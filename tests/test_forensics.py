@@ -1,0 +1,80 @@
+"""Hang forensics below the supervisor: naming the stuck frame (pure) and the fallback capture.
+
+The end-to-end proof (a real hung TP rank read by py-spy, named in the event, the group replaced)
+is tests/test_supervisor.py::test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named.
+Here, in a second each: the culprit rule as a table, and the faulthandler fallback used where
+py-spy cannot read a process (no ptrace), bounded by its budget.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from watchtower.supervisor import capture as capture_module
+from watchtower.supervisor.capture import RankTarget, capture
+from watchtower.supervisor.stacks import Frame, Thread, culprit
+
+SITE = "/venv/lib/python3.11/site-packages"
+TRAIN = Frame("Trainer.train", "/repo/watchtower/trainer/train.py", 303)
+INJECTED = Frame("FaultPlan.before_step", "/repo/watchtower/trainer/faults.py", 125)
+WAIT = Frame("wait_tensor", f"{SITE}/torch/distributed/_functional_collectives.py", 142)
+FORWARD = Frame("Block.forward", "/repo/watchtower/trainer/model.py", 163)
+MODULE = Frame("<module>", "/repo/watchtower/cli.py", 437)
+
+
+def main(*frames: Frame) -> Thread:
+    return Thread("1234", (*frames, MODULE))
+
+
+@pytest.mark.parametrize("stacks,want", [
+    # the injector's sleep is a drill, not the bug: the trainer's call into it is named
+    ({0: [main(WAIT, FORWARD, TRAIN)], 1: [main(INJECTED, TRAIN)]}, (1, "Trainer.train at train.py:303", True)),
+    # a rank blocked in a collective is named by the user's line that called it, not torch's wait
+    ({0: [main(WAIT, FORWARD, TRAIN)]}, (0, "Block.forward at model.py:163", False)),
+    # the main thread is judged, not torchft's or the exporter's threads
+    ({0: [Thread("TimeoutManager", (WAIT,)), main(INJECTED, TRAIN)]}, (0, "Trainer.train at train.py:303", True)),
+    # nothing of the user's: the innermost frame
+    ({0: [Thread("1", (Frame("sleep", f"{SITE}/x/y.py", 3),))]}, (0, "sleep at y.py:3", True)),
+    ({}, None),
+])
+def test_the_culprit_is_the_rank_outside_a_collective_at_its_innermost_user_frame(stacks, want):
+    got = culprit(stacks)
+    assert (got if got is None else (got[0], str(got[1]), got[2])) == want
+
+
+HUNG = """
+import faulthandler, signal, sys, time
+faulthandler.register(signal.SIGUSR2, file=open(sys.argv[1], "a"), all_threads=True)
+def stuck_in_user_code():
+    print("ready", flush=True)
+    while True:
+        time.sleep(3600)
+stuck_in_user_code()
+"""
+
+
+def test_without_ptrace_the_faulthandler_dump_names_the_frame_and_a_silent_rank_costs_only_the_budget(
+        tmp_path, monkeypatch, processes):
+    """py-spy needs ptrace (CAP_SYS_PTRACE, Yama scope); without it each rank is sent STACK_SIGNAL
+    and its faulthandler dump read back. A rank that never answers (no handler: here the signal is
+    blocked) ends the capture at its budget, not later: the kill of a hung group waits no longer."""
+    monkeypatch.setattr(capture_module, "pyspy_binary", lambda: None)
+    dump = tmp_path / "stacks-r0.txt"
+    hung = processes.start([sys.executable, "-c", HUNG, str(dump)], stdout=subprocess.PIPE, text=True)
+    assert hung.stdout.readline().strip() == "ready"
+    deaf = processes.start([sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, "
+                            "{signal.SIGUSR2}); print('ready', flush=True); time.sleep(600)"],
+                           stdout=subprocess.PIPE, text=True)
+    assert deaf.stdout.readline().strip() == "ready"
+    started = time.monotonic()
+    (read, silent) = capture([RankTarget(0, hung.pid, dump), RankTarget(1, deaf.pid, tmp_path / "none.txt")],
+                             tmp_path / "work", budget_s=1.5)
+    assert time.monotonic() - started < 1.5 + 0.5
+    assert read.source == "faulthandler" and "py-spy: not installed" in read.errors[0]
+    assert culprit({0: read.threads})[1].func == "stuck_in_user_code"
+    assert silent.source == "" and "no dump before the deadline" in silent.errors[-1]
+    assert deaf.poll() is None, "the signal was blocked, not fatal: the kill is the supervisor's to do"

@@ -1,0 +1,129 @@
+"""Capture the Python stacks of hung ranks, all at once, within a deadline.
+
+First py-spy (`py-spy dump --pid P --json`): it reads a process from outside through ptrace,
+without its cooperation, so a rank stuck anywhere (in C, holding the GIL) is read; it pauses the
+rank for the read (tens of ms). Where ptrace is not allowed (a container without CAP_SYS_PTRACE,
+Yama's ptrace_scope 3) or py-spy is missing, the rank is sent STACK_SIGNAL: the trainer registered
+faulthandler on it, which writes every thread's stack from the signal handler itself, in C, to
+`stacks-r<rank>.txt` in the group's directory; the new bytes are read back.
+
+Bounded: every rank's py-spy runs at the same time, and whatever has not answered when the
+deadline comes is killed (py-spy's ptrace detaches when it dies; the rank is killed next anyway),
+the fallback signal gets the time py-spy left. A capture never takes longer than its `budget_s`.
+Cost: one short-lived py-spy per rank (a few MB, ~30 ms on an idle rank), one signal per fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchtower.supervisor.contract import STACK_SIGNAL
+from watchtower.supervisor.stacks import Thread, parse_faulthandler, parse_pyspy
+
+POLL_S = 0.02
+FALLBACK_SHARE = 0.4  # of the budget kept for the signal fallback when py-spy is slow
+
+
+@dataclass(frozen=True)
+class RankTarget:
+    rank: int
+    pid: int
+    stack_file: Path  # where its faulthandler writes on STACK_SIGNAL
+
+
+@dataclass
+class RankStacks:
+    rank: int
+    source: str = ""  # "py-spy", "faulthandler", or "" when neither answered
+    threads: list[Thread] = field(default_factory=list)
+    raw: str = ""  # what the source wrote, kept in the incident as is
+    errors: list[str] = field(default_factory=list)
+
+
+def pyspy_binary() -> str | None:
+    """py-spy beside this interpreter (a venv's bin is often not on PATH), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
+
+
+def capture(targets: list[RankTarget], workdir: Path, budget_s: float) -> list[RankStacks]:
+    """Each target's stacks, in the order given (ranks of several groups may be captured together);
+    py-spy's output goes to files under `workdir` (no pipe to fill)."""
+    deadline = time.monotonic() + budget_s
+    workdir.mkdir(parents=True, exist_ok=True)
+    found = [RankStacks(t.rank) for t in targets]
+    _with_pyspy(targets, workdir, found, deadline - FALLBACK_SHARE * budget_s)
+    _with_signal([i for i, f in enumerate(found) if not f.source], targets, found, deadline)
+    return found
+
+
+def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks], deadline: float) -> None:
+    binary = pyspy_binary()
+    if binary is None:
+        for f in found:
+            f.errors.append("py-spy: not installed (pip install py-spy)")
+        return
+    running = {}
+    for i, t in enumerate(targets):
+        out, err = workdir / f"pyspy-{i}.json", workdir / f"pyspy-{i}.err"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:
+            running[i] = (subprocess.Popen([binary, "dump", "--pid", str(t.pid), "--json"], stdout=stdout,
+                                          stderr=stderr, stdin=subprocess.DEVNULL), out, err)
+    for i, (proc, out, err) in running.items():
+        try:
+            code = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            found[i].errors.append("py-spy: no answer before the deadline")
+            continue
+        text = out.read_text(errors="replace")
+        try:
+            if code != 0:
+                raise ValueError(f"exit {code}: {err.read_text(errors='replace').strip()[-300:]}")
+            found[i].threads, found[i].raw, found[i].source = parse_pyspy(text), text, "py-spy"
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            found[i].errors.append(f"py-spy: {e}")
+        finally:
+            out.unlink(missing_ok=True)
+            err.unlink(missing_ok=True)
+
+
+def _with_signal(which: list[int], targets: list[RankTarget], found: list[RankStacks], deadline: float) -> None:
+    """STACK_SIGNAL to each rank at once, then read what each appended to its stack file."""
+    sizes = {}
+    for i in which:
+        try:
+            size = targets[i].stack_file.stat().st_size if targets[i].stack_file.exists() else 0
+            os.kill(targets[i].pid, STACK_SIGNAL)
+            sizes[i] = size  # waited for only once signalled: a rank already gone costs no time
+        except OSError as e:
+            found[i].errors.append(f"faulthandler: {e}")
+    waiting = {i: targets[i] for i in sizes}
+    last_len: dict[int, int] = {}
+    while waiting and time.monotonic() < deadline:
+        for i, t in list(waiting.items()):
+            text = _read_from(t.stack_file, sizes[i])
+            if text and last_len.get(i) == len(text):  # one poll without growth: the dump is complete
+                found[i].threads, found[i].raw = parse_faulthandler(text), text
+                found[i].source = "faulthandler"
+                del waiting[i]
+            last_len[i] = len(text)
+        time.sleep(POLL_S)
+    for i in waiting:
+        found[i].errors.append("faulthandler: no dump before the deadline (no handler registered?)")
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,145 @@
+"""Forensics: why a hung group was killed, written to `incidents/<id>/` before the kill.
+
+For each `Capture` the policy orders (a HANG or a DEADLOCK, just before its `Kill`), the shell
+captures every rank's Python stacks (`capture.py`, all groups of the poll at once, within
+`supervisor.capture_timeout_s`) and writes `incidents/<UTC time>-<replica_id>/`:
+
+    decision.json       what was decided and why, the culprit rank and frame, each rank's stack source
+    stacks-r<rank>.txt  every thread of the rank, innermost frame first (raw py-spy JSON beside it)
+    log_tail.txt        the group's last log lines
+    metrics-r0.txt      rank 0's last scraped /metrics, as served (with the time of the scrape)
+
+Torch's flight recorder is not captured: it is dumped from inside the rank, which a hung rank
+cannot be asked to do from outside; with Gloo on CPU (this trainer's backend without GPUs) there is
+none to ask for. decision.json says so. Cost: the capture's time (bounded) and a few small files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from watchtower.atomic_write import write_atomic
+from watchtower.launch import WORKER_ENV
+from watchtower.supervisor.capture import RankStacks, RankTarget, capture
+from watchtower.supervisor.contract import endpoint_file, stack_file
+from watchtower.supervisor.observe import Group
+from watchtower.supervisor.policy_types import Capture
+from watchtower.supervisor.stacks import culprit
+
+LOG_LINES = 50
+FLIGHT_RECORDER = ("not captured: torch dumps its flight recorder from inside a rank "
+                   "(torch._C._distributed_c10d._dump_fr_trace), which a hung rank cannot be asked to do from "
+                   "outside; the Gloo backend on CPU keeps none unless TORCH_FR_BUFFER_SIZE is set")
+
+
+@dataclass(frozen=True)
+class Incident:
+    id: str
+    path: Path
+    rank: int | None  # the culprit rank, None when no stack was read
+    frame: str  # where it is stuck, "func at file.py:line"; "" when unknown
+    verdict: str  # one line for the event, the page and the TUI
+    seconds: float  # the capture's wall time
+
+
+def rank_targets(group: Group, tp: int) -> tuple[list[RankTarget], list[str]]:
+    """The ranks to read and why any is missing. A rank's pid is in the endpoint file it writes once
+    it serves /metrics; a rank hung before that (importing, initialising) is found in the group's
+    process group instead."""
+    group_dir = group.process.spec.config_path.parent
+    early = None
+    targets, missing = [], []
+    for rank in range(tp):
+        try:
+            pid = int(json.loads(endpoint_file(group_dir, rank).read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            early = ranks_in_process_group(group.process.pid, tp) if early is None else early
+            pid = early.get(rank)
+        if pid is None:
+            missing.append(f"rank {rank}: not started (no endpoint file, no process with RANK={rank})")
+        else:
+            targets.append(RankTarget(rank, pid, stack_file(group_dir, rank)))
+    return targets, missing
+
+
+def ranks_in_process_group(leader: int, tp: int) -> dict[int, int]:
+    """rank → pid of the group whose launcher leads process group `leader` (Linux /proc). With one
+    rank the launcher is the rank; with more, its children carry WORKER_ENV and RANK. Costs one
+    scan of /proc (a few ms)."""
+    if tp == 1:
+        return {0: leader}
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[2]) != leader:
+                continue
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{entry}/environ").read_bytes().decode(
+                errors="replace").split("\0") if "=" in kv)
+            if env.get(WORKER_ENV) == "1":
+                found[int(env["RANK"])] = int(entry)
+        except (OSError, ValueError, KeyError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def verdict(found: list[RankStacks]) -> tuple[int | None, str, str]:
+    """(rank, frame, one line) from the stacks read."""
+    named = culprit({f.rank: f.threads for f in found if f.threads})
+    if named is None:
+        return None, "", "no stack could be read (see decision.json)"
+    rank, frame, alone = named
+    return rank, str(frame), f"rank {rank} stuck in {frame}" + ("" if alone else " (every rank waits in a collective)")
+
+
+class Forensics:
+    """Captures and writes incidents for the executor; `budget_s` 0 turns capture off."""
+
+    def __init__(self, out: Path, tp: int, budget_s: float):
+        self.dir, self.tp, self.budget_s = out / "incidents", tp, budget_s
+
+    def capture(self, orders: list[tuple[Capture, Group]], now: float) -> dict[str, Incident]:
+        """Every ordered group's ranks at once (one deadline), then one directory per group."""
+        started = time.monotonic()
+        plans = [(order, group, *rank_targets(group, self.tp)) for order, group in orders]
+        targets = [t for *_, ts, _ in plans for t in ts]
+        found = capture(targets, self.dir / ".capture", self.budget_s) if self.budget_s > 0 and targets else []
+        seconds = time.monotonic() - started
+        incidents, at = {}, 0
+        for order, group, ts, missing in plans:
+            mine, at = found[at:at + len(ts)], at + len(ts)
+            incidents[order.replica_id] = self._write(order, group, mine, missing, now, seconds)
+        return incidents
+
+    def _write(self, order: Capture, group: Group, found: list[RankStacks], missing: list[str], now: float,
+               seconds: float) -> Incident:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        path = self.dir / f"{stamp}-{order.replica_id}"
+        rank, frame, line = verdict(found)
+        incident = Incident(path.name, path, rank, frame, line, round(seconds, 3))
+        for f in found:
+            write_atomic(path / f"stacks-r{f.rank}.txt", render(f))
+            if f.source == "py-spy":
+                write_atomic(path / f"stacks-r{f.rank}.json", f.raw)
+        write_atomic(path / "log_tail.txt", "\n".join(group.process.log_tail(LOG_LINES)) + "\n")
+        if group.last_metrics:
+            write_atomic(path / "metrics-r0.txt", f"# scraped at {group.last_metrics_at:.3f}\n"
+                         + group.last_metrics.decode(errors="replace"))
+        decision = {**asdict(order), "kind": order.kind.value, "at": now, "step": group.step,
+                    "culprit": {"rank": rank, "frame": frame, "verdict": line}, "capture_seconds": incident.seconds,
+                    "ranks": {f.rank: {"source": f.source or None, "errors": f.errors} for f in found},
+                    "ranks_missing": missing, "flight_recorder": FLIGHT_RECORDER}
+        write_atomic(path / "decision.json", json.dumps(decision, indent=2) + "\n")
+        return incident
+
+
+def render(found: RankStacks) -> str:
+    """A rank's threads as text, innermost frame first, main thread first."""
+    lines = [f"# rank {found.rank}, read by {found.source or 'nothing'}", *[f"# {e}" for e in found.errors]]
+    for t in sorted(found.threads, key=lambda t: not t.is_main):
+        lines += [f"Thread {t.name}{' (main)' if t.is_main else ''}:"] + [f"  {f.func} ({f.file}:{f.line})"
+                                                                        for f in t.frames] + [""]
+    return "\n".join(lines) + "\n"
