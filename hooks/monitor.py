@@ -20,6 +20,8 @@ What each part costs:
   attention mask's sum: it is counted when the interval's copy arrives). Every `log_interval` steps they are stacked and copied to
   the host without blocking; the detectors then see every step's value. No host sync per step.
 - parallel checks: one small all-gather every `parallel_check_interval` steps.
+- GPU memory (CUDA only): one `torch.cuda.memory_stats()` per log interval, host-side counters
+  (peaks, allocator retries, OOMs; see hooks/allocator.py), never a sync.
 - system metrics: a background thread; scrapes: the exporter's thread.
 Any exception inside these is counted in `watchtower_hook_errors_total` and logged once.
 """
@@ -39,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from watchtower import __version__
 from watchtower.compute_budget import ComputeBudget
+from watchtower.hooks.allocator import read_allocator
 from watchtower.hooks.config import MonitorConfig
 from watchtower.hooks.detectors import (DataStallDetector, DetectorEvent, LossSpikeDetector,
                                         ThroughputDropDetector)
@@ -81,6 +84,7 @@ class MonitorState:
     parallel_checks: Counter = field(default_factory=Counter)
     extra_gauges: dict[str, float] = field(default_factory=dict)
     extra_counters: dict[str, float] = field(default_factory=dict)
+    allocator: dict[str, float] = field(default_factory=dict)  # CUDA allocator counters, catalog name -> value
 
 
 @dataclass
@@ -289,6 +293,7 @@ class Monitor:
         self._server = None
         self._sampler: SystemSampler | None = None
         self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._gpu_index: int | None = None  # the CUDA device's index: the `gpu` label of its metrics
         self._flops_per_token = flops_per_token
         self._peak_flops = self.cfg.peak_flops
         self._losses, self._grad_norms, self._token_counts = DeviceSeries(), DeviceSeries(), DeviceSeries()
@@ -318,6 +323,7 @@ class Monitor:
         gpu_index = pci = None
         if self._device.type == "cuda" and torch.cuda.is_available():
             gpu_index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+            self._gpu_index = gpu_index
             props = torch.cuda.get_device_properties(gpu_index)
             if not self._peak_flops:
                 self._peak_flops = peak_flops_for(props.name)
@@ -581,6 +587,8 @@ class Monitor:
         for step, norm in self._grad_norms.harvest(wait):
             self.state.grad_norm = norm
             self._check_finite(step, "grad_norm", norm)
+        if self._gpu_index is not None:
+            self.state.allocator = read_allocator(torch.device("cuda", self._gpu_index))
 
     def _take_ready_records(self, wait: bool) -> list[_StepRecord]:
         """The records whose tokens are known, oldest first; the rest wait for the next flush.
@@ -659,6 +667,8 @@ class Monitor:
             f.add("watchtower_parallel_checks_total", s.parallel_checks[check], check)
         for name, v in (s.extra_gauges | s.extra_counters).items():
             f.add(name, v)
+        for name, v in s.allocator.items():
+            f.add(name, v, str(self._gpu_index))
         for hook, n in sorted(self.errors.counts.items()):
             f.add("watchtower_hook_errors_total", n, hook)
         if self._sampler is not None:

@@ -8,11 +8,13 @@ import importlib
 import pytest
 
 MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
+           "watchtower.hooks.allocator",
            "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike", "watchtower.compute_budget",
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
            "watchtower.supervisor.node_check", "watchtower.supervisor.health",
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
-           "watchtower.supervisor.hangs",
+           "watchtower.supervisor.hangs", "watchtower.supervisor.slurm", "watchtower.supervisor.slurm_task",
+           "watchtower.supervisor.sbatch", "watchtower.supervisor.lighthouse",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.goodput", "watchtower.supervisor.timeline",
            "watchtower.tui.model", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",

@@ -298,3 +298,23 @@ def test_tokens_per_parameter_counts_the_steps_before_a_resume_and_plans_to_the_
 def samples_of(monitor: Monitor) -> dict[str, float]:
     """name -> value of each unlabelled-beyond-the-rank series the monitor exports now."""
     return {s.name: s.value for fam in monitor.registry.collect() for s in fam.samples if len(s.labels) == 4}
+
+
+# ---- GPU memory: the allocator's counters (issue 16) ------------------------------------------------------
+
+@pytest.mark.parametrize("stats, expected", [
+    ({"allocated_bytes.all.peak": 5e9, "reserved_bytes.all.peak": 6e9, "num_alloc_retries": 3, "num_ooms": 1,
+      "allocated_bytes.all.current": 1e9},
+     {"watchtower_gpu_memory_peak_allocated_bytes": 5e9, "watchtower_gpu_memory_peak_reserved_bytes": 6e9,
+      "watchtower_gpu_allocator_retries_total": 3.0, "watchtower_gpu_allocator_ooms_total": 1.0}),
+    ({}, {}),  # what torch.cuda.memory_stats() returns before the allocator's first allocation: absent, not 0
+    ({"num_alloc_retries": 0}, {"watchtower_gpu_allocator_retries_total": 0.0}),
+])
+def test_allocator_metrics_map_memory_stats_to_declared_per_gpu_metrics(stats, expected):
+    from watchtower.hooks.allocator import allocator_metrics
+    from watchtower.metric_catalog import ALL_METRICS, GPU_LABELS
+
+    got = allocator_metrics(stats)
+    assert got == expected
+    assert all(ALL_METRICS[name].labels == GPU_LABELS for name in got)
+

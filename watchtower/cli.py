@@ -171,20 +171,31 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     return code
 
 
-def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
-    """Run a supervised job: Lighthouse, replica groups, hot spares, auto-resume."""
+def check_job(job, trainer) -> None:
+    """What every group would refuse, refused before the Lighthouse (or before sbatch queues it)."""
     from watchtower.config import check_resume, check_this_machine
-    from watchtower.supervisor.config import load_job
-    from watchtower.supervisor.shell import Supervisor
     from watchtower.trainer.data import check_corpus_fits
 
-    job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
     if job.cluster.launcher == "local":
         check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse
     check_resume(trainer)  # a resume every group would refuse (exit 2) is refused here, before any group
     check_corpus_fits(trainer.data, trainer.train.seq_len, trainer.train.micro_batch_size,  # the same: a corpus
                       trainer.train.grad_accum_steps, job.cluster.active_groups)  # short of the global batch
-    supervisor = Supervisor(job, trainer)  # claims the output dir: a live supervisor there is refused (exit 2)
+
+
+def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """Run a supervised job: Lighthouse, replica groups, hot spares, auto-resume."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.shell import Supervisor
+
+    job, trainer = load_job(args.job, split_overrides(rest))  # everything validated before any process
+    check_job(job, trainer)
+    launcher = None
+    if job.cluster.launcher == "slurm":  # the allocation's nodes and addresses; too few is exit 2, before any step
+        from watchtower.supervisor.slurm import attach_to_allocation
+
+        job, launcher = attach_to_allocation(job, trainer.train.tp, trainer.data.cache_dir)
+    supervisor = Supervisor(job, trainer, launcher)  # claims the output dir: a live supervisor there is refused (exit 2)
     supervisor.install_signal_handlers()  # SIGTERM / SIGINT: stop every group and the Lighthouse, exit 143 / 130
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "
           f"{job.cluster.spare_groups} spare groups of TP={trainer.train.tp} on {len(job.cluster.nodes)} nodes")
@@ -192,6 +203,41 @@ def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) ->
     code = supervisor.run()
     print_summary(supervisor.summary(), code)
     return code
+
+
+def cmd_sbatch(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    """Write the batch script of a supervised Slurm job and submit it (or print it: --dry-run)."""
+    from watchtower.atomic_write import write_atomic
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.lock import JobDirLock
+    from watchtower.supervisor.sbatch import SCRIPT, batch_script, node_count, submit
+    from watchtower.supervisor.slurm import SlurmError
+
+    job, trainer = load_job(args.job, split_overrides(rest))
+    if job.cluster.launcher != "slurm":
+        raise ConfigError("cluster.launcher", job.cluster.launcher, 'must be "slurm" for watchtower sbatch '
+                          "(set it in the job file, or add --cluster.launcher slurm)")
+    check_job(job, trainer)
+    text = batch_script(job, trainer.train.tp, Path(args.job), rest, sys.executable, Path.cwd())
+    if args.dry_run:
+        print(text, end="")
+        return 0
+    out = job.job.output_path.absolute()
+    JobDirLock(out).release()  # a live supervisor of this job here: refused now, not in the queue
+    write_atomic(out / SCRIPT, text, 0o755)
+    try:
+        job_id = submit(out / SCRIPT, job.slurm.command_timeout_s)
+    except SlurmError as err:
+        raise ConfigError("[slurm]", str(out / SCRIPT), f"sbatch refused the script: {err}") from None
+    c = job.cluster
+    print(f"submitted Slurm job {job_id}: {node_count(job)} nodes for {c.active_groups} active + {c.spare_groups} "
+          f"spare groups of TP={trainer.train.tp}")
+    print(f"  script:  {out / SCRIPT}   log: {out / f'slurm-{job_id}.out'}   events: {out / 'events.jsonl'}")
+    print(f"  targets: {out / 'targets.json'} (Prometheus file_sd: watchtower prometheus-config --targets-file "
+          f"{out / 'targets.json'})")
+    print(f"  watch:   watchtower tui --targets-file {out / 'targets.json'}")
+    print(f"  stop:    scancel {job_id}")
+    return 0
 
 
 def cmd_dashboards(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
@@ -338,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default=None, help="default: runs/demo")
     sup = sub.add_parser("supervise", help="run a job file: torchft replica groups with hot spares")
     sup.add_argument("job", help="job TOML (see configs/demo-job.toml)")
+    sb = sub.add_parser("sbatch", help="submit a job file to Slurm: the supervisor in the batch step, groups as steps")
+    sb.add_argument("job", help="job TOML with cluster.launcher = \"slurm\" and an optional [slurm] table")
+    sb.add_argument("--dry-run", action="store_true", help="print the batch script instead of submitting it")
     prom = sub.add_parser("prometheus-config", help="write a Prometheus config for this job")
     prom.add_argument("--out", default="prometheus.yml")
     prom.add_argument("--targets-file", default="runs/targets.json", help="file_sd file the supervisor writes")
@@ -372,12 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("name", help="preset name (tiny, smol-135m) or TOML path; --section.key VALUE overrides")
     commands = {"train": cmd_train, "demo": cmd_demo, "prometheus-config": cmd_prometheus_config,
                 "alerts": cmd_alerts, "config": cmd_config,
-                "supervise": cmd_supervise, "dashboards": cmd_dashboards, "tui": cmd_tui}
+                "supervise": cmd_supervise, "sbatch": cmd_sbatch, "dashboards": cmd_dashboards, "tui": cmd_tui}
     try:
         keyed = {"train": train, "config": show}.get(argv[0] if argv else "")
         args, rest = parser.parse_known_args(add_config_keys(keyed, argv) if keyed else argv)
         setup_logging()
-        if rest and args.command not in ("train", "supervise", "config"):
+        if rest and args.command not in ("train", "supervise", "sbatch", "config"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return commands[args.command](args, rest, argv)
     except ConfigError as err:

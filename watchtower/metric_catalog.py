@@ -120,6 +120,19 @@ RANK_METRICS = _specs(
                GPU_LABELS + ("type",)),
     MetricSpec("watchtower_gpu_xid_errors_total", "counter", "XID errors reported by the driver, by code.",
                GPU_LABELS + ("xid",)),
+    # GPU memory as PyTorch's caching allocator sees it (torch.cuda.memory_stats, read each log interval);
+    # absent on ranks without CUDA. See watchtower/hooks/allocator.py.
+    MetricSpec("watchtower_gpu_memory_peak_allocated_bytes", "gauge",
+               "Most GPU memory held by tensors at once, since the process started or the loop last reset the "
+               "allocator's peaks (the monitor never does).", GPU_LABELS),
+    MetricSpec("watchtower_gpu_memory_peak_reserved_bytes", "gauge",
+               "Most GPU memory the caching allocator held from the driver at once, over the same span.",
+               GPU_LABELS),
+    MetricSpec("watchtower_gpu_allocator_retries_total", "counter",
+               "Times the caching allocator found no free block, freed its cache and retried cudaMalloc "
+               "(fragmentation: rising, a throughput drop or an OOM is near).", GPU_LABELS),
+    MetricSpec("watchtower_gpu_allocator_ooms_total", "counter",
+               "Out-of-memory errors the caching allocator raised (the loop may have caught them).", GPU_LABELS),
 )
 
 SUPERVISOR_LABELS = ("run",)

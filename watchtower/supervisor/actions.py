@@ -12,6 +12,7 @@ blamed. Records (`GroupFailed`, `SparesExhausted`, ...) become events and counte
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
     Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
+
+log = logging.getLogger("watchtower.supervisor")
 
 LOG_TAIL_LINES = 5
 
@@ -204,6 +207,11 @@ class Executor:
     def drained(self, a: DrainNode, now: float) -> None:
         self.events.emit("node_drained", f"{a.node} drained ({a.reason}): no new group starts there",
                          node=a.node, reason=a.reason)
+        refused = self.launcher.node_failed(a.node, a.reason, self.stats.job_step)
+        if refused:  # excluded by the policy all the same: a warning, never a crash
+            log.warning("%s: the launcher could not drain it: %s", a.node, refused)
+            self.events.emit("node_drain_refused", f"{a.node} stays excluded, but the launcher could not drain "
+                             f"it: {refused}", node=a.node, error=refused)
 
     def restart_from_checkpoint(self, a: RestartFromCheckpoint, now: float) -> None:
         self.stats.restarts["checkpoint"] += 1

@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 from watchtower.supervisor.failure_budget import FailureBudget
 from watchtower.supervisor.policy_types import PolicyConfig, node_name_problem
+from watchtower.supervisor.slurm import SlurmSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
 
 if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer()` loads it
     from watchtower.config import TrainConfig
+
+
+LAUNCHERS = ("local", "slurm")
 
 
 @dataclass
@@ -60,8 +64,11 @@ class JobSection:
 
 @dataclass
 class ClusterSection:
-    """nodes: the machines (with the local launcher: slots on this machine) the job may use.
-    active_groups: replica groups that contribute gradients; spare_groups: hot spares on top."""
+    """nodes: the machines (with the local launcher: slots on this machine) the job may use; with
+        launcher = "slurm", Slurm node names of the allocation, or empty: every allocated node.
+    active_groups: replica groups that contribute gradients; spare_groups: hot spares on top.
+    launcher: "local" (slots on this machine) or "slurm" (one job step per group inside the Slurm
+        allocation the supervisor runs in; see `watchtower sbatch` and `[slurm]`)."""
 
     nodes: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # known-bad nodes, drained from the start
@@ -79,13 +86,14 @@ class ClusterSection:
     health_min_gpu_free_fraction: float = 0.9  # of each GPU's memory, on a CUDA job (a leftover process?)
 
     def __post_init__(self) -> None:
-        require(len(self.nodes) > 0, "nodes", self.nodes, "must list at least one node")
+        require(self.launcher in LAUNCHERS, "launcher", self.launcher,
+                "must be local (slots on this machine) or slurm (job steps in a Slurm allocation)")
+        require(len(self.nodes) > 0 or self.launcher == "slurm", "nodes", self.nodes,
+                "must list at least one node (with launcher = slurm, leave it empty for the allocation's nodes)")
         for i, node in enumerate(self.nodes):
             problem = node_name_problem(node)
             require(problem is None, f"nodes[{i}]", node, f"{problem}: node names become directory names")
         require(len(set(self.nodes)) == len(self.nodes), "nodes", self.nodes, "must not repeat a node")
-        for i, node in enumerate(self.exclude):
-            require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
         require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
         require(self.spare_groups >= 0, "spare_groups", self.spare_groups, "must be >= 0")
         require(self.health_check is None or bool(self.health_check.strip()), "health_check", self.health_check,
@@ -95,10 +103,13 @@ class ClusterSection:
         require(self.health_min_free_bytes >= 0, "health_min_free_bytes", self.health_min_free_bytes, "must be >= 0")
         require(0 <= self.health_min_gpu_free_fraction <= 1, "health_min_gpu_free_fraction",
                 self.health_min_gpu_free_fraction, "must be between 0 and 1")
+        if not self.nodes:
+            return  # slurm: the allocation's nodes, checked (and this run again) once the launcher reads them
+        for i, node in enumerate(self.exclude):
+            require(node in self.nodes, f"exclude[{i}]", node, f"is not a known node; cluster.nodes = {self.nodes}")
         require(self.active_groups + self.spare_groups <= len(self.nodes) - len(self.exclude), "active_groups", self.active_groups,
                 f"active_groups + spare_groups = {self.active_groups + self.spare_groups} needs that many nodes, "
                 f"cluster.nodes has {len(self.nodes) - len(self.exclude)} usable")
-        require(self.launcher == "local", "launcher", self.launcher, "must be local (slurm is not built yet)")
 
 
 @dataclass
@@ -172,6 +183,7 @@ class JobConfig:
     job: JobSection = field(default_factory=JobSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
+    slurm: SlurmSection = field(default_factory=SlurmSection)
 
     def policy(self) -> PolicyConfig:
         """What the policy needs to know of this job."""

@@ -3,9 +3,9 @@
 A launcher gets the path of the group's launch config (see `contract.py`) and starts
 `watchtower train --config <path>` on the node; that file is all the group is told. `LocalLauncher`
 is built: a "node" is a slot on this machine with its own ports, cache directory and process group
-(killing the group kills the node's processes and nothing else). A Slurm launcher would start the
-same command with `srun -N 1 -w NODE` inside an allocation taken with `--no-kill`, so a spare costs
-no wait in the queue.
+(killing the group kills the node's processes and nothing else). `slurm.SlurmLauncher` starts the
+same command as a job step (`srun -N1 -w NODE`) inside an allocation taken with `--no-kill`, so a
+spare costs no wait in the queue.
 
 No orphans: a group runs in its own session, so it would outlive a supervisor that is SIGKILLed.
 The local launcher starts it through `watchtower.orphan_guard` (the kernel kills it when the
@@ -42,10 +42,11 @@ class GroupSpec:
 
 
 class GroupProcess:
-    """A started group: its launcher process, which leads the group's process group."""
+    """A started group: its launcher process, which leads the group's process group. `address`:
+    where its node is reached (its ranks' /metrics), as Prometheus and the supervisor scrape it."""
 
-    def __init__(self, spec: GroupSpec, proc: subprocess.Popen):
-        self.spec, self.proc = spec, proc
+    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str = "127.0.0.1"):
+        self.spec, self.proc, self.address = spec, proc, address
 
     @property
     def pid(self) -> int:
@@ -127,6 +128,10 @@ def _kill_session(pid: int) -> None:
 
 
 class Launcher(Protocol):
+    # where groups and Prometheus reach this process (the Lighthouse, the supervisor's /metrics);
+    # None: where it binds (this machine's slots reach it on loopback)
+    head_address: str | None
+
     def launch(self, spec: GroupSpec) -> GroupProcess: ...
 
     def node_cache_dir(self, node: str) -> Path: ...
@@ -139,10 +144,17 @@ class Launcher(Protocol):
         the calling thread up to about `timeout_s`; leaves no process of the command behind."""
         ...
 
+    def node_failed(self, node: str, cause: str, step: int) -> str | None:
+        """The policy drained `node` after `cause` at job step `step`: the launcher's own part (Slurm:
+        cancel our steps there, drain it in Slurm). Returns a warning when that part failed."""
+        ...
+
 
 class LocalLauncher:
     """Nodes are slots on this machine. Node NAME's local disk is `nodes_dir/NAME/`: its data cache
     lives there, so two nodes never share staged files, as on a real cluster."""
+
+    head_address = None
 
     def __init__(self, nodes_dir: Path):
         self.nodes_dir = Path(nodes_dir)
@@ -152,6 +164,9 @@ class LocalLauncher:
 
     def down_nodes(self) -> frozenset[str]:
         return frozenset()  # slots of this machine: never unreachable while the supervisor runs
+
+    def node_failed(self, node: str, cause: str, step: int) -> str | None:
+        return None  # a slot has nothing to cancel or drain beyond what the policy does
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
         """A local subprocess with the node's environment (its name and its cache dir)."""

@@ -27,6 +27,23 @@ log = logging.getLogger("watchtower.supervisor")
 PROBE_TIMEOUT_S = 1.0
 SLOW_PROBES_DOWN = 3  # a loaded machine may miss one probe; a refused connection is down at once
 WILDCARDS = ("0.0.0.0", "::", "[::]")
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def bind_and_advertise(bind: str, head_address: str | None) -> tuple[str, str | None]:
+    """Where the Lighthouse listens and the host its URL names. Groups on other machines (a launcher
+    with a `head_address`) cannot reach a loopback bind (the default), so it listens on every
+    interface and is advertised by the head's address; any other bind is kept as given.
+
+    >>> bind_and_advertise("127.0.0.1:0", "10.0.0.5"), bind_and_advertise("127.0.0.1:0", None)
+    (('0.0.0.0:0', '10.0.0.5'), ('127.0.0.1:0', None))
+    >>> bind_and_advertise("10.0.0.9:29510", "10.0.0.5")
+    ('10.0.0.9:29510', '10.0.0.5')
+    """
+    host, _, port = bind.rpartition(":")
+    if head_address is not None and host in LOOPBACK:
+        return f"0.0.0.0:{port}", head_address
+    return bind, head_address
 
 
 @contextmanager
@@ -47,11 +64,13 @@ def _quiet_rust_log() -> Iterator[None]:
 class Lighthouse:
     """min_replicas: groups needed before the first quorum (the active groups, so nobody starts
     alone); heartbeat_timeout_ms: how long a silent replica stays in the quorum — the stall every
-    healthy group pays per failure. `url` is what groups are given."""
+    healthy group pays per failure. `url` is what groups are given: its host is `advertise` when the
+    bind is a wildcard (else the host torchft reports), or the bind's own host."""
 
-    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int):
+    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, advertise: str | None = None):
         self.host, _, port = bind.rpartition(":")
         self.port = int(port)
+        self.advertise = advertise
         self.min_replicas, self.heartbeat_timeout_ms = min_replicas, heartbeat_timeout_ms
         self.url = ""
         self._server = None
@@ -67,7 +86,7 @@ class Lighthouse:
                                             heartbeat_timeout_ms=self.heartbeat_timeout_ms)
         address = urlsplit(self._server.address())  # http://HOSTNAME:PORT
         self.port = address.port  # kept: a restart binds the same port
-        host = address.hostname if self.host in WILDCARDS else self.host
+        host = (self.advertise or address.hostname) if self.host in WILDCARDS else self.host
         self.url = f"http://{host}:{self.port}"
         self._slow_probes = 0
         log.info("lighthouse listening on %s", self.url)

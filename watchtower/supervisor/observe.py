@@ -146,7 +146,7 @@ class Observer:
         ports = self.endpoints(g)
         if not ports:
             return  # not serving yet: its launch time and startup grace speak for it
-        body = get_direct(f"http://127.0.0.1:{ports[0]}/metrics", SCRAPE_TIMEOUT_S)
+        body = get_direct(f"http://{g.process.address}:{ports[0]}/metrics", SCRAPE_TIMEOUT_S)
         values = metric_values(body)
         g.last_metrics, g.last_metrics_at = body, time.time()
         g.step = int(values["watchtower_train_step"])

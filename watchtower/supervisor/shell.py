@@ -11,8 +11,10 @@ Each observation and action runs on its own: an exception is logged once and cou
 `watchtower_supervisor_errors_total{stage}`; only a policy decision kills a group.
 
 No orphans: groups start through `watchtower.orphan_guard` (the kernel kills them if this process
-dies, SIGKILL and OOM included); SIGTERM / SIGINT stop every group and the Lighthouse, write a
-`job_stopped` event and exit 143 / 130; a lock on the output directory refuses a second supervisor.
+dies, SIGKILL and OOM included; on Slurm that is the group's `srun`, and the batch step's end takes
+the job's steps); SIGTERM / SIGINT / SIGUSR1 (scancel, Ctrl-C, Slurm's time-limit warning) stop
+every group and the Lighthouse, write a `job_stopped` event and exit 143 / 130 / 138 (a next run
+resumes from the last periodic checkpoint); a lock on the output directory refuses a second supervisor.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.health import HealthCheck, HealthGate, gated_decision
 from watchtower.supervisor.launcher import Launcher, LocalLauncher
-from watchtower.supervisor.lighthouse import Lighthouse
+from watchtower.supervisor.lighthouse import Lighthouse, bind_and_advertise
 from watchtower.supervisor.lock import JobDirLock
 from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, write_rank_targets,
                                            write_supervisor_target)
@@ -47,7 +49,8 @@ if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only rea
 
 log = logging.getLogger("watchtower.supervisor")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: Slurm's warning before the time limit (`sbatch --signal=B:USR1@N`); SIGTERM: scancel
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 SLEEP_SLICE_S = 0.1  # a stop signal is noticed within this, even while lingering
 
 
@@ -83,7 +86,7 @@ class Supervisor:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT end the job cleanly at the next slice of the loop (main thread only)."""
+        """SIGTERM / SIGINT / SIGUSR1 end the job cleanly at the next slice of the loop (main thread only)."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -105,7 +108,8 @@ class Supervisor:
         """Start the Lighthouse and /metrics (a bind that fails is a ConfigError naming its key)."""
         c, s = self.job.cluster, self.cfg
         try:
-            self.lighthouse = Lighthouse(s.lighthouse_bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms)
+            bind, advertise = bind_and_advertise(s.lighthouse_bind, self.launcher.head_address)
+            self.lighthouse = Lighthouse(bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms, advertise)
         except (OSError, RuntimeError) as err:
             raise ConfigError("supervisor.lighthouse_bind", s.lighthouse_bind, f"the Lighthouse cannot listen "
                               f"there: {err}") from None
@@ -149,7 +153,8 @@ class Supervisor:
         with self.errors.guard("file_sd"):
             write_rank_targets(self.out, self.run_name, self.groups)
             if self._server is not None:
-                write_supervisor_target(self.out, self.run_name, self.metrics_port)
+                write_supervisor_target(self.out, self.run_name, self.metrics_port,
+                                        self.launcher.head_address or "127.0.0.1")
         with self.errors.guard("metrics"):
             self.collector.snapshot = self.snapshot(view)  # one reference swap: a scrape sees all or none
 

@@ -1,0 +1,251 @@
+"""The Slurm launcher against a real Slurm: munge, slurmctld and four slurmd (`slurmd -N nK`) on this
+machine from a private slurm.conf (`watchtower.supervisor.slurm_testbed`), no mocks. The pure parts
+(command lines, batch script, node selection, cache path) are tables first; they need no Slurm."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from watchtower import cli
+from watchtower.alerting_stack import AlertingStack
+from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
+from watchtower.supervisor.sbatch import sbatch_options
+from watchtower.supervisor.slurm import SlurmSection, expand_cache_dir, is_down, parse_records, select_nodes
+from watchtower.supervisor.slurm_testbed import SlurmTestbed, unavailable
+from watchtower.toml_dataclasses import dump_toml
+from watchtower.validation import ConfigError
+from conftest import REPO, free_port
+from tui.sources import ScrapeSource
+from waiting import wait_until
+
+# ---- tables: no Slurm needed ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state, down", [("DOWN*", True), ("DOWN+DRAIN", True), ("FAIL", True), ("IDLE+DRAIN", False),
+                                         ("ALLOCATED*", False), ("MIXED", False), ("DOWN+NOT_RESPONDING", True)])
+def test_is_down(state, down):
+    assert is_down(state) is down
+
+
+@pytest.mark.parametrize("allocation, listed, groups, expected", [
+    (["n1", "n2", "n3"], [], 3, ["n1", "n2", "n3"]),
+    (["n1", "n2", "n3"], ["n3", "n1"], 2, ["n3", "n1"]),
+    (["n1", "n2"], [], 3, "cluster.active_groups + spare_groups"),
+    (["n1", "n2", "n3"], ["n1", "n9"], 1, "cluster.nodes[1]"),
+    (["n1", "n2", "n3"], ["n1"], 2, "cluster.active_groups + spare_groups"),
+])
+def test_select_nodes(allocation, listed, groups, expected):
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError) as err:
+            select_nodes(allocation, listed, groups, "12")
+        assert err.value.field == expected and "\n" not in str(err.value)
+    else:
+        assert select_nodes(allocation, listed, groups, "12") == expected
+
+
+@pytest.mark.parametrize("template, node, env, expected", [
+    ("/local/{node}/cache", "n2", {}, "/local/n2/cache"),
+    ("$TMPDIR/wt-{node}", "gpu07", {"TMPDIR": "/tmp/job9"}, "/tmp/job9/wt-gpu07"),
+    ("${SCRATCH}/x", "n1", {"SCRATCH": "/s"}, "/s/x"),
+    ("$$HOME/{node}", "n1", {}, "$HOME/n1"),
+    ("$SCRATCH/{node}", "n1", {}, None),
+])
+def test_expand_cache_dir(template, node, env, expected):
+    if expected is None:
+        with pytest.raises(ConfigError, match="SCRATCH"):
+            expand_cache_dir(template, node, env)
+    else:
+        assert expand_cache_dir(template, node, env) == expected
+
+
+def test_parse_records_keeps_a_reason_with_spaces():
+    (n1, n2) = parse_records("NodeName=n1 NodeAddr=10.1.0.7 State=IDLE+DRAIN Reason=watchtower: hang at step 9 "
+                             "[root@2026-11-26T13:00:00]\nNodeName=n2 NodeAddr=10.1.0.8 State=DOWN*\n")
+    assert n1["NodeAddr"] == "10.1.0.7" and n1["Reason"] == "watchtower: hang at step 9 [root@2026-11-26T13:00:00]"
+    assert n2 == {"NodeName": "n2", "NodeAddr": "10.1.0.8", "State": "DOWN*"}
+
+
+def test_sbatch_options_from_the_slurm_table():
+    job = JobConfig(JobSection(name="big", trainer_config="tiny", output_dir="/runs/big"),
+                    ClusterSection(active_groups=48, spare_groups=2, launcher="slurm"),
+                    slurm=SlurmSection(partition="h100", account="llm", time="2-00:00:00", gpus_per_node=8,
+                                       reserve_nodes=1, extra=["--qos=high"], stop_warning_s=120))
+    assert sbatch_options(job, tp=8) == [
+        "--job-name=big", "--nodes=51", "--ntasks-per-node=8", "--no-kill", "--signal=B:USR1@120",
+        "--output=/runs/big/slurm-%j.out", "--partition=h100", "--account=llm", "--time=2-00:00:00",
+        "--gpus-per-node=8", "--qos=high"]
+
+
+@pytest.mark.parametrize("key, value", [("partition", "a b"), ("extra", ["qos=high"]), ("srun_args", ["--x\n#SBATCH"]),
+                                        ("reserve_nodes", -1)])
+def test_bad_slurm_table_is_refused(key, value):
+    with pytest.raises(ConfigError) as err:
+        SlurmSection(**{key: value})
+    assert err.value.field.split("[")[0] == key
+
+
+# ---- a real Slurm -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """Four nodes n1..n4 on this machine; every daemon stopped at the end, even after a failure."""
+    why = unavailable()
+    if why:
+        pytest.skip(f"no private Slurm here: {why}")
+    with SlurmTestbed(tmp_path_factory.mktemp("slurm")) as bed:
+        yield bed
+
+
+def write_job(tmp_path: Path, *, steps: int, active: int, spares: int, tp: int = 1, slurm_table=None) -> Path:
+    overrides = [f"train.steps={steps}", f"train.tp={tp}", "checkpoint.interval_steps=20", "train.log_interval=1",
+                 "monitor.system_interval_s=1.0", "data.stage=always", f"data.cache_dir={tmp_path}/local/{{node}}"]
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml({
+        "job": {"name": "sl", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
+                "train_overrides": overrides},
+        "cluster": {"active_groups": active, "spare_groups": spares, "launcher": "slurm"},
+        "supervisor": {"heartbeat_timeout_s": 15, "startup_grace_s": 90, "base_port": free_port(), "metrics_port": 0},
+        "slurm": slurm_table or {}}))
+    return path
+
+
+def sbatch(slurm: SlurmTestbed, job: Path) -> str:
+    """`watchtower sbatch` as a user runs it; the job id it prints. The job inherits this environment
+    (sbatch's default): one thread per rank, as the local launcher's slots, since the four nodes
+    share this machine's cores."""
+    done = subprocess.run([sys.executable, "-m", "watchtower.cli", "sbatch", str(job)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **slurm.env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("submitted Slurm job ") and "watchtower tui --targets-file" in done.stdout
+    return first.split()[3].rstrip(":")
+
+
+def job_gone(slurm: SlurmTestbed, job_id: str) -> bool:
+    return not slurm.run("squeue", "-h", "-j", job_id, "-o", "%i").strip()
+
+
+def events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "job" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def rows(tmp_path: Path, replica_id: str) -> list[dict]:
+    path = tmp_path / "job" / "groups" / replica_id / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+
+
+def processes_of(job_dir: Path, job_id: str) -> list[str]:
+    """Live processes of the job: anything naming its directory, and its slurmstepd."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["status"] != psutil.STATUS_ZOMBIE and (str(job_dir) in cmd or f"slurmstepd: [{job_id}." in cmd):
+            found.append(f"{proc.pid} {cmd}")
+    return found
+
+
+def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_path, monkeypatch, capsys):
+    """Inside an allocation of 2 nodes (as in salloc), 3 groups: exit 2, one line, no step started."""
+    slurm.run("salloc", "-N2", "--no-shell", "-J", "too-few")
+    job_id = slurm.run("squeue", "-h", "-n", "too-few", "-o", "%i").strip()
+    try:
+        nodelist = slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").strip()
+        for key, value in {**slurm.env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": nodelist}.items():
+            monkeypatch.setenv(key, value)
+        code = cli.main(["supervise", str(write_job(tmp_path, steps=40, active=2, spares=1))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "cluster.active_groups + spare_groups = 3" in err and f"allocation {job_id} has 2" in err
+        assert slurm.run("squeue", "-h", "-s", "-j", job_id, "-o", "%i").strip() == "", "a step was started"
+    finally:
+        slurm.run("scancel", job_id)
+
+
+def test_scancel_stops_every_group_and_prometheus_scraped_every_rank_by_node_address(slurm, tmp_path):
+    """One active + one spare group of TP=2: Prometheus with the generated config scrapes all four
+    ranks by their node's Slurm address; the TUI lists them by Slurm node name; scancel mid-run
+    stops the supervisor and leaves no process of the job."""
+    job_id = sbatch(slurm, write_job(tmp_path, steps=5000, active=1, spares=1, tp=2))
+    job_dir, targets_file = tmp_path / "job", tmp_path / "job" / "targets.json"
+    records = {r["NodeName"]: r for r in parse_records(slurm.run("scontrol", "-o", "show", "node"))}
+
+    def four_ranks() -> list[dict] | None:
+        entries = json.loads(targets_file.read_text()) if targets_file.exists() else []
+        return entries if len(entries) == 4 else None
+
+    entries = wait_until(four_ranks, "4 ranks in targets.json", abort=lambda: assert_running(slurm, job_id))
+    for e in entries:  # every rank by its node's Slurm address (NodeAddr), labelled with the Slurm node name
+        assert e["targets"][0].rsplit(":", 1)[0] == records[e["labels"]["node"]]["NodeAddr"]
+    nodes = {e["labels"]["node"] for e in entries}
+    assert len(nodes) == 2 and nodes <= set(slurm.nodes)
+    with AlertingStack(tmp_path / "prom", targets_file=targets_file) as stack:
+        def all_up() -> list | None:
+            up = stack.prometheus_api("/api/v1/query", query='up{job="watchtower-ranks"}')["result"]
+            return up if len(up) == 4 and all(s["value"][1] == "1" for s in up) else None
+
+        up = wait_until(all_up, "Prometheus scraping 4 ranks up")
+    assert {(s["metric"]["instance"], s["metric"]["node"]) for s in up} == \
+        {(e["targets"][0], e["labels"]["node"]) for e in entries}
+    tui_rows = ScrapeSource(targets_file=targets_file).poll().rows
+    assert sorted((r.node, r.up) for r in tui_rows) == sorted((e["labels"]["node"], True) for e in entries)
+    wait_until(lambda: rows(tmp_path, "g0000") or rows(tmp_path, "g0001"), "a first step")
+
+    slurm.run("scancel", job_id)
+    wait_until(lambda: job_gone(slurm, job_id), f"job {job_id} to end")
+    stopped = wait_until(lambda: [e for e in events(tmp_path) if e["event"] == "job_stopped"], "job_stopped")
+    assert stopped[0]["signal"] == "SIGTERM"
+    wait_until(lambda: not processes_of(job_dir, job_id), "no process of the job left", timeout=30)
+
+
+def assert_running(slurm: SlurmTestbed, job_id: str) -> None:
+    if job_gone(slurm, job_id):
+        raise AssertionError(f"job {job_id} ended early")
+
+
+def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_path):
+    """2 active + 1 spare submitted with `watchtower sbatch`; the node of the active group that is
+    not the batch node dies (SIGKILL of its slurmd, slurmstepd and tasks). The healthy group loses no
+    step, the spare is promoted, the dead node gets no new group and `sinfo -R` shows our reason."""
+    steps = 60
+    job_id = sbatch(slurm, write_job(tmp_path, steps=steps, active=2, spares=1,
+                                     slurm_table={"drain_failed_nodes": True}))
+    def three_started() -> dict[str, str] | None:
+        started = {e["replica_id"]: e["node"] for e in events(tmp_path) if e["event"] == "group_started"}
+        return started if len(started) >= 3 else None
+
+    started = wait_until(three_started, "three groups started", abort=lambda: assert_running(slurm, job_id))
+    batch_node = slurm.run("squeue", "-h", "-j", job_id, "-o", "%B").strip()
+    actives = [g for g in ("g0000", "g0001") if started[g] != batch_node]
+    victim, healthy = actives[0], next(g for g in ("g0000", "g0001") if g != actives[0])
+    wait_until(lambda: any(r["step"] >= 15 for r in rows(tmp_path, healthy)), f"{healthy} at step 15",
+               abort=lambda: assert_running(slurm, job_id))
+    dead = started[victim]
+    slurm.kill_node(dead)
+    try:
+        wait_until(lambda: job_gone(slurm, job_id), f"job {job_id} to finish")
+        ev = events(tmp_path)
+        assert ev[-1]["event"] == "job_finished", ev[-3:]
+        failed = next(e for e in ev if e["event"] == "group_failed")
+        assert failed["replica_id"] == victim and failed["node"] == dead and failed["drained"]
+        later = [e["node"] for e in ev if e["event"] == "group_started" and e["time"] > failed["time"]]
+        assert dead not in later, "a group was started on the dead node"
+        assert not [e for e in ev if e["event"] == "node_drain_refused"]
+        reasons = slurm.run("sinfo", "-h", "-R", "-o", "%N|%E")
+        assert f"{dead}|watchtower: " in reasons, reasons
+        # the healthy group: every step once, in order, from its first contributing step to the last
+        seen = [r["step"] for r in rows(tmp_path, healthy)]
+        assert seen[0] <= 5 and seen == list(range(seen[0], steps + 1)), "the healthy group lost or repeated steps"
+        promoted = [r for r in rows(tmp_path, "g0002") if r["time"] > failed["time"]]
+        assert promoted and all(r["participants"] == 2 for r in promoted), "the spare did not take the seat"
+        assert any((tmp_path / "local" / started["g0002"]).rglob("*")), "the spare staged nothing on its node"
+        assert not processes_of(tmp_path / "job", job_id)
+    finally:
+        slurm.revive(dead)

@@ -1,0 +1,372 @@
+"""Replica groups as Slurm job steps inside one allocation (`cluster.launcher = "slurm"`).
+
+The supervisor runs inside an allocation taken with `--no-kill` (`watchtower sbatch` writes it; a
+user in `salloc` runs `watchtower supervise` directly), so a dead node shrinks the allocation but
+does not end it, and a spare costs no wait in the queue. Each replica group is one job step:
+
+    srun --jobid=$SLURM_JOB_ID -N1 -w NODE --ntasks=TP --overlap --kill-on-bad-exit=1 -J watchtower-g0003 \
+         python -m watchtower.supervisor.slurm_task --master-addr NODE_ADDR .../groups/g0003/trainer.toml
+
+Each task becomes TP rank `SLURM_PROCID` (`slurm_task.py`) and runs `watchtower train --config` with
+the group's launch contract, unchanged. Every address on this path is Slurm's `NodeAddr` of the node
+(ranks' /metrics, `MASTER_ADDR`) or of the node the supervisor runs on (the Lighthouse, the
+supervisor's /metrics), so Prometheus, the TUI and the supervisor's scrapes work from another host.
+
+Killing a group cancels its step (`scancel JOB.STEP`): a SIGKILLed `srun` would leave the step's
+tasks running. A node whose group failed is excluded by the policy (drained); with
+`[slurm] drain_failed_nodes = true` it is drained in Slurm too, and a refusal (no admin rights) is an
+event and a warning. A node Slurm reports DOWN, or that left the allocation, is reported down for good.
+
+The pure helpers (command lines, `scontrol` records, node selection, the cache path) are tested as
+tables; `SlurmLauncher` is the I/O edge. Costs: one `srun` per launch; every DOWN_CHECK_INTERVAL_S
+two `scontrol` calls (~10 ms each); a kill adds one `squeue` and one `scancel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import string
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Mapping
+
+from watchtower.orphan_guard import guarded
+from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
+from watchtower.supervisor.slurm_task import exit_status
+from watchtower.validation import ConfigError, require
+
+if TYPE_CHECKING:
+    from watchtower.supervisor.config import JobConfig
+
+log = logging.getLogger("watchtower.supervisor")
+
+STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>
+DOWN_CHECK_INTERVAL_S = 3.0  # how often Slurm is asked which nodes are down or gone (the rest is cached)
+DOWN_STATES = frozenset({"DOWN", "FAIL", "FAILING"})
+EXIT_STEP_LOST = 255  # srun ended "successfully" but a rank never reported its exit: its node was lost
+
+
+@dataclass
+class SlurmSection:
+    """`[slurm]`: the batch script `watchtower sbatch` writes, and what the launcher may do to nodes.
+
+    partition, account, time: sbatch's --partition, --account, --time ("" : the site's default;
+        time as Slurm writes it, like "04:00:00" or "2-00:00:00").
+    gpus_per_node: --gpus-per-node (0: none asked for; CPU jobs).
+    reserve_nodes: nodes asked for beyond active + spare groups: replacements for the spare pool
+        after failures, without a wait in the queue.
+    extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100".
+    srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
+    drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
+        usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
+    stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so it stops
+        every group cleanly before the SIGKILL.
+    command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller).
+    """
+
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+    gpus_per_node: int = 0
+    reserve_nodes: int = 0
+    extra: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+    drain_failed_nodes: bool = False
+    stop_warning_s: int = 60
+    command_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("partition", "account", "time"):
+            value = getattr(self, key)
+            require(re.fullmatch(r"[\w.:,+-]*", value) is not None, key, value,
+                    "must be one word as sbatch takes it (letters, digits, . : , + - _)")
+        require(self.gpus_per_node >= 0, "gpus_per_node", self.gpus_per_node, "must be >= 0")
+        require(self.reserve_nodes >= 0, "reserve_nodes", self.reserve_nodes, "must be >= 0")
+        for key in ("extra", "srun_args"):
+            for i, item in enumerate(getattr(self, key)):
+                require(item.startswith("-") and "\n" not in item, f"{key}[{i}]", item,
+                        "must be one option, like --qos=high")
+        require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s, "must be >= 0 seconds")
+        require(self.command_timeout_s > 0, "command_timeout_s", self.command_timeout_s, "must be > 0 seconds")
+
+
+class SlurmError(RuntimeError):
+    """A Slurm command failed or timed out; the message holds its command line and error output."""
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------
+
+
+def parse_records(text: str) -> list[dict[str, str]]:
+    """`scontrol -o show node|job` output: one record per line, `Key=Value` pairs. A value with spaces
+    (a Reason) continues until the next `Key=`.
+
+    >>> parse_records("NodeName=n1 NodeAddr=10.0.0.1 State=IDLE Reason=bad gpu [root@t]\\nNodeName=n2 State=DOWN*")
+    [{'NodeName': 'n1', 'NodeAddr': '10.0.0.1', 'State': 'IDLE', 'Reason': 'bad gpu [root@t]'}, {'NodeName': 'n2', 'State': 'DOWN*'}]
+    """
+    records = []
+    for line in text.splitlines():
+        record: dict[str, str] = {}
+        key = None
+        for token in line.split():
+            name, eq, value = token.partition("=")
+            if eq and re.fullmatch(r"[A-Za-z][\w/:]*", name):
+                key, record[name] = name, value
+            elif key is not None:
+                record[key] += " " + token
+        if record:
+            records.append(record)
+    return records
+
+
+def is_down(state: str) -> bool:
+    """A Slurm node state (`DOWN*`, `IDLE+DRAIN`, `MIXED`) says the node is gone for us.
+
+    >>> [is_down(s) for s in ("DOWN*", "DOWN+DRAIN", "FAIL", "ALLOCATED*", "MIXED+DRAIN", "IDLE")]
+    [True, True, True, False, False, False]
+    """
+    return bool(DOWN_STATES & set(state.rstrip("*~#!%$@^-").split("+")))
+
+
+def select_nodes(allocation: list[str], listed: list[str], groups: int, job_id: str) -> list[str]:
+    """The nodes the job uses: `cluster.nodes` (a subset of the allocation) or the whole allocation;
+    a ConfigError when a listed node is not allocated or there are fewer nodes than groups.
+
+    >>> select_nodes(["n1", "n2", "n3"], [], 2, "7")
+    ['n1', 'n2', 'n3']
+    >>> select_nodes(["n1", "n2"], [], 3, "7")
+    Traceback (most recent call last):
+    ...
+    watchtower.validation.ConfigError: config error: cluster.active_groups + spare_groups = 3: needs 3 nodes; allocation 7 has 2 (n1, n2): ask sbatch for more nodes or run fewer groups
+    """
+    for i, node in enumerate(listed):
+        require(node in allocation, f"cluster.nodes[{i}]", node,
+                f"is not in allocation {job_id} ({', '.join(allocation)}): list only allocated nodes")
+    nodes = list(listed) or list(allocation)
+    require(groups <= len(nodes), "cluster.active_groups + spare_groups", groups,
+            f"needs {groups} nodes; {'cluster.nodes lists' if listed else f'allocation {job_id} has'} "
+            f"{len(nodes)} ({', '.join(nodes)}): ask sbatch for more nodes or run fewer groups")
+    return nodes
+
+
+def expand_cache_dir(template: str, node: str, env: Mapping[str, str]) -> str:
+    """`data.cache_dir` for one node: `{node}` is its Slurm name, `$VAR` / `${VAR}` come from the
+    supervisor's environment (inside the allocation: the job's, as every node sees it).
+
+    >>> expand_cache_dir("${TMPDIR}/wt/{node}", "n2", {"TMPDIR": "/local"})
+    '/local/wt/n2'
+    >>> expand_cache_dir("$SCRATCH/{node}", "n2", {})
+    Traceback (most recent call last):
+    ...
+    watchtower.validation.ConfigError: config error: data.cache_dir = '$SCRATCH/{node}': uses $SCRATCH, which is not set in the supervisor's environment
+    """
+    try:
+        return string.Template(template.replace("{node}", node)).substitute(env)
+    except KeyError as err:
+        raise ConfigError("data.cache_dir", template,
+                          f"uses ${err.args[0]}, which is not set in the supervisor's environment") from None
+    except ValueError as err:
+        raise ConfigError("data.cache_dir", template, f"{err}; write $$ for a literal $") from None
+
+
+def step_name(replica_id: str) -> str:
+    return f"{STEP_PREFIX}{replica_id}"
+
+
+def srun_argv(job_id: str, node: str, ntasks: int, name: str, extra: list[str], command: list[str]) -> list[str]:
+    """One job step on one node of the allocation, started at once (`--overlap`: it may share the
+    node with the batch step); `--kill-on-bad-exit`: a TP group with a dead rank can only hang.
+
+    >>> srun_argv("12", "n3", 2, "watchtower-g0001", ["--cpu-bind=none"], ["python", "x.py"])
+    ['srun', '--jobid=12', '--nodes=1', '--nodelist=n3', '--ntasks=2', '--overlap', '--kill-on-bad-exit=1', \
+'--job-name=watchtower-g0001', '--cpu-bind=none', 'python', 'x.py']
+    """
+    return ["srun", f"--jobid={job_id}", "--nodes=1", f"--nodelist={node}", f"--ntasks={ntasks}", "--overlap",
+            "--kill-on-bad-exit=1", f"--job-name={name}", *extra, *command]
+
+
+def task_argv(config_path: Path, master_addr: str) -> list[str]:
+    """What each task of a group's step runs: become a TP rank, then `watchtower train --config`."""
+    return [sys.executable, "-m", "watchtower.supervisor.slurm_task", "--master-addr", master_addr, str(config_path)]
+
+
+def drain_argv(node: str, cause: str, step: int) -> list[str]:
+    """Drain `node` in Slurm with our reason (`sinfo -R` shows it); usually needs admin rights.
+
+    >>> drain_argv("n2", "exit", 40)
+    ['scontrol', 'update', 'nodename=n2', 'state=drain', 'reason=watchtower: exit at step 40']
+    """
+    return ["scontrol", "update", f"nodename={node}", "state=drain", f"reason=watchtower: {cause} at step {step}"]
+
+
+def steps(squeue_steps: str) -> list[tuple[str, str, str]]:
+    """(step id, name, node list) of each line of `squeue -h -s -o "%i %j %N"`.
+
+    >>> steps("12.batch batch n1\\n12.3 watchtower-g0001 n3\\n")
+    [('12.batch', 'batch', 'n1'), ('12.3', 'watchtower-g0001', 'n3')]
+    """
+    return [(parts[0], parts[1], parts[2]) for parts in map(str.split, squeue_steps.splitlines()) if len(parts) == 3]
+
+
+# ---- I/O: Slurm commands ------------------------------------------------------------------------
+
+
+def slurm(argv: list[str], timeout_s: float) -> str:
+    """Run a Slurm client command; its stdout, or a SlurmError with its stderr."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv)}: no answer in {timeout_s:g}s") from None
+    except FileNotFoundError:
+        raise SlurmError(f"{argv[0]}: not installed here (Slurm's client commands are needed)") from None
+    if done.returncode != 0:
+        raise SlurmError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def hostnames(expression: str, timeout_s: float) -> list[str]:
+    """A Slurm hostlist (`n[1-3],gpu07`) expanded by Slurm itself."""
+    return slurm(["scontrol", "show", "hostnames", expression], timeout_s).split()
+
+
+def node_records(nodes: list[str], timeout_s: float) -> dict[str, dict[str, str]]:
+    text = slurm(["scontrol", "-o", "show", "node", ",".join(nodes)], timeout_s)
+    return {r["NodeName"]: r for r in parse_records(text) if "NodeName" in r}
+
+
+class SlurmStep(GroupProcess):
+    """A group's `srun`; killing it cancels the step, so no task is left on the node."""
+
+    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str, launcher: "SlurmLauncher"):
+        super().__init__(spec, proc, address)
+        self.launcher = launcher
+
+    def poll(self) -> int | None:
+        """srun's exit code, except a 0 without every rank's own 0 (`slurm_task`): srun exits 0
+        when the node dies under the step, which must not read as "finished the last step"."""
+        code = self.proc.poll()
+        if code == 0 and exit_status(self.spec.config_path.parent, self.launcher.tp) != [0] * self.launcher.tp:
+            return EXIT_STEP_LOST
+        return code
+
+    def kill(self) -> None:
+        self.launcher.cancel_step(step_name(self.spec.replica_id))
+        super().kill()
+
+
+class SlurmLauncher:
+    """Groups as job steps of allocation `job_id` on `nodes` (`from_allocation` builds it)."""
+
+    def __init__(self, job_id: str, nodes: list[str], addresses: dict[str, str], head_address: str,
+                 cfg: SlurmSection, tp: int, cache_template: str, nodes_dir: Path):
+        self.job_id, self.nodes, self.addresses = job_id, list(nodes), dict(addresses)
+        self.head_address = head_address
+        self.cfg, self.tp, self.cache_template, self.nodes_dir = cfg, tp, cache_template, Path(nodes_dir)
+        self._down: set[str] = set()
+        self._checked_at = 0.0
+
+    @classmethod
+    def from_allocation(cls, job: JobConfig, tp: int, cache_template: str,
+                        env: Mapping[str, str] = os.environ) -> SlurmLauncher:
+        """The allocation this process runs in, its nodes (checked against the job) and their
+        addresses; a ConfigError (exit 2) before any step when they do not fit."""
+        c, timeout = job.cluster, job.slurm.command_timeout_s
+        job_id = env.get("SLURM_JOB_ID", "")
+        require(bool(job_id) and bool(env.get("SLURM_JOB_NODELIST")), "cluster.launcher", c.launcher,
+                "needs a Slurm allocation: submit with `watchtower sbatch JOB.toml`, or run inside salloc")
+        try:
+            allocation = hostnames(env["SLURM_JOB_NODELIST"], timeout)
+            nodes = select_nodes(allocation, c.nodes, c.active_groups + c.spare_groups, job_id)
+            records = node_records(sorted({*nodes, *([env["SLURMD_NODENAME"]] if "SLURMD_NODENAME" in env else [])}),
+                                   timeout)
+        except SlurmError as err:
+            raise ConfigError("cluster.launcher", c.launcher, f"cannot read allocation {job_id}: {err}") from None
+        addresses = {n: records.get(n, {}).get("NodeAddr") or n for n in nodes}
+        head = records.get(env.get("SLURMD_NODENAME", ""), {}).get("NodeAddr") or socket.getfqdn()
+        if cache_template:
+            expand_cache_dir(cache_template, nodes[0], env)  # a missing variable is refused now, not per launch
+        return cls(job_id, nodes, addresses, head, job.slurm, tp, cache_template, job.job.output_path / "nodes")
+
+    # ---- the Launcher interface --------------------------------------------------------------
+
+    def node_cache_dir(self, node: str) -> Path:
+        if self.cache_template:
+            return Path(expand_cache_dir(self.cache_template, node, os.environ))
+        return self.nodes_dir / node / "cache"  # no data.cache_dir: a per-node directory beside the job
+
+    def launch(self, spec: GroupSpec) -> GroupProcess:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        address = self.addresses[spec.node]
+        argv = srun_argv(self.job_id, spec.node, self.tp, step_name(spec.replica_id), self.cfg.srun_args,
+                         task_argv(spec.config_path, address))
+        env = {**os.environ, **direct_peers(os.environ, sorted(set(self.addresses.values())))}
+        with open(spec.log_path, "ab") as out:
+            proc = subprocess.Popen(guarded(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        return SlurmStep(spec, proc, address, self)
+
+    def down_nodes(self) -> frozenset[str]:
+        """Nodes Slurm reports DOWN / FAIL or that left the allocation; once down, down for good.
+        Asks Slurm at most every DOWN_CHECK_INTERVAL_S; a failed query raises (the loop counts it)."""
+        now = time.monotonic()
+        if now - self._checked_at >= DOWN_CHECK_INTERVAL_S:
+            self._checked_at = now
+            timeout = self.cfg.command_timeout_s
+            (job,) = parse_records(slurm(["scontrol", "-o", "show", "job", self.job_id], timeout)) or [{}]
+            held = set(hostnames(job["NodeList"], timeout)) if job.get("NodeList", "(null)") != "(null)" else set()
+            states = node_records(self.nodes, timeout)
+            self._down |= {n for n in self.nodes
+                           if n not in held or is_down(states.get(n, {}).get("State", "DOWN"))}
+        return frozenset(self._down)
+
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
+        """`argv` as a one-task step on `node`; on a timeout the step is cancelled as well."""
+        name = f"{STEP_PREFIX}check-{node}"
+        code, out = run_bounded(srun_argv(self.job_id, node, 1, name, [], argv),
+                                {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s)
+        if code is None:
+            self.cancel_step(name)
+        return code, out
+
+    def node_failed(self, node: str, cause: str, step: int) -> str | None:
+        """A node the policy drained: cancel every step of ours still there (a group whose `srun`
+        died may have left its tasks) and, with `drain_failed_nodes`, drain it in Slurm. Returns why
+        Slurm refused the drain, else None."""
+        self._cancel(lambda name, where: where == node and name.startswith(STEP_PREFIX))
+        if not self.cfg.drain_failed_nodes:
+            return None
+        try:
+            slurm(drain_argv(node, cause, step), self.cfg.command_timeout_s)
+        except SlurmError as err:
+            return str(err)
+        return None
+
+    def cancel_step(self, name: str) -> None:
+        """Cancel every step of ours named `name` (one squeue, one scancel; nothing if none runs)."""
+        self._cancel(lambda step, where: step == name)
+
+    def _cancel(self, pick: Callable[[str, str], bool]) -> None:
+        timeout = self.cfg.command_timeout_s
+        listing = slurm(["squeue", "-h", "-s", "-j", self.job_id, "-o", "%i %j %N"], timeout)
+        ids = [step_id for step_id, name, node in steps(listing) if pick(name, node)]
+        if ids:
+            slurm(["scancel", "--quiet", *ids], timeout)
+
+
+
+def attach_to_allocation(job: JobConfig, tp: int, cache_template: str,
+                         env: Mapping[str, str] = os.environ) -> tuple[JobConfig, SlurmLauncher]:
+    """The job with `cluster.nodes` set to the nodes it runs on (validated again: `cluster.exclude`
+    against them), and the launcher for them. Raises ConfigError (exit 2) before any step."""
+    launcher = SlurmLauncher.from_allocation(job, tp, cache_template, env)
+    try:
+        cluster = replace(job.cluster, nodes=launcher.nodes)
+    except ConfigError as err:
+        raise err.under("cluster") from None
+    return replace(job, cluster=cluster), launcher
