@@ -217,6 +217,19 @@ def ranks() -> dict:
           unit="hertz", w=8),
         P("state", "Throttling", [Q(f"max by (node, gpu, reason) (watchtower_gpu_throttled{{{RANKS}}})",
                                     "{{node}} gpu{{gpu}} {{reason}}")], w=8),
+        P("timeseries", "GPU memory peaks (allocator)", [
+            Q(f"watchtower_gpu_memory_peak_reserved_bytes{{{RANKS}}}", "reserved " + RANK_LEGEND + " gpu{{gpu}}"),
+            Q(f"watchtower_gpu_memory_peak_allocated_bytes{{{RANKS}}}", "allocated " + RANK_LEGEND + " gpu{{gpu}}"),
+            Q(f"max by (node, gpu) (watchtower_gpu_memory_total_bytes{{{RANKS}}})", "installed {{node}} gpu{{gpu}}")],
+          unit="bytes", min=0,
+          description="The caching allocator's high-water marks per rank (since start). Reserved near the card's "
+                      "size with allocated well below it is fragmentation; both near it is too little memory."),
+        P("bars", "Allocator retries and OOMs", [
+            Q(f"increase(watchtower_gpu_allocator_retries_total{{{RANKS}}}[{RATE}])", "retries " + RANK_LEGEND),
+            Q(f"increase(watchtower_gpu_allocator_ooms_total{{{RANKS}}}[{RATE}])", "OOMs " + RANK_LEGEND)],
+          min=0, description="Retries: no cached block fit, so the allocator freed its cache and called cudaMalloc "
+                             "again (each one stalls the step). Rising for 30 minutes opens a ticket "
+                             "(WatchtowerGpuAllocatorRetries)."),
         P("bars", "ECC and XID errors", [
             Q(f"sum by (node, gpu, type) (increase(watchtower_gpu_ecc_errors_total{{{RANKS}}}[{RATE}]))",
               "ECC {{type}} {{node}} gpu{{gpu}}"),
