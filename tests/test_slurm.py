@@ -17,7 +17,9 @@ from watchtower import cli
 from watchtower.alerting_stack import AlertingStack
 from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
 from watchtower.supervisor.sbatch import sbatch_options
-from watchtower.supervisor.slurm import SlurmSection, expand_cache_dir, is_down, parse_records, select_nodes
+from watchtower.supervisor.launcher import GroupSpec
+from watchtower.supervisor.slurm import (EXIT_STEP_LOST, SlurmLauncher, SlurmSection, SlurmStep, expand_cache_dir,
+                                         is_down, parse_records, select_nodes, srun_argv)
 from watchtower.supervisor.slurm_testbed import SlurmTestbed, unavailable
 from watchtower.toml_dataclasses import dump_toml
 from watchtower.validation import ConfigError
@@ -165,6 +167,34 @@ def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "cluster.active_groups + spare_groups = 3" in err and f"allocation {job_id} has 2" in err
         assert slurm.run("squeue", "-h", "-s", "-j", job_id, "-o", "%i").strip() == "", "a step was started"
+    finally:
+        slurm.run("scancel", job_id)
+
+
+def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused_drain_is_a_warning(
+        slurm, tmp_path, monkeypatch):
+    """srun exits 0 when its node dies under the step (Slurm 22.05): a group must not read as
+    finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text."""
+    slurm.run("salloc", "-N1", "--no-shell", "-J", "lost")
+    job_id = slurm.run("squeue", "-h", "-n", "lost", "-o", "%i").strip()
+    try:
+        node = slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").strip()
+        for key, value in {**slurm.env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": node}.items():
+            monkeypatch.setenv(key, value)
+        job = JobConfig(JobSection(name="lost", trainer_config="tiny", output_dir=str(tmp_path / "job")),
+                        ClusterSection(launcher="slurm"), slurm=SlurmSection(drain_failed_nodes=True))
+        launcher = SlurmLauncher.from_allocation(job, tp=1, cache_template="")
+        group_dir = tmp_path / "job" / "groups" / "g0000"
+        group_dir.mkdir(parents=True)
+        spec = GroupSpec("g0000", 0, node, group_dir / "trainer.toml", group_dir / "group.log")
+        srun = subprocess.Popen(srun_argv(job_id, node, 1, "watchtower-g0000", [], ["true"]))
+        step = SlurmStep(spec, srun, launcher.addresses[node], launcher)
+        srun.wait(timeout=60)
+        assert srun.returncode == 0 and step.poll() == EXIT_STEP_LOST
+        (group_dir / "exit-r0").write_text("0\n")  # what slurm_task writes when the trainer exits 0
+        assert step.poll() == 0
+        refused = launcher.node_failed("nosuchnode", "exit", 3)
+        assert refused and "scontrol" in refused
     finally:
         slurm.run("scancel", job_id)
 
