@@ -147,6 +147,34 @@ def test_run_view_shows_the_goodput_line_its_supervisor_serves(recorded, tmp_pat
         supervisor.close()
 
 
+def test_run_view_shows_a_ranks_gpu_memory_peaks_and_marks_allocator_retries():
+    """Issue 16, item 6: a rank with CUDA serves the allocator's peaks, retries and OOMs; its mem cell
+    is marked and the line under the table spells them out for the highlighted rank (hidden on CPU)."""
+    rank = 'run="gpu",replica_group="0",rank="0",node="n0"'
+    body = (f'watchtower_train_step{{{rank}}} 40\n'
+            f'watchtower_gpu_memory_used_bytes{{{rank},gpu="0"}} 6.0e10\n'
+            f'watchtower_gpu_memory_total_bytes{{{rank},gpu="0"}} 8.0e10\n'
+            f'watchtower_gpu_memory_peak_allocated_bytes{{{rank},gpu="0"}} 5.12e10\n'
+            f'watchtower_gpu_memory_peak_reserved_bytes{{{rank},gpu="0"}} 6.5e10\n'
+            f'watchtower_gpu_allocator_retries_total{{{rank},gpu="0"}} 7\n'
+            f'watchtower_gpu_allocator_ooms_total{{{rank},gpu="0"}} 0\n')
+    served = ServedText(lambda: body)
+
+    async def drive():
+        app = WatchtowerApp(ScrapeSource([served.address]), interval=3600, run="gpu", timestamps=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await polls(app, pilot, 1)
+            assert table_rows(app, "ranks")[0][11] == "75%!"
+            line = app.screen.query_one("#memory")
+            assert line.display and str(line.render()) == (
+                "g0 r0 n0  GPU peak 51.2G alloc / 65.0G reserved of 80.0G  retries 7  OOMs 0")
+
+    try:
+        asyncio.run(drive())
+    finally:
+        served.close()
+
+
 # ---- snapshots -------------------------------------------------------------------------------------
 
 def test_snapshot_runs_view(recorded, utc, snap_compare):

@@ -61,7 +61,8 @@ def rank_cells(r: RankRow) -> list[Text]:
         Text(fmt(r.data_wait, ".0%"), justify="right"),
         Text(fmt(r.step_ratio, ".2f") + ("!" if slow else ""), justify="right", style="yellow" if slow else ""),
         Text(fmt(r.gpu_util, ".0%"), justify="right"),
-        Text(fmt(r.gpu_mem, ".0%"), justify="right"),
+        Text(fmt(r.gpu_mem, ".0%") + ("!" if r.gpu_alloc_retries or r.gpu_ooms else ""), justify="right",
+             style="red" if r.gpu_ooms else ("yellow" if r.gpu_alloc_retries else "")),
         Text(fmt(r.gpu_temp, ".0f"), justify="right"),
         Text(fmt_age(r.heartbeat_age) + ("!" if stale else ""), justify="right", style="red" if stale else ""),
     ]
@@ -100,6 +101,7 @@ anywhere   r  poll now     ?  this help     q  quit
 
 ratio  step time ÷ the run's median; ! above 1.2
 hb     seconds since the rank's last step; ! above 60
+mem    GPU memory used; ! the allocator retried (red: an OOM)
 DOWN   its /metrics (or Prometheus's up) is silent
 worst  DOWN first, then a stale hb, then the ratio"""
 
@@ -170,6 +172,7 @@ class RunScreen(Screen):
         for name, width in RANK_COLUMNS.items():
             table.add_column(name, key=name, width=width)
         yield table
+        yield Static("", id="memory")  # the highlighted rank's GPU memory peaks, where it has CUDA
         yield Input(placeholder="filter: node, group or state (enter to apply, escape to clear)", id="filter")
         with Horizontal(id="charts"):
             with Vertical():
@@ -216,6 +219,7 @@ class RunScreen(Screen):
         keys = ["/".join(r.key) for r in rows]
         if keep in keys:
             table.move_cursor(row=keys.index(keep), scroll=False)
+        self.show_memory(keys[table.cursor_row] if keys else None)
         history = self.app.history
         loss, tokens = list(history.loss.get(self.run, [])), list(history.tokens.get(self.run, []))
         self.query_one("#loss", Sparkline).data = loss
@@ -232,6 +236,19 @@ class RunScreen(Screen):
             ("supervisor events\n", "bold"),
             *[f"{time.strftime('%H:%M:%S', time.localtime(e.get('time', 0)))} {e.get('event', '?')}: "
               f"{e.get('message', '')}\n" for e in reversed(events)]) if events else "supervisor events\n-")
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "ranks":
+            self.show_memory(event.row_key.value)
+
+    def show_memory(self, key: str | None) -> None:
+        """The line under the table: the highlighted rank's allocator peaks, retries and OOMs (hidden
+        for a rank without CUDA, so a CPU run's screen does not change)."""
+        row = next((r for r in self.app.snapshot.rows if "/".join(r.key) == key), None)
+        line = row.memory_line() if row else None
+        box = self.query_one("#memory", Static)
+        box.display = line is not None
+        box.update(Text(line or ""))
 
     def action_back(self) -> None:
         if self.filter or self.query_one("#filter", Input).display:
@@ -272,6 +289,7 @@ class WatchtowerApp(App):
     CSS = """
     #status { height: 1; background: $boost; }
     #goodput { height: 1; }
+    #memory { height: 1; }
     #runs { height: 1fr; }
     #ranks { height: 1fr; min-height: 5; }
     #filter { height: 3; }

@@ -23,12 +23,17 @@ RANK_GAUGES = {
     "watchtower_heartbeat_timestamp_seconds": "heartbeat",
     "watchtower_replica_participating": "participating",
 }
-# per-GPU gauges, reduced over a rank's GPUs (a rank normally drives one)
+# per-GPU gauges (and the allocator's two counters, as their totals), reduced over a rank's GPUs (a
+# rank normally drives one)
 GPU_GAUGES = {
     "watchtower_gpu_utilization_ratio": ("gpu_util", max),
     "watchtower_gpu_memory_used_bytes": ("gpu_mem_used", sum),
     "watchtower_gpu_memory_total_bytes": ("gpu_mem_total", sum),
     "watchtower_gpu_temperature_celsius": ("gpu_temp", max),
+    "watchtower_gpu_memory_peak_allocated_bytes": ("gpu_peak_allocated", sum),
+    "watchtower_gpu_memory_peak_reserved_bytes": ("gpu_peak_reserved", sum),
+    "watchtower_gpu_allocator_retries_total": ("gpu_alloc_retries", sum),
+    "watchtower_gpu_allocator_ooms_total": ("gpu_ooms", sum),
 }
 RANK_KEY = ("run", "replica_group", "rank", "node")
 # the supervisor's goodput ledger (per run), for the run view's goodput line
@@ -56,6 +61,10 @@ class RankRow:
     gpu_mem_used: float | None = None
     gpu_mem_total: float | None = None
     gpu_temp: float | None = None
+    gpu_peak_allocated: float | None = None  # the CUDA allocator's high-water marks and trouble counters
+    gpu_peak_reserved: float | None = None
+    gpu_alloc_retries: float | None = None
+    gpu_ooms: float | None = None
     step_ratio: float | None = None  # step time ÷ the run's median, set by Snapshot.finish()
     heartbeat_age: float | None = None
 
@@ -68,6 +77,21 @@ class RankRow:
         if self.gpu_mem_used is None or not self.gpu_mem_total:
             return None
         return self.gpu_mem_used / self.gpu_mem_total
+
+    def memory_line(self) -> str | None:
+        """The allocator's view of the rank's GPU memory, one line under the table (fits 80 columns);
+        None on a rank without CUDA.
+
+        >>> RankRow("r", "0", "1", "n0", gpu_peak_allocated=61.2e9, gpu_peak_reserved=70.1e9,
+        ...         gpu_mem_total=80e9, gpu_alloc_retries=3, gpu_ooms=0).memory_line()
+        'g0 r1 n0  GPU peak 61.2G alloc / 70.1G reserved of 80.0G  retries 3  OOMs 0'
+        """
+        if self.gpu_peak_reserved is None and self.gpu_peak_allocated is None:
+            return None
+        gb = lambda v: "-" if v is None else f"{v / 1e9:.1f}G"  # noqa: E731
+        return (f"g{self.replica_group} r{self.rank} {self.node[:9]}  GPU peak {gb(self.gpu_peak_allocated)} alloc / "
+                f"{gb(self.gpu_peak_reserved)} reserved of {gb(self.gpu_mem_total)}  "
+                f"retries {self.gpu_alloc_retries or 0:.0f}  OOMs {self.gpu_ooms or 0:.0f}")
 
     def badness(self) -> tuple:
         """Sort key for "worst first": down, then a stale heartbeat, then the slowest step."""
