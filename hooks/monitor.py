@@ -446,6 +446,15 @@ class Monitor:
                 raise ValueError(f"{name} cannot go down (amount {amount})")
             self.state.extra_counters[name] = self.state.extra_counters.get(name, 0.0) + float(amount)
 
+    def add_data_wait(self, seconds: float) -> None:
+        """Count `seconds` the loop spent waiting for its next batch, for a loop that times its own
+        fetches (a framework's loop, where `wrap` cannot reach the loader); it lands on the step
+        that is running or about to run, as a `wrap`ped loader's wait does. Costs one addition."""
+        with self.errors.guard("add_data_wait"):
+            if not math.isfinite(seconds) or seconds < 0:
+                raise ValueError(f"a data wait of {seconds} s")
+            self._add_wait(float(seconds))
+
     def set_compute_budget(self, parameters: int, total_steps: int = 0, data_parallel: int = 1) -> None:
         """Export tokens per parameter, now and planned at `total_steps` (see watchtower.compute_budget).
 
