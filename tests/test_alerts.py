@@ -6,7 +6,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -17,6 +19,9 @@ from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_for_rule_eval
 from watchtower.metric_catalog import declared_series
 from watchtower.alerting_stack import AlertingStack
 from watchtower.prometheus_config import Target
+from watchtower.supervisor.alert_contract import CRASH_LOOP, DIRECT_ALERTS, GROUP_FAILED, PAGED_REASONS
+from watchtower.supervisor.direct_alerts import POST_TIMEOUT_S, DirectAlerts
+from watchtower.supervisor.errors import StageErrors
 
 ALERTS = REPO / "alerts"
 PROMTOOL, AMTOOL = shutil.which("promtool"), shutil.which("amtool")
@@ -221,3 +226,79 @@ def test_the_alerting_stack_is_reached_directly_under_an_http_proxy(tmp_path, mo
         assert stack.prometheus_api("/api/v1/query", query="vector(1)")["result"][0]["value"][1] == "1"
         stack.post_alerts([{"labels": {"alertname": "ProxyCheck"}}])
         assert any(a["labels"]["alertname"] == "ProxyCheck" for a in stack.alertmanager_alerts())
+
+
+# ---- issue 14, item 4: the supervisor pages through Alertmanager itself ---------------------------
+
+def test_the_rules_the_supervisor_also_posts_carry_the_contracts_severity_annotations_and_reasons():
+    """Alertmanager merges the supervisor's post and Prometheus's alert only when their labels are
+    equal (the promtool tests in alerts/tests/supervisor_test.yml show each rule keeps exactly the
+    contract's labels), and the page reads the same whichever path came first."""
+    rules = {r["alert"]: r for g in yaml.safe_load((ALERTS / "rules.yml").read_text())["groups"]
+             for r in g["rules"] if "alert" in r}
+    for spec in DIRECT_ALERTS:
+        rule = rules[spec.alertname]
+        assert rule["labels"] == {"severity": spec.severity}, spec.alertname
+        assert rule["annotations"] == {"summary": spec.summary, "runbook_url": spec.runbook}, spec.alertname
+        assert f"max by ({', '.join(spec.keys)})" in rule["expr"], spec.alertname
+    assert f'reason=~"{"|".join(PAGED_REASONS)}"' in rules[GROUP_FAILED.alertname]["expr"]
+
+
+def test_a_killed_group_pages_directly_through_a_real_alertmanager_and_merges_with_the_rule(tmp_path):
+    """A dead group paged a scrape and a rule evaluation later (15-20 s at 5 s intervals). With
+    [supervisor] alertmanager_url the supervisor posts the alert the moment it decides: the page
+    carries the rule's labels plus the event as its description (only the direct path sets one,
+    so this page came through it), and once Prometheus fires the same rule Alertmanager holds one
+    alert, not two."""
+    from test_supervisor_shell import SleepingLauncher
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.jobfile import job_toml
+    from watchtower.supervisor.shell import Supervisor
+
+    job_dir = tmp_path / "job"
+    with AlertingStack(tmp_path / "stack", interval="1s", supervisor_targets_file=job_dir / "supervisor_targets.json") \
+            as stack:
+        path = tmp_path / "job.toml"
+        path.write_text(job_toml({"name": "direct", "trainer_config": "tiny", "output_dir": str(job_dir)},
+                                 {"nodes": ["n0", "n1", "n2"], "active_groups": 1, "spare_groups": 1},
+                                 {"metrics_port": free_port(), "metrics_bind": "127.0.0.1", "base_port": free_port(),
+                                  "alertmanager_url": stack.alertmanager_url, "startup_grace_s": 3600}))
+        job, trainer = load_job(str(path))
+        sup = Supervisor(job, trainer, SleepingLauncher(job_dir / "nodes"))
+        try:
+            sup.start()
+            sup.poll_once()  # launches g0000 (active) and g0001 (spare); the groups only sleep
+            wait_until(lambda: sup.poll_once() or stack.prometheus_api("/api/v1/query", query=(
+                'watchtower_supervisor_failures_total{run="direct", reason="exit"}'))["result"],
+                "Prometheus's first scrape of the supervisor (the rule needs the counter before the failure)")
+            os.killpg(sup.groups["g0000"].process.pid, signal.SIGKILL)
+            page = wait_until(lambda: sup.poll_once() or stack.pager.find("WatchtowerGroupFailed", run="direct"),
+                              "the direct page of g0000's death")
+            assert page["labels"] == {"alertname": "WatchtowerGroupFailed", "severity": "page", "run": "direct",
+                                      "reason": "exit"}
+            assert page["annotations"]["summary"] == "A replica group of run direct failed (exit): the supervisor " \
+                                                     "replaces it"
+            assert page["annotations"]["description"].startswith("g0000 on n0 failed (exit"), page["annotations"]
+            wait_until(lambda: sup.poll_once() or [a for a in stack.prometheus_alerts(alertname="WatchtowerGroupFailed")
+                                                    if a["state"] == "firing"], "the rule firing too")
+            held = [a for a in stack.alertmanager_alerts() if a["labels"]["alertname"] == "WatchtowerGroupFailed"
+                    and a["status"]["state"] == "active"]
+            assert len(held) == 1 and held[0]["labels"] == page["labels"], held
+            assert sup.errors.snapshot()["alertmanager"] == 0
+        finally:
+            sup.shutdown()
+
+
+def test_an_alertmanager_that_does_not_answer_is_counted_and_never_holds_the_loop():
+    """A post goes out on its own thread: the loop only queues. One that fails (here: a server that
+    accepts and never answers) is counted under stage "alertmanager"."""
+    errors = StageErrors()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        alerts = DirectAlerts(f"http://127.0.0.1:{silent.getsockname()[1]}", errors.record)
+        started = time.monotonic()
+        alerts.fire(CRASH_LOOP, time.time(), {"run": "r"}, "stopped")
+        assert time.monotonic() - started < POST_TIMEOUT_S, "fire() waited for the post"
+        wait_until(lambda: errors.snapshot()["alertmanager"] == 1, "the timed-out post counted", interval=0.1)
+        alerts.close(timeout_s=0)

@@ -22,6 +22,7 @@ from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.contract import ReplicaConfig, group_config, write_group_config
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.direct_alerts import SupervisorPages, direct_alerts
 from watchtower.supervisor.forensics import Forensics, Incident
 from watchtower.supervisor.launcher import GroupSpec, Launcher
 from watchtower.supervisor.lighthouse import Lighthouse
@@ -87,6 +88,8 @@ class Executor:
         self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s)
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
         self._captures: list[Capture] = []
+        self.pages = SupervisorPages(job.job.name, job.cluster.spare_groups,
+                                     direct_alerts(job.supervisor.alertmanager_url, errors.record))
         self._do = {Launch: ("launch", self.launch), Capture: ("capture", self.capture), Kill: ("kill", self.kill),
                     RestartLighthouse: ("lighthouse", self.restart_lighthouse), DrainNode: ("events", self.drained),
                     RestartFromCheckpoint: ("events", self.restart_from_checkpoint),
@@ -186,6 +189,8 @@ class Executor:
             return
         self.stats.crash_loop = a.code == EXIT_CRASH_LOOP
         self.events.emit("job_stopped", a.message, exit_code=a.code)
+        if self.stats.crash_loop:
+            self.pages.crash_loop(time.time(), a.message)
 
     # ---- records: events and counters ---------------------------------------------------------
 
@@ -198,11 +203,12 @@ class Executor:
         verdict = "node drained" if f.blamed else "node kept" + ("" if f.counted else ", not counted")
         incident = self.incidents.pop(f.replica_id, None)
         stuck = f"; {incident.verdict}" if incident else ""
-        self.events.emit("group_failed", f"{f.replica_id} on {f.node} failed ({f.kind.value}{code}) at step {f.step}"
+        record = self.events.emit("group_failed", f"{f.replica_id} on {f.node} failed ({f.kind.value}{code}) at step {f.step}"
                          f"{stuck}; {verdict}", replica_id=f.replica_id, node=f.node, reason=f.kind.value,
                          exit_code=f.exit_code, step=f.step, drained=f.blamed, counted=f.counted,
                          log_tail=group.process.log_tail(LOG_TAIL_LINES) if group else [],
                          **({"error": f.detail} if f.detail else {}), **(incident_fields(incident)))
+        self.pages.group_failed(f, record["message"])
 
     def drained(self, a: DrainNode, now: float) -> None:
         self.events.emit("node_drained", f"{a.node} drained ({a.reason}): no new group starts there",
@@ -226,8 +232,9 @@ class Executor:
                          replica_id=a.replica_id, node=a.node)
 
     def spares_exhausted(self, a: SparesExhausted, now: float) -> None:
-        self.events.emit("spares_exhausted", f"no free node to start {a.missing} more group(s) ({a.reason.value})",
-                         reason=a.reason.value, missing=a.missing)
+        record = self.events.emit("spares_exhausted", f"no free node to start {a.missing} more group(s) "
+                                  f"({a.reason.value})", reason=a.reason.value, missing=a.missing)
+        self.pages.spares_exhausted(now, record["message"])
 
     def drain_rejected(self, a: DrainRejected, now: float) -> None:
         self.events.emit("drain_rejected", f"drain request {a.name!r} ignored: the name {a.why}", name=a.name,

@@ -134,7 +134,11 @@ class SupervisorSection:
         so Prometheus scrapes the reason and the page goes out before the process is gone.
     capture_timeout_s: before a hung group is killed, every rank's Python stack is read into
         `incidents/<id>/` (py-spy, else faulthandler); all ranks together get at most this long, then
-        the kill goes ahead whatever was read. 0: no capture (kill at once)."""
+        the kill goes ahead whatever was read. 0: no capture (kill at once).
+    alertmanager_url: e.g. http://alertmanager:9093. Set, the supervisor posts its own alerts (a group
+        failed, spares exhausted, crash loop) straight to Alertmanager's v2 API within a poll, with
+        the labels the Prometheus rules use (Alertmanager merges the two); empty: Prometheus only.
+        Risk: a second path that pages, so keep the rules and this in step (alert_contract.py)."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
@@ -151,6 +155,7 @@ class SupervisorSection:
     poll_interval_s: float = 0.2
     linger_s: float = 60.0
     capture_timeout_s: float = 10.0
+    alertmanager_url: str = ""
 
     def __post_init__(self) -> None:
         require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
@@ -172,6 +177,9 @@ class SupervisorSection:
         require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
         require(0 <= self.capture_timeout_s <= 60, "capture_timeout_s", self.capture_timeout_s,
                 "must be 0..60 seconds (0: no stack capture); it delays the kill of a hung group")
+        require(not self.alertmanager_url or self.alertmanager_url.startswith(("http://", "https://")),
+                "alertmanager_url", self.alertmanager_url, "must be Alertmanager's URL, like http://127.0.0.1:9093 "
+                "(empty: no direct alerts)")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
 
     def budget(self) -> FailureBudget:

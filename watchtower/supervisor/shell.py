@@ -144,6 +144,8 @@ class Supervisor:
             del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch
         self.stats.job_step = max(self.stats.job_step, self.state.job_step)
         code = self.executor.run(actions, now)
+        with self.errors.guard("alertmanager"):  # only queues: the posts go out on their own thread
+            self.executor.pages.poll(time.time(), self.state.short_of_nodes)
         with self.errors.guard("metrics"):
             self.stats.track(time.time(), self.groups, self.stats.job_step, self.events)
         self._emit(view)
@@ -223,6 +225,7 @@ class Supervisor:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+        self.executor.pages.alerts.close()  # the last pages (a crash loop) leave first, within a bound
         self.lock.release()
 
     # ---- reporting --------------------------------------------------------------------------------
