@@ -3,6 +3,8 @@ create (no marker file) is refused before anything starts, with exit 2 and one l
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from watchtower import cli
@@ -42,7 +44,7 @@ def test_demo_refuses_any_other_existing_path(tmp_path, capsys, kind):
 
 def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monkeypatch, capsys):
     path = tmp_path / "demo"
-    cli.claim_demo_dir(path)  # what a first demo did: created it, with its marker
+    cli.claim_demo_dir(path).release()  # what a first demo did: created it, with its marker, and ended
     (path / "events.jsonl").write_text("{}\n")
     (path / "group-0").mkdir()
     seen = []
@@ -50,8 +52,9 @@ def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monk
     class Finished:
         """Stands in for the Supervisor: records what the demo handed it, runs nothing."""
 
-        def __init__(self, job, trainer):
+        def __init__(self, job, trainer, lock):
             seen.append(sorted(p.name for p in job.job.output_path.iterdir()))
+            lock.release()
             self.events = type("Events", (), {"events": []})()
 
         def install_signal_handlers(self) -> None:
@@ -66,4 +69,23 @@ def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monk
 
     monkeypatch.setattr(supervisor, "Supervisor", Finished)
     assert cli.main(["demo", "--output-dir", str(path)]) == 0, capsys.readouterr().err
-    assert seen == [[cli.DEMO_MARKER]], "the next demo starts fresh in the same place"
+    assert seen == [[cli.DEMO_MARKER, "supervisor.lock"]], "the next demo starts fresh in the same place"
+
+
+def test_a_second_demo_refuses_the_directory_of_a_live_demo(tmp_path, capsys):
+    """Review 12, F1: a second demo deleted a running demo's directory (events, lock, checkpoints)
+    before taking the lock, then ran beside it with the same group ids in the same tree. Now the lock
+    comes first: while the first demo holds it, the second refuses, one line, exit 2, touching nothing."""
+    path = tmp_path / "demo"
+    live = cli.claim_demo_dir(path)  # the first demo, still running: it holds the lock
+    try:
+        (path / "events.jsonl").write_text('{"event": "job_started"}\n')
+        before = sorted(p.name for p in path.iterdir())
+        assert cli.main(["demo", "--output-dir", str(path)]) == cli.EXIT_CONFIG
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("config error: --output-dir = "), lines
+        assert f"live supervisor (pid {os.getpid()})" in lines[0], lines
+        assert sorted(p.name for p in path.iterdir()) == before
+        assert (path / "events.jsonl").read_text() == '{"event": "job_started"}\n'
+    finally:
+        live.release()

@@ -126,20 +126,30 @@ def check_demo_dir(path: Path) -> None:
         raise ConfigError("--output-dir", str(path), f"cannot be created: {blocking} is not a directory")
 
 
-def claim_demo_dir(path: Path) -> None:
-    """An empty output directory for the demo, carrying the marker that says the demo made it.
+def claim_demo_dir(path: Path) -> JobDirLock:
+    """An empty output directory for the demo, carrying the marker that says the demo made it, and
+    locked (the supervisor's own lock, handed to it) before anything in it is touched.
 
-    The demo starts fresh, so it deletes an earlier demo's directory; it deletes nothing else. A path
-    that exists without the marker (a user's results, an empty directory, a file) is refused.
+    The demo starts fresh, so it empties an earlier demo's directory; it deletes nothing else. A path
+    that exists without the marker (a user's results, an empty directory, a file) is refused; so is a
+    demo's directory whose demo is still running (its supervisor holds the lock): deleting it would
+    leave that demo writing into a tree a second demo runs in, with the same group ids.
     """
+    from watchtower.supervisor.lock import LOCK_FILE, JobDirLock
+
     check_demo_dir(path)
-    if path.exists():
-        shutil.rmtree(path)
     try:
-        path.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # no permission
         raise ConfigError("--output-dir", str(path), f"cannot be created: {err.strerror}") from None
+    lock = JobDirLock(path, key="--output-dir")  # a live demo there: refused, nothing deleted
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif child.name != LOCK_FILE:
+            child.unlink()
     (path / DEMO_MARKER).write_text("made by `watchtower demo`; the next demo deletes this directory\n")
+    return lock
 
 
 def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
@@ -155,13 +165,13 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     if args.output_dir:
         check_demo_dir(Path(args.output_dir))
     job, trainer = load_job(job_path, overrides)
-    claim_demo_dir(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
+    lock = claim_demo_dir(job.job.output_path)  # a demo starts fresh: no resume from an earlier demo
     print(f"watchtower demo: {job.cluster.active_groups} replica groups + {job.cluster.spare_groups} hot spare "
           f"of the tiny trainer on CPU (torchft, Gloo), {trainer.train.steps} steps; fault: {', '.join(job.job.inject)}")
     print(f"  supervisor metrics: http://127.0.0.1:{job.supervisor.metrics_port}/metrics   ranks: see "
           f"{job.job.output_path / 'targets.json'}   events: {job.job.output_path / 'events.jsonl'}")
     print(f"  watch it live from another terminal: watchtower tui --targets-file {job.job.output_path / 'targets.json'}")
-    supervisor = Supervisor(job, trainer)
+    supervisor = Supervisor(job, trainer, lock=lock)  # the lock held since the directory was emptied
     supervisor.install_signal_handlers()
     code = supervisor.run()
     print("\nwhat happened")

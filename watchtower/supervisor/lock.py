@@ -19,7 +19,8 @@ LOCK_FILE = "supervisor.lock"
 
 
 class JobDirLock:
-    """Claim `out` for this process; a live holder makes it a ConfigError naming its pid (exit 2).
+    """Claim `out` for this process; a live holder makes it a ConfigError naming its pid (exit 2)
+    and `key`, the setting the user gave the directory with (`--output-dir` for the demo).
 
     >>> import tempfile, pathlib
     >>> out = pathlib.Path(tempfile.mkdtemp())
@@ -31,7 +32,7 @@ class JobDirLock:
     >>> mine.release(); JobDirLock(out).release()
     """
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, key: str = "job.output_dir"):
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / LOCK_FILE
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -40,8 +41,8 @@ class JobDirLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ConfigError("job.output_dir", str(out), f"is being supervised by a live supervisor (pid {holder}); "
-                              "stop it first or give another output_dir") from None
+            raise ConfigError(key, str(out), f"is being supervised by a live supervisor (pid {holder}); "
+                              "stop it first or give another output directory") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd: int | None = fd

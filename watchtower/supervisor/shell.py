@@ -58,10 +58,11 @@ class Supervisor:
     """One job. `Supervisor(job, trainer).run()` returns the exit code; the constructor claims the
     output directory (a ConfigError if a live supervisor holds it)."""
 
-    def __init__(self, job: JobConfig, trainer: TrainConfig, launcher: Launcher | None = None):
+    def __init__(self, job: JobConfig, trainer: TrainConfig, launcher: Launcher | None = None,
+                 lock: JobDirLock | None = None):
         self.job, self.cfg = job, job.supervisor
         self.out = job.job.output_path
-        self.lock = JobDirLock(self.out)
+        self.lock = lock or JobDirLock(self.out)  # `lock`: already held on `out` (the demo empties it first)
         (self.out / "drain").mkdir(exist_ok=True)
         self.run_name = job.job.name
         self.policy_cfg = job.policy()
