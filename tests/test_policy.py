@@ -305,8 +305,17 @@ CASES = [
            ("launch", "a", "active", "spare"), ("launch", "b", "spare", "spare")]],
          cfg=budget(max_failures=2)),
     Case("a_lighthouse_that_keeps_dying_spends_the_budget",
-         [View(NOW, pool(), lighthouse=DOWN), View(NOW + 1, pool(NOW + 1), lighthouse=DOWN)],
-         [[("lighthouse",)], [("lighthouse",), ("stop", 3, "crash loop")]], cfg=budget(max_failures=2)),
+         [View(NOW, pool(), lighthouse=DOWN), View(NOW + 1, pool(NOW + 1)), View(NOW + 2, pool(NOW + 2), lighthouse=DOWN)],
+         [[("lighthouse",)], [], [("lighthouse",), ("stop", 3, "crash loop")]], cfg=budget(max_failures=2)),
+    # Review 12, F5: a restart that failed (its port taken) was a new counted failure at every poll: a
+    # healthy job stopped as a "crash loop" in seconds. One outage is one failure, retried with backoff.
+    Case("a_lighthouse_that_cannot_be_restarted_is_one_failure_not_a_crash_loop",
+         [View(NOW + t, pool(NOW + t), lighthouse=DOWN) for t in (0, 0.5, 1, 2, 3, 5, 7, 14, 15, 31, 60, 61)],
+         [[("lighthouse",)], [], [("lighthouse",)], [], [("lighthouse",)], [], [("lighthouse",)], [],  # 1, 2, 4 s
+          [("lighthouse",)], [("lighthouse",)], [], [("lighthouse",)]], cfg=budget(max_failures=2)),  # 8, 16, 30
+    Case("a_lighthouse_down_past_its_restart_timeout_stops_the_job_saying_so",
+         [View(NOW, pool(), lighthouse=DOWN), View(NOW + 301, pool(NOW + 301), lighthouse=DOWN)],
+         [[("lighthouse",)], [("stop", 5, "the Lighthouse has been down for 301 s through 1 restarts")]]),
     # A launch the launcher failed (its OSError on the node) was only counted as a shell error: the next
     # poll ordered the same launch on the same free node, forever, and no budget was spent. It is now a
     # failure of its node: drained, counted, the retry goes elsewhere.

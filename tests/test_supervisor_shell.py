@@ -16,6 +16,7 @@ import pytest
 
 from conftest import free_port, samples, scrape_text, value
 from served_text import ServedText
+from waiting import wait_until
 from watchtower.orphan_guard import guarded
 from watchtower.prometheus_config import Target, write_file_sd
 from watchtower.supervisor import contract, metrics as supervisor_metrics
@@ -221,6 +222,31 @@ def test_a_stopped_lighthouse_is_restarted_on_the_same_address(supervisor):
     kinds = [e["event"] for e in supervisor.events.events]
     assert "lighthouse_restarted" in kinds and "node_drained" not in kinds and "group_failed" not in kinds
     assert supervisor.stats.restarts["lighthouse"] == 1
+
+
+def test_a_lighthouse_restart_that_keeps_failing_counts_one_failure_and_recovers_when_it_can_bind(supervisor,
+                                                                                                   monkeypatch):
+    """Review 12, F5: each poll that found the Lighthouse still down (its restart raising: the port
+    taken) counted a new failure, so a healthy job stopped as a crash loop within seconds. Now the
+    outage counts once, restarts are retried with backoff, and it comes back once it can bind."""
+    supervisor.poll_once()
+    supervisor.lighthouse.stop()
+    restart = supervisor.lighthouse.restart
+
+    def port_taken():
+        raise RuntimeError("Address already in use (os error 98)")
+
+    monkeypatch.setattr(supervisor.lighthouse, "restart", port_taken)
+    codes = []
+    wait_until(lambda: codes.append(supervisor.poll_once()) or supervisor.errors.snapshot()["lighthouse"] >= 3,
+               "a third restart of the Lighthouse, 1 + 2 s of backoff later")
+    assert set(codes) == {None} and len(codes) > supervisor.policy_cfg.budget.max_failures, codes
+    assert supervisor.stats.failures["lighthouse"] == 1 and not supervisor.stats.crash_loop
+    assert all(g.process.poll() is None for g in supervisor.groups.values())
+    monkeypatch.setattr(supervisor.lighthouse, "restart", restart)  # the port is free again
+    wait_until(lambda: supervisor.poll_once() is None and supervisor.lighthouse.up(), "the Lighthouse back up")
+    assert value(samples(scrape_text(supervisor.metrics_port)), "watchtower_supervisor_failures_total",
+                 reason="lighthouse") == 1
 
 
 def test_the_launch_config_file_is_all_a_group_is_told(tmp_path):

@@ -29,8 +29,9 @@ from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
-    Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint, RestartLighthouse, SparesExhausted, Stop)
+    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
+    GroupFailed, GroupFinished, Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
+    RestartLighthouse, SparesExhausted, Stop)
 
 log = logging.getLogger("watchtower.supervisor")
 
@@ -85,6 +86,7 @@ class Executor:
         self.node_index = {n: i for i, n in enumerate(job.cluster.nodes)}
         self.launch_failures: list[LaunchFailure] = []  # for the next View; the loop takes them
         self._head_errors: set[object] = set()  # the distinct errors preparing a launch, each reported once
+        self.lighthouse_error = ""  # the last failed Lighthouse restart's, for a stop that gives up on it
         self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s)
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
         self._captures: list[Capture] = []
@@ -175,9 +177,16 @@ class Executor:
         self.stats.timeline.killed(a.replica_id, time.time())
 
     def restart_lighthouse(self, a: RestartLighthouse, now: float) -> None:
+        """The outage's first attempt counts its one failure; a restart that raises is counted under
+        stage "lighthouse" and its error kept for the stop message if the policy gives up."""
         lighthouse = self.lighthouse()
-        self.stats.failures[FailureKind.LIGHTHOUSE.value] += 1
-        lighthouse.restart()
+        if a.attempt == 1:
+            self.stats.failures[FailureKind.LIGHTHOUSE.value] += 1
+        try:
+            lighthouse.restart()
+        except Exception as err:
+            self.lighthouse_error = one_line(err)
+            raise
         self.stats.restarts["lighthouse"] += 1
         self.events.emit("lighthouse_restarted", f"the Lighthouse stopped answering; restarted on {lighthouse.url}; "
                          f"group failures in the next {self.job.supervisor.lighthouse_grace_s:g}s blame no node",
@@ -188,7 +197,8 @@ class Executor:
             self.events.emit("job_finished", a.message, step=self.stats.job_step)
             return
         self.stats.crash_loop = a.code == EXIT_CRASH_LOOP
-        self.events.emit("job_stopped", a.message, exit_code=a.code)
+        last = f"; last error: {self.lighthouse_error}" if a.code == EXIT_LIGHTHOUSE and self.lighthouse_error else ""
+        self.events.emit("job_stopped", a.message + last, exit_code=a.code)
         if self.stats.crash_loop:
             self.pages.crash_loop(time.time(), a.message)
 

@@ -128,6 +128,9 @@ class SupervisorSection:
         across restarts); use the head node's address when groups run on other machines.
     lighthouse_grace_s: after the Lighthouse is seen down (and restarted), group failures for this long
         are its fault: no node is drained, no budget spent. Keep it above ft_timeout_s.
+    lighthouse_restart_timeout_s: a Lighthouse that stays down (each restart fails: its port was taken)
+        is restarted again 1, 2, 4 ... 30 s apart, one counted failure for the whole outage; down this
+        long, the job stops (exit 5). No quorum forms meanwhile, so nothing trains.
     base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
         writes where it really serves); the supervisor serves on metrics_bind:metrics_port (0: not at all).
     linger_s: after a stop that needs a person (crash loop, no nodes left) keep /metrics up this long,
@@ -149,6 +152,7 @@ class SupervisorSection:
     lighthouse_bind: str = "127.0.0.1:0"
     lighthouse_grace_s: float = 30.0
     ft_timeout_s: float = 10.0
+    lighthouse_restart_timeout_s: float = 300.0
     base_port: int = 9400
     metrics_port: int = 9390
     metrics_bind: str = "0.0.0.0"
@@ -171,6 +175,8 @@ class SupervisorSection:
         require(self.lighthouse_heartbeat_timeout_ms >= 100, "lighthouse_heartbeat_timeout_ms",
                 self.lighthouse_heartbeat_timeout_ms, "must be >= 100 ms")
         require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
+        require(self.lighthouse_restart_timeout_s > 0, "lighthouse_restart_timeout_s",
+                self.lighthouse_restart_timeout_s, "must be > 0 seconds")
         require(1024 <= self.base_port <= 65000, "base_port", self.base_port,
                 "must be a TCP port in 1024..65000: the supervisor watches every rank through /metrics")
         require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be a TCP port (0: none)")
@@ -199,7 +205,8 @@ class JobConfig:
         return PolicyConfig(nodes=tuple(c.nodes), active_groups=c.active_groups, spare_groups=c.spare_groups,
                             exclude=tuple(c.exclude), heartbeat_timeout_s=s.heartbeat_timeout_s,
                             startup_grace_s=s.startup_grace_s, lighthouse_grace_s=s.lighthouse_grace_s,
-                            ft_timeout_s=s.ft_timeout_s, budget=s.budget())
+                            ft_timeout_s=s.ft_timeout_s, lighthouse_restart_timeout_s=s.lighthouse_restart_timeout_s,
+                            budget=s.budget())
 
     def trainer_overrides(self) -> list[tuple[str, Any]]:
         pairs = [tuple(item.split("=", 1)) for item in self.job.train_overrides]

@@ -13,8 +13,10 @@ Each poll, in this order (the reasons are in the functions below):
      poll, forever); one the head could not prepare (its own disk) is only ordered again.
   -  nodes that failed the health gate (`View.unhealthy_nodes`, see health.py): retired for the
      job's life, reported once; no failure is recorded, so no budget is spent and nobody is restarted.
-  1. the Lighthouse seen down → restart it; the failures of the next `lighthouse_grace_s` are quorum
-     timeouts: recorded, but they drain no node and spend no budget, and hangs are not judged.
+  1. the Lighthouse seen down → restart it: one counted failure per outage, retried with backoff,
+     exit 5 if still down after `lighthouse_restart_timeout_s`. The failures of the next
+     `lighthouse_grace_s` are quorum timeouts: recorded, but they drain no node and spend no budget,
+     and hangs are not judged.
   2. exits: 0 means the job is finished; 2 (EXIT_CONFIG) is the trainer refusing its config, which
      every restart would refuse again: stop at once with exit 2, no node drained; any other code
      drains the group's node (torchft promotes a spare by itself within one Lighthouse heartbeat timeout).
@@ -38,12 +40,13 @@ from watchtower.supervisor.failure_budget import budget_verdict
 from watchtower.supervisor.hangs import hung_groups, silence_s  # noqa: F401 (silence_s: re-exported)
 from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_groups  # noqa: F401 (node_states: re-exported)
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished,
-    GroupState, GroupView, Kill, LighthouseHealth, NodeUnhealthy, PolicyConfig, PolicyState, RestartLighthouse, Stop, View,
-    node_name_problem)
+    EXIT_CRASH_LOOP, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed,
+    GroupFinished, GroupState, GroupView, Kill, LighthouseHealth, NodeUnhealthy, Outage, PolicyConfig, PolicyState,
+    RestartLighthouse, Stop, View, node_name_problem)
 from watchtower.validation import EXIT_CONFIG
 
 _BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
+LIGHTHOUSE_RETRY_MAX_S = 30.0  # the longest wait between two restarts of a Lighthouse that stays down
 
 
 def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicyState, list[Action]]:
@@ -63,6 +66,8 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
     state = _note_failed_launches(state, view, out)
     state = _exclude_unhealthy(state, view, cfg, out)
     state = _watch_lighthouse(state, view, cfg, out)
+    if out and isinstance(out[-1], Stop):
+        return state, out  # the Lighthouse cannot be restarted
     state = _note_exits(state, view, out)
     if out and isinstance(out[-1], Stop):
         return state, out  # a group refused its config
@@ -126,12 +131,28 @@ def _note_failed_launches(state: PolicyState, view: View, out: list[Action]) -> 
 
 
 def _watch_lighthouse(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """One outage (down until seen up again) is one counted failure, however many restarts it takes:
+    a restart that fails (its port taken) is tried again 1, 2, 4 ... 30 s apart, not counted again at
+    every poll (six polls were a "crash loop" in a second). Down past lighthouse_restart_timeout_s it
+    will not come back by itself: stop, exit 5, saying so. While it is down and for
+    lighthouse_grace_s after, group failures are its fault (quorum timeouts)."""
+    o = state.lighthouse_outage
     if view.lighthouse is LighthouseHealth.UP:
-        return state
-    out.append(RestartLighthouse())
-    died = Failure(view.now, "", None, FailureKind.LIGHTHOUSE, None, state.job_step, view.now,
-                   counted=True, blamed=False)
-    return replace(state, failures=state.failures + (died,), excuse_until=view.now + cfg.lighthouse_grace_s)
+        return replace(state, lighthouse_outage=None) if o else state
+    state = replace(state, excuse_until=view.now + cfg.lighthouse_grace_s)
+    if o is None:
+        out.append(RestartLighthouse(1))
+        died = Failure(view.now, "", None, FailureKind.LIGHTHOUSE, None, state.job_step, view.now,
+                       counted=True, blamed=False)
+        return replace(state, failures=state.failures + (died,), lighthouse_outage=Outage(view.now, 1, view.now + 1))
+    if view.now - o.since > cfg.lighthouse_restart_timeout_s:
+        out.append(Stop(EXIT_LIGHTHOUSE, f"the Lighthouse has been down for {view.now - o.since:.0f} s through "
+                        f"{o.tries} restarts: it cannot serve where it listened (supervisor.lighthouse_bind)"))
+    elif view.now >= o.next_try:
+        out.append(RestartLighthouse(o.tries + 1))
+        delay = min(2.0 ** o.tries, LIGHTHOUSE_RETRY_MAX_S)
+        state = replace(state, lighthouse_outage=Outage(o.since, o.tries + 1, view.now + delay))
+    return state
 
 
 def _note_exits(state: PolicyState, view: View, out: list[Action]) -> PolicyState:

@@ -18,7 +18,7 @@ from watchtower.supervisor.policy_view import (  # noqa: F401 (re-exported: the 
     GroupState, GroupView, LaunchFailure, LighthouseHealth, Role, View)
 from watchtower.validation import require
 
-EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES = 0, 3, 4  # EXIT_CONFIG (2) is watchtower.validation's
+EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES, EXIT_LIGHTHOUSE = 0, 3, 4, 5  # EXIT_CONFIG (2) is watchtower.validation's
 
 
 class NodeState(Enum):
@@ -68,7 +68,8 @@ def node_name_problem(name: str) -> str | None:
 class PolicyConfig:
     """nodes: every node of the job, in launch-preference order; exclude: drained from the start.
     lighthouse_grace_s: failures seen up to this long after the Lighthouse was last seen down are its
-    fault, not the nodes' (set it above the groups' quorum timeout, ft_timeout_s)."""
+    fault, not the nodes' (set it above the groups' quorum timeout, ft_timeout_s).
+    lighthouse_restart_timeout_s: a Lighthouse down this long through every restart stops the job."""
 
     nodes: tuple[str, ...]
     active_groups: int = 1
@@ -78,6 +79,7 @@ class PolicyConfig:
     startup_grace_s: float = 60.0
     lighthouse_grace_s: float = 30.0
     ft_timeout_s: float = 10.0  # torchft's quorum/collective timeout: a deadlock is not judged before it
+    lighthouse_restart_timeout_s: float = 300.0
     budget: FailureBudget = field(default_factory=FailureBudget)
 
     def __post_init__(self) -> None:
@@ -110,6 +112,16 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Outage:
+    """The Lighthouse seen down since `since` (until seen up again): `tries` restarts ordered, the
+    next not before `next_try`."""
+
+    since: float
+    tries: int
+    next_try: float
+
+
+@dataclass(frozen=True)
 class PolicyState:
     """Everything the policy remembers between polls; `PolicyState.initial(cfg)` to begin."""
 
@@ -125,6 +137,7 @@ class PolicyState:
     short_of_nodes: bool = False  # spares_exhausted reported; cleared once the pool is full
     job_step: int = 0
     live_state: bool = False  # at the last poll a running group had finished a step: progress lived in memory
+    lighthouse_outage: Outage | None = None  # the Lighthouse is down: since when, restarts tried
 
     @classmethod
     def initial(cls, cfg: PolicyConfig) -> PolicyState:
@@ -172,7 +185,7 @@ class RestartFromCheckpoint:
 
 @dataclass(frozen=True)
 class RestartLighthouse:
-    pass
+    attempt: int = 1  # 1: a new outage (the one counted failure); more: retries of the same outage
 
 
 @dataclass(frozen=True)
