@@ -318,3 +318,9 @@ def test_allocator_metrics_map_memory_stats_to_declared_per_gpu_metrics(stats, e
     assert got == expected
     assert all(ALL_METRICS[name].labels == GPU_LABELS for name in got)
 
+
+
+def test_read_allocator_reads_nothing_off_cuda():
+    from watchtower.hooks.allocator import read_allocator
+
+    assert read_allocator(torch.device("cpu")) == {}
