@@ -7,7 +7,9 @@ groups), so each test runs in seconds; tests/test_supervisor.py runs real traine
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -26,7 +28,7 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, LocalLauncher
 from watchtower.supervisor.observe import Observer
 from watchtower.supervisor.policy_types import GroupState, Role
-from watchtower.supervisor.shell import Supervisor
+from watchtower.supervisor.shell import STOP_SIGNALS, Supervisor
 
 
 class SleepingLauncher(LocalLauncher):
@@ -247,6 +249,28 @@ def test_a_lighthouse_restart_that_keeps_failing_counts_one_failure_and_recovers
     wait_until(lambda: supervisor.poll_once() is None and supervisor.lighthouse.up(), "the Lighthouse back up")
     assert value(samples(scrape_text(supervisor.metrics_port)), "watchtower_supervisor_failures_total",
                  reason="lighthouse") == 1
+
+
+def test_sighup_stops_the_job_like_sigterm_with_its_event_and_empty_targets(supervisor):
+    """Review 12, F7: SIGHUP (the terminal or ssh session of a foreground `supervise` closed) had no
+    handler: the supervisor died with no job_stopped event, and targets.json and
+    supervisor_targets.json still listed the dead ranks and itself, which paged as down."""
+    supervisor.poll_once()
+    saved = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        supervisor.install_signal_handlers()
+        assert signal.getsignal(signal.SIGHUP) == supervisor._on_signal, "SIGHUP would kill this test process"
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert supervisor._loop() == 129
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    supervisor.shutdown()
+    last = supervisor.events.events[-1]
+    assert (last["event"], last["signal"], last["exit_code"]) == ("job_stopped", "SIGHUP", 129)
+    assert all(g.process.poll() is not None for g in supervisor.groups.values())
+    for name in ("targets.json", "supervisor_targets.json"):
+        assert json.loads((supervisor.out / name).read_text()) == [], name
 
 
 def test_the_launch_config_file_is_all_a_group_is_told(tmp_path):

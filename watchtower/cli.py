@@ -206,7 +206,7 @@ def cmd_supervise(args: argparse.Namespace, rest: list[str], argv: list[str]) ->
 
         job, launcher = attach_to_allocation(job, trainer.train.tp, trainer.data.cache_dir)
     supervisor = Supervisor(job, trainer, launcher)  # claims the output dir: a live supervisor there is refused (exit 2)
-    supervisor.install_signal_handlers()  # SIGTERM / SIGINT: stop every group and the Lighthouse, exit 143 / 130
+    supervisor.install_signal_handlers()  # SIGTERM / SIGINT / SIGHUP: stop every group and the Lighthouse, exit 128+N
     print(f"watchtower supervise: {job.job.name}: {job.cluster.active_groups} active + "
           f"{job.cluster.spare_groups} spare groups of TP={trainer.train.tp} on {len(job.cluster.nodes)} nodes")
     print(f"  events: {job.job.output_path / 'events.jsonl'}   targets: {job.job.output_path / 'targets.json'}")

@@ -12,9 +12,10 @@ Each observation and action runs on its own: an exception is logged once and cou
 
 No orphans: groups start through `watchtower.orphan_guard` (the kernel kills them if this process
 dies, SIGKILL and OOM included; on Slurm that is the group's `srun`, and the batch step's end takes
-the job's steps); SIGTERM / SIGINT / SIGUSR1 (scancel, Ctrl-C, Slurm's time-limit warning) stop
-every group and the Lighthouse, write a `job_stopped` event and exit 143 / 130 / 138 (a next run
-resumes from the last periodic checkpoint); a lock on the output directory refuses a second supervisor.
+the job's steps); SIGTERM / SIGINT / SIGHUP / SIGUSR1 (scancel, Ctrl-C, a closed terminal or ssh
+session, Slurm's time-limit warning) stop every group and the Lighthouse, write a `job_stopped` event,
+empty the file_sd targets and exit 143 / 130 / 129 / 138 (a next run resumes from the last periodic
+checkpoint); a lock on the output directory refuses a second supervisor.
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only rea
 
 log = logging.getLogger("watchtower.supervisor")
 
-# SIGUSR1: Slurm's warning before the time limit (`sbatch --signal=B:USR1@N`); SIGTERM: scancel
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGUSR1: Slurm's warning before the time limit (`sbatch --signal=B:USR1@N`); SIGTERM: scancel;
+# SIGHUP: the terminal or ssh session of a foreground `supervise` closed (its default, a silent death,
+# left no job_stopped event and file_sd targets of dead ranks that paged as down)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 SLEEP_SLICE_S = 0.1  # a stop signal is noticed within this, even while lingering
 
 
@@ -87,7 +90,7 @@ class Supervisor:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGINT / SIGUSR1 end the job cleanly at the next slice of the loop (main thread only)."""
+        """STOP_SIGNALS end the job cleanly at the next slice of the loop (main thread only)."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
 
