@@ -64,7 +64,7 @@ def test_demo_output_dir_of_a_previous_demo_is_emptied_and_reused(tmp_path, monk
             return 0
 
         def summary(self) -> dict:
-            return {"steps": 0, "failures": 0, "restarts": 0, "recovery_seconds": None, "goodput_ratio": 1.0,
+            return {"steps": 0, "failures": 0, "planned_drains": 0, "restarts": 0, "recovery_seconds": None, "goodput_ratio": 1.0,
                     "crash_loop": False, "wall_seconds": 0.0, "breakdown_seconds": {"productive": 0.0}}
 
     monkeypatch.setattr(supervisor, "Supervisor", Finished)

@@ -273,6 +273,17 @@ def test_sighup_stops_the_job_like_sigterm_with_its_event_and_empty_targets(supe
         assert json.loads((supervisor.out / name).read_text()) == [], name
 
 
+def test_a_planned_drain_is_not_a_failure_in_the_summary(supervisor):
+    """Review 12, F6: the summary's "failures" summed every kind, so an operator's `touch drain/n1`
+    on a healthy job printed "failures: 1"; the policy and the budget never count it."""
+    supervisor.poll_once()  # g0000 on n0, g0001 on n1
+    (supervisor.out / "drain" / "n1").touch()
+    supervisor.poll_once()
+    summary = supervisor.summary()
+    assert (summary["failures"], summary["planned_drains"]) == (0, 1), summary
+    assert supervisor.stats.failures["drained"] == 1, "failures_total{reason=drained} still shows it"
+
+
 def test_the_launch_config_file_is_all_a_group_is_told(tmp_path):
     """Nine WATCHTOWER_* variables and re-serialised --key value flags were the contract; now the
     trainer reads one file: the resolved config with the group's [replica] place. Its identity,

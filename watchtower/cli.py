@@ -323,7 +323,8 @@ def cmd_tui(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
 def print_summary(summary: dict, code: int) -> None:
     print("\nsummary")
-    print(f"  steps: {summary['steps']}   failures: {summary['failures']}   restarts: {summary['restarts']}")
+    drains = f"   planned drains: {summary['planned_drains']}" if summary["planned_drains"] else ""
+    print(f"  steps: {summary['steps']}   failures: {summary['failures']}{drains}   restarts: {summary['restarts']}")
     recovery = summary["recovery_seconds"]
     print(f"  last recovery: {'-' if recovery is None else f'{recovery:.1f}s'}   goodput: {summary['goodput_ratio']:.0%}"
           f"   exit: {code}{' (crash loop)' if summary['crash_loop'] else ''}")

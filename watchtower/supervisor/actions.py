@@ -181,7 +181,7 @@ class Executor:
         stage "lighthouse" and its error kept for the stop message if the policy gives up."""
         lighthouse = self.lighthouse()
         if a.attempt == 1:
-            self.stats.failures[FailureKind.LIGHTHOUSE.value] += 1
+            self.stats.lighthouse_outage()
         try:
             lighthouse.restart()
         except Exception as err:

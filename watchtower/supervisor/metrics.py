@@ -91,7 +91,9 @@ class JobStats:
 
     def __init__(self, started: float, active_target: int, last_step: int):
         self.started, self.active_target = started, active_target
-        self.failures: Counter[str] = Counter({kind.value: 0 for kind in FailureKind})
+        self.failures: Counter[str] = Counter({kind.value: 0 for kind in FailureKind})  # every loss, by kind
+        self.counted = 0  # the failures the budget counts: what the summary calls failures
+        self.planned_drains = 0  # operators' drains: losses, never failures
         self.restarts: Counter[str] = Counter({kind: 0 for kind in RESTART_KINDS})
         self.timeline = Timeline(started, active_target, last_step)
         self.crash_loop = False
@@ -106,8 +108,15 @@ class JobStats:
         """Count it; a lost group opens or joins an incident (a failed launch lost nothing that ran).
         `onset`: when it began (a hang: its last sign of life); None: since the previous poll."""
         self.failures[failure.kind.value] += 1
+        self.counted += failure.counted
+        self.planned_drains += failure.kind is FailureKind.DRAINED
         if failure.kind is not FailureKind.LAUNCH:
             self.timeline.failed(failure, onset, groups or {})
+
+    def lighthouse_outage(self) -> None:
+        """One counted failure per outage (the policy's own record of it has no group to report)."""
+        self.failures[FailureKind.LIGHTHOUSE.value] += 1
+        self.counted += 1
 
     def refilling(self, replica_id: str, now: float) -> None:
         self.restarts["spare"] += 1

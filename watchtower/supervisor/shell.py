@@ -235,8 +235,10 @@ class Supervisor:
     # ---- reporting --------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        counted = sum(n for kind, n in self.stats.failures.items())
-        return {"steps": self.stats.job_step, "failures": counted, "restarts": dict(self.stats.restarts),
+        """failures: those the budget counts (a planned drain or a quorum timeout the Lighthouse's
+        outage excused is not one); planned drains apart."""
+        return {"steps": self.stats.job_step, "failures": self.stats.counted,
+                "planned_drains": self.stats.planned_drains, "restarts": dict(self.stats.restarts),
                 "recovery_seconds": None if self.stats.recovery_s is None else round(self.stats.recovery_s, 2),
                 "goodput_ratio": round(self.stats.goodput(), 3), "crash_loop": self.stats.crash_loop,
                 "wall_seconds": round(self.stats.timeline.ledger.wall_s, 2),
