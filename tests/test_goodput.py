@@ -4,8 +4,12 @@ wall time. Pure: no process, no clock."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
+from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.goodput import Cause, Ledger, Phase, RankTimes, Tick, advance, detected, running_split
 from watchtower.supervisor.timeline import judge_phase
 
@@ -96,3 +100,18 @@ def test_no_step_time_explains_nothing():
 ])
 def test_phase(stepped, recovering, step, until, expected):
     assert judge_phase(stepped, recovering, step, until, last_step=100) is expected
+
+
+@pytest.mark.parametrize("poll_s", [0.2, 3.0])
+def test_goodput_does_not_depend_on_the_poll_interval(tmp_path, poll_s):
+    """Review 12, F4: JobStats credited at most 1 s of productive time per poll in which the step
+    moved, so a job that stepped the whole time reported 24% goodput with poll_interval_s = 3. Now
+    productive time is the ranks' own step time: a group stepping from the first poll on, with no
+    waits, is productive for all but that first poll's startup, whatever the poll interval."""
+    stats, events, wall = JobStats(0.0, active_target=1, last_step=10**6), EventLog(tmp_path / "events.jsonl"), 60.0
+    for i in range(1, int(wall / poll_s) + 1):
+        now = i * poll_s
+        group = SimpleNamespace(running=True, participating=True, participants=1, step=i, heartbeat=now,
+                                launched_at=0.0, times=t(step=now - poll_s))
+        stats.track(now, {"g0000": group}, i, events)
+    assert stats.goodput() == pytest.approx((wall - poll_s) / wall, abs=0.01)
