@@ -54,7 +54,7 @@ from watchtower.direct_http import open_direct
 from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
 from watchtower.hooks.allocator import ALLOCATOR_STATS
 from watchtower.hooks.flops import peak_flops_for
-from watchtower.metric_catalog import RANK_METRICS
+from watchtower.metric_catalog import RANK_LABELS, RANK_METRICS
 from watchtower.trainer.model import flops_per_token
 from watchtower.trainer.parallel import clip_grads_, grad_norm
 from watchtower.trainer.train import Trainer
@@ -184,7 +184,9 @@ def largest_micro_batch(start: int, out: str) -> tuple[int, dict[str, str]]:
             Loop(trainer).block(Monitor(MonitorConfig(enabled=False)), 3)
             tried[str(size)] = "fits"
             return size, tried
-        except torch.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err):
+                raise
             tried[str(size)] = "oom"
             say(f"micro-batch {size}: out of memory")
         finally:
@@ -194,6 +196,12 @@ def largest_micro_batch(start: int, out: str) -> tuple[int, dict[str, str]]:
             free_cuda()
         size //= 2
     raise RuntimeError(f"not even a micro-batch of 1 fits: {tried}")
+
+
+def is_oom(err: BaseException) -> bool:
+    """The allocator's OOM, or a library's failed allocation inside it (cuBLAS, cuDNN workspaces)."""
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        text in str(err) for text in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
 
 
 def measure_trainer(size: int, steps: int, out: str) -> tuple[Trainer, dict]:
@@ -366,7 +374,8 @@ def gpu_gauges(found: dict[str, list[tuple[dict, float]]]) -> dict:
         if spec.name == "watchtower_gpu_memory_used_bytes":  # used within total, on the same GPU
             total = [v for _, v in found.get("watchtower_gpu_memory_total_bytes", [])]
             ok = ok and bool(total) and max(values) <= max(total)
-        report[spec.name] = values[0] if len(values) == 1 else values
+        extra = [label for label in spec.labels if label not in RANK_LABELS]  # gpu, reason
+        report[spec.name] = {",".join(f"{k}={labels[k]}" for k in extra): v for labels, v in found[spec.name]}
         if not ok:
             implausible.append(spec.name if low is not None else f"{spec.name} (no plausible range in gpu_check)")
     return {"values": report, "missing": missing, "implausible": implausible}
@@ -519,9 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats()  # the memory part's peaks: the chosen micro-batch's
         else:
             result["throughput"] = dict(NO_CUDA)
-        if trainer is None:  # CPU, or the throughput part failed: a trainer to step all the same
-            size = None if not cuda else 1
-            trainer = Trainer(trainer_config(GPU_PRESET if cuda else CPU_PRESET, out, 10, size, cuda))
+        if trainer is None:  # CPU, or the throughput part failed: a trainer (the preset's micro-batch) all the same
+            trainer = Trainer(trainer_config(GPU_PRESET if cuda else CPU_PRESET, out, 10, None, cuda))
         try:
             result.update(monitored_parts(trainer, cuda, blocks, block_steps, args.out,
                                           search_ooms=sum(v == "oom" for v in

@@ -39,13 +39,33 @@ def test_cpu_mode_reports_gpu_parts_as_skipped_and_measures_the_rest(tmp_path):
     assert (tmp_path / "metrics.openmetrics.txt").read_text().endswith("# EOF\n")
 
 
-def test_bad_arguments_are_one_line_naming_the_flag(capsys):
+@pytest.fixture(scope="module")
+def gpu_check():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import gpu_check
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return gpu_check
+
+
+def test_bad_arguments_are_one_line_naming_the_flag(gpu_check, capsys):
     with pytest.raises(SystemExit) as exit_:
         gpu_check.main(["--blocks", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "--blocks must be >= 1" in err[0], err
+
+
+def test_gpu_gauges_report_missing_and_implausible_values(gpu_check):
+    """The GPU run's judgement, on samples a GPU could serve: used above total, a cold 0 °C reading and
+    a gauge not served at all are each named; the healthy ones are kept with their labels."""
+    gpu = {"gpu": "0"}
+    found = {"watchtower_gpu_utilization_ratio": [(gpu, 0.97)], "watchtower_gpu_memory_total_bytes": [(gpu, 8e10)],
+             "watchtower_gpu_memory_used_bytes": [(gpu, 9e10)], "watchtower_gpu_temperature_celsius": [(gpu, 0.0)],
+             "watchtower_gpu_throttled": [({"gpu": "0", "reason": "hw_slowdown"}, 0.0)]}
+    report = gpu_check.gpu_gauges(found)
+    assert report["implausible"] == ["watchtower_gpu_memory_used_bytes", "watchtower_gpu_temperature_celsius"]
+    assert "watchtower_gpu_power_watts" in report["missing"] and "watchtower_gpu_utilization_ratio" not in report["missing"]
+    assert report["values"]["watchtower_gpu_throttled"] == {"gpu=0,reason=hw_slowdown": 0.0}
+    gauges = {s.name for s in gpu_check.GPU_METRICS if s.kind == "gauge"}
+    assert gauges == set(gpu_check.PLAUSIBLE), "every GPU gauge of the catalog needs a plausible range"
