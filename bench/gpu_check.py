@@ -79,8 +79,6 @@ PLAUSIBLE = {
     "watchtower_gpu_memory_peak_reserved_bytes": (1e6, 1e12),
 }
 
-log = logging.getLogger("gpu_check")
-
 
 def say(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -347,7 +345,7 @@ def promtool_findings(text: str, om: str) -> dict:
     counters = set(re.findall(r"^# TYPE (\S+) counter$", om, re.M))
     code, lines = check(om)
     expected = {f"{c}_total no help text" for c in counters}
-    om_problems = ([f"exit 1 (parse error)"] if code == 1 else []) + [x for x in lines if x not in expected]
+    om_problems = (["exit 1 (parse error)"] if code == 1 else []) + [x for x in lines if x not in expected]
     return {"text": text_problems or "clean", "openmetrics": om_problems or "clean"}
 
 
