@@ -15,7 +15,12 @@ Figures (from the groups' train_log.jsonl rows and the supervisor's events.jsonl
   checkpoint_seconds_to_regain:  kill -> the restarted job is back at the step it had reached;
   hot_spare_seconds_to_regain:   the same for the hot-spare job (the job's next step after the kill).
 
-    python bench/recovery.py [--steps 260 --kill-at 120 --checkpoint-interval 50]
+    python bench/recovery.py [--steps 260 --kill-at 120 --checkpoint-interval 50] [--launcher slurm]
+
+--launcher slurm: the same two jobs submitted with `watchtower sbatch`, each group a Slurm job step,
+the kill a `scancel --signal=KILL` of the victims' steps (a SIGKILL of their tasks, through Slurm).
+With SLURM_CONF unset it starts the private 4-node Slurm the tests use (`slurm_testbed`) and stops it
+after; there the nodes share this machine's cores, so each rank gets one thread, as a local slot does.
 """
 
 from __future__ import annotations
@@ -29,22 +34,28 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from watchtower.launch import free_port
 from watchtower.supervisor.jobfile import job_toml
+from watchtower.supervisor.slurm import step_name, steps
+from watchtower.supervisor.slurm_testbed import SlurmTestbed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def job_file(out: Path, name: str, steps: int, interval: int, active: int, spares: int, nodes: int) -> Path:
+def job_file(out: Path, name: str, steps: int, interval: int, active: int, spares: int, nodes: int,
+             slurm: bool) -> Path:
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "train.log_interval=1",
                  "monitor.system_interval_s=2.0"]
+    cluster = {"active_groups": active, "spare_groups": spares}
+    cluster |= {"launcher": "slurm"} if slurm else {"nodes": [f"node-{i}" for i in range(nodes)]}
     path = out / f"{name}.toml"
     path.write_text(job_toml(
         {"name": name, "trainer_config": "tiny", "output_dir": str(out / name), "train_overrides": overrides},
-        {"nodes": [f"node-{i}" for i in range(nodes)], "active_groups": active, "spare_groups": spares},
-        {"base_port": free_port(), "metrics_port": 0}))
+        cluster, {"base_port": free_port(), "metrics_port": 0},
+        {"reserve_nodes": nodes - active - spares} if slurm else None))
     return path
 
 
@@ -60,28 +71,78 @@ def events(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_job(path: Path, job_dir: Path, watch: str, kill_at: int, victims: list[str]) -> float:
+class LocalRun:
+    """`watchtower supervise` here; a victim is SIGKILLed as a process group."""
+
+    def __init__(self, path: Path, job_dir: Path):
+        self.path, self.job_dir = path, job_dir
+        self.proc = subprocess.Popen([sys.executable, "-m", "watchtower.cli", "supervise", str(path)], cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, victims: list[str]) -> None:
+        pids = {e["replica_id"]: e["pid"] for e in events(self.job_dir) if e["event"] == "group_started"}
+        for victim in victims:
+            os.killpg(pids[victim], signal.SIGKILL)
+
+    def finish(self) -> None:
+        try:
+            _, err = self.proc.communicate(timeout=600)
+            if self.proc.returncode != 0:
+                raise RuntimeError(f"{self.path.name}: supervise exited {self.proc.returncode}: {err[-2000:]}")
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+class SlurmRun:
+    """`watchtower sbatch`; a victim's job step is SIGKILLed through Slurm (`scancel --signal=KILL`)."""
+
+    def __init__(self, path: Path, job_dir: Path, env: dict[str, str]):
+        self.path, self.job_dir, self.env = path, job_dir, env
+        out = subprocess.run([sys.executable, "-m", "watchtower.cli", "sbatch", str(path)], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        self.job_id = out.split()[3].rstrip(":")  # "submitted Slurm job 123: ..."
+
+    def slurm(self, *argv: str) -> str:
+        return subprocess.run(argv, env=self.env, capture_output=True, text=True, check=True).stdout
+
+    def running(self) -> bool:
+        return bool(self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%i").strip())
+
+    def kill(self, victims: list[str]) -> None:
+        listing = self.slurm("squeue", "-h", "-s", "-j", self.job_id, "-o", "%i %j %N")
+        names = {step_name(v) for v in victims}
+        self.slurm("scancel", "--signal=KILL", *[step for step, name, _ in steps(listing) if name in names])
+
+    def finish(self) -> None:
+        deadline = time.monotonic() + 600
+        while self.running():
+            if time.monotonic() > deadline:
+                self.slurm("scancel", self.job_id)
+                raise RuntimeError(f"{self.path.name}: Slurm job {self.job_id} still running after 600 s")
+            time.sleep(0.5)
+        last = events(self.job_dir)[-1]
+        if last["event"] != "job_finished":
+            raise RuntimeError(f"{self.path.name}: Slurm job {self.job_id} ended with {last}")
+
+
+def run_job(run: LocalRun | SlurmRun, watch: str, kill_at: int, victims: list[str]) -> float:
     """Run the job; SIGKILL `victims` (replica ids) once `watch` logged step `kill_at`. Returns the kill time."""
-    proc = subprocess.Popen([sys.executable, "-m", "watchtower.cli", "supervise", str(path)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     killed_at = None
     try:
         deadline = time.monotonic() + 400
         while killed_at is None:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"{path.name}: {watch} never reached step {kill_at}")
-            if any(r["step"] >= kill_at for r in rows(job_dir, watch)):
-                pids = {e["replica_id"]: e["pid"] for e in events(job_dir) if e["event"] == "group_started"}
+            if time.monotonic() > deadline or not run.running():
+                raise RuntimeError(f"{run.path.name}: {watch} never reached step {kill_at}")
+            if any(r["step"] >= kill_at for r in rows(run.job_dir, watch)):
                 killed_at = time.time()
-                for victim in victims:
-                    os.killpg(pids[victim], signal.SIGKILL)
+                run.kill(victims)
             time.sleep(0.02)
-        _, err = proc.communicate(timeout=600)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{path.name}: supervise exited {proc.returncode}: {err[-2000:]}")
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        run.finish()
     return killed_at
 
 
@@ -91,9 +152,14 @@ def first_time_at_or_after(job_dir: Path, step: int, after: float) -> float:
     return min(times)
 
 
-def hot_spare(out: Path, steps: int, kill_at: int, interval: int) -> dict:
+def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None) -> LocalRun | SlurmRun:
+    return LocalRun(path, job_dir) if slurm_env is None else SlurmRun(path, job_dir, slurm_env)
+
+
+def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
     job_dir = out / "hot-spare"
-    killed_at = run_job(job_file(out, "hot-spare", steps, interval, 2, 1, 4), job_dir, "g0001", kill_at, ["g0000"])
+    run = start(job_file(out, "hot-spare", steps, interval, 2, 1, 4, slurm_env is not None), job_dir, slurm_env)
+    killed_at = run_job(run, "g0001", kill_at, ["g0000"])
     healthy = rows(job_dir, "g0001")
     steps_seen = [r["step"] for r in healthy]
     expected = list(range(steps_seen[0], steps + 1))
@@ -115,10 +181,10 @@ def hot_spare(out: Path, steps: int, kill_at: int, interval: int) -> dict:
                                                  - killed_at, 2)}
 
 
-def stop_everything(out: Path, steps: int, kill_at: int, interval: int) -> dict:
+def stop_everything(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
     job_dir = out / "checkpoint"
-    killed_at = run_job(job_file(out, "checkpoint", steps, interval, 2, 0, 2), job_dir, "g0001", kill_at,
-                        ["g0000", "g0001"])
+    run = start(job_file(out, "checkpoint", steps, interval, 2, 0, 2, slurm_env is not None), job_dir, slurm_env)
+    killed_at = run_job(run, "g0001", kill_at, ["g0000", "g0001"])
     kill_step = max(r["step"] for d in ("g0000", "g0001") for r in rows(job_dir, d) if r["time"] <= killed_at)
     restarted = [d.name for d in (job_dir / "groups").iterdir() if d.name not in ("g0000", "g0001")]
     resumed_from = min(r["step"] for d in restarted for r in rows(job_dir, d)) - 1
@@ -132,11 +198,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=260)
     ap.add_argument("--kill-at", type=int, default=120)
     ap.add_argument("--checkpoint-interval", type=int, default=50)
+    ap.add_argument("--launcher", choices=("local", "slurm"), default="local")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         out = Path(tmp)
-        result = {**hot_spare(out, args.steps, args.kill_at, args.checkpoint_interval),
-                  **stop_everything(out, args.steps, args.kill_at, args.checkpoint_interval),
+        slurm_env = None
+        if args.launcher == "slurm":
+            slurm_env = {**os.environ}
+            if "SLURM_CONF" not in os.environ:  # the private test cluster: 4 nodes sharing this machine's cores
+                testbed = stack.enter_context(SlurmTestbed(out / "slurm"))
+                slurm_env |= {**testbed.env, "OMP_NUM_THREADS": "1"}
+        result = {**hot_spare(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env),
+                  **stop_everything(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env),
                   "kill_at_step": args.kill_at, "checkpoint_interval_steps": args.checkpoint_interval}
     print(f"hot spare:  healthy group lost {result['healthy_steps_lost']} steps, stalled "
           f"{result['healthy_stall_seconds']:.2f} s; full quorum {result['kill_to_quorum_seconds']:.2f} s after "

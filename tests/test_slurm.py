@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -93,6 +94,21 @@ def test_bad_slurm_table_is_refused(key, value):
     assert err.value.field.split("[")[0] == key
 
 
+def test_sbatch_dry_run_prints_the_script_and_a_local_job_is_refused(tmp_path, capsys):
+    job = write_job(tmp_path, steps=40, active=2, spares=1, tp=2,
+                    slurm_table={"partition": "debug", "time": "01:00:00", "reserve_nodes": 1})
+    assert cli.main(["sbatch", str(job), "--dry-run", "--supervisor.heartbeat_timeout_s", "25"]) == 0
+    script = capsys.readouterr().out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=2", "#SBATCH --no-kill", "#SBATCH --signal=B:USR1@60",
+                 "#SBATCH --partition=debug", "#SBATCH --time=01:00:00"):
+        assert line in script.splitlines(), line
+    assert script.splitlines()[-1].endswith(f"supervise {job} --supervisor.heartbeat_timeout_s 25")
+    assert not (tmp_path / "job" / "sbatch.sh").exists(), "a dry run wrote the script"
+    assert cli.main(["sbatch", str(job), "--cluster.launcher", "local", "--cluster.nodes", "a,b,c"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: cluster.launcher = 'local'") and len(err.splitlines()) == 1, err
+
+
 # ---- a real Slurm -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -174,7 +190,8 @@ def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_
 def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused_drain_is_a_warning(
         slurm, tmp_path, monkeypatch):
     """srun exits 0 when its node dies under the step (Slurm 22.05): a group must not read as
-    finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text."""
+    finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text; a node
+    the job does not hold is down."""
     slurm.run("salloc", "-N1", "--no-shell", "-J", "lost")
     job_id = slurm.run("squeue", "-h", "-n", "lost", "-o", "%i").strip()
     try:
@@ -195,6 +212,11 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
         assert step.poll() == 0
         refused = launcher.node_failed("nosuchnode", "exit", 3)
         assert refused and "scontrol" in refused
+        # a node the job does not hold (it left the allocation) is down, for good
+        other = next(n for n in slurm.nodes if n != node)
+        both = SlurmLauncher(job_id, [node, other], {node: "127.0.0.1", other: "127.0.0.1"}, "127.0.0.1",
+                             job.slurm, 1, "", tmp_path / "nodes")
+        assert both.down_nodes() == {other}
     finally:
         slurm.run("scancel", job_id)
 
@@ -255,9 +277,9 @@ def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_pa
     batch_node = slurm.run("squeue", "-h", "-j", job_id, "-o", "%B").strip()
     actives = [g for g in ("g0000", "g0001") if started[g] != batch_node]
     victim, healthy = actives[0], next(g for g in ("g0000", "g0001") if g != actives[0])
-    wait_until(lambda: any(r["step"] >= 15 for r in rows(tmp_path, healthy)), f"{healthy} at step 15",
+    wait_until(lambda: any(r["step"] >= 10 for r in rows(tmp_path, healthy)), f"{healthy} at step 10",
                abort=lambda: assert_running(slurm, job_id))
-    dead = started[victim]
+    dead, killed_at = started[victim], time.time()
     slurm.kill_node(dead)
     try:
         wait_until(lambda: job_gone(slurm, job_id), f"job {job_id} to finish")
@@ -265,7 +287,7 @@ def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_pa
         assert ev[-1]["event"] == "job_finished", ev[-3:]
         failed = next(e for e in ev if e["event"] == "group_failed")
         assert failed["replica_id"] == victim and failed["node"] == dead and failed["drained"]
-        later = [e["node"] for e in ev if e["event"] == "group_started" and e["time"] > failed["time"]]
+        later = [e["node"] for e in ev if e["event"] == "group_started" and e["time"] > killed_at]
         assert dead not in later, "a group was started on the dead node"
         assert not [e for e in ev if e["event"] == "node_drain_refused"]
         reasons = slurm.run("sinfo", "-h", "-R", "-o", "%N|%E")
@@ -273,7 +295,7 @@ def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_pa
         # the healthy group: every step once, in order, from its first contributing step to the last
         seen = [r["step"] for r in rows(tmp_path, healthy)]
         assert seen[0] <= 5 and seen == list(range(seen[0], steps + 1)), "the healthy group lost or repeated steps"
-        promoted = [r for r in rows(tmp_path, "g0002") if r["time"] > failed["time"]]
+        promoted = [r for r in rows(tmp_path, "g0002") if r["time"] > killed_at]
         assert promoted and all(r["participants"] == 2 for r in promoted), "the spare did not take the seat"
         assert any((tmp_path / "local" / started["g0002"]).rglob("*")), "the spare staged nothing on its node"
         assert not processes_of(tmp_path / "job", job_id)

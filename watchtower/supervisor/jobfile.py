@@ -11,5 +11,6 @@ from typing import Any
 from watchtower.toml_dataclasses import dump_toml
 
 
-def job_toml(job: dict[str, Any], cluster: dict[str, Any], supervisor: dict[str, Any] | None = None) -> str:
-    return dump_toml({"job": job, "cluster": cluster, "supervisor": supervisor or {}})
+def job_toml(job: dict[str, Any], cluster: dict[str, Any], supervisor: dict[str, Any] | None = None,
+             slurm: dict[str, Any] | None = None) -> str:
+    return dump_toml({"job": job, "cluster": cluster, "supervisor": supervisor or {}, **({"slurm": slurm} if slurm else {})})

@@ -107,8 +107,9 @@ def parse_records(text: str) -> list[dict[str, str]]:
     """`scontrol -o show node|job` output: one record per line, `Key=Value` pairs. A value with spaces
     (a Reason) continues until the next `Key=`.
 
-    >>> parse_records("NodeName=n1 NodeAddr=10.0.0.1 State=IDLE Reason=bad gpu [root@t]\\nNodeName=n2 State=DOWN*")
-    [{'NodeName': 'n1', 'NodeAddr': '10.0.0.1', 'State': 'IDLE', 'Reason': 'bad gpu [root@t]'}, {'NodeName': 'n2', 'State': 'DOWN*'}]
+    >>> n1, n2 = parse_records("NodeName=n1 NodeAddr=10.0.0.1 State=IDLE Reason=bad gpu [root@t]\\nNodeName=n2 State=DOWN*")
+    >>> n1["Reason"], n2
+    ('bad gpu [root@t]', {'NodeName': 'n2', 'State': 'DOWN*'})
     """
     records = []
     for line in text.splitlines():
@@ -264,8 +265,9 @@ class SlurmLauncher:
     """Groups as job steps of allocation `job_id` on `nodes` (`from_allocation` builds it)."""
 
     def __init__(self, job_id: str, nodes: list[str], addresses: dict[str, str], head_address: str,
-                 cfg: SlurmSection, tp: int, cache_template: str, nodes_dir: Path):
+                 cfg: SlurmSection, tp: int, cache_template: str, nodes_dir: Path, peers: list[str] = ()):
         self.job_id, self.nodes, self.addresses = job_id, list(nodes), dict(addresses)
+        self.peers = sorted({*peers, *self.addresses.values()})
         self.head_address = head_address
         self.cfg, self.tp, self.cache_template, self.nodes_dir = cfg, tp, cache_template, Path(nodes_dir)
         self._down: set[str] = set()
@@ -288,10 +290,13 @@ class SlurmLauncher:
         except SlurmError as err:
             raise ConfigError("cluster.launcher", c.launcher, f"cannot read allocation {job_id}: {err}") from None
         addresses = {n: records.get(n, {}).get("NodeAddr") or n for n in nodes}
+        # torchft heals over urllib from the peer's host name: every name of every node goes direct
+        hosts = [r["NodeHostName"] for r in records.values() if "NodeHostName" in r]
+        peers = sorted({*nodes, *addresses.values(), *hosts})
         head = records.get(env.get("SLURMD_NODENAME", ""), {}).get("NodeAddr") or socket.getfqdn()
         if cache_template:
             expand_cache_dir(cache_template, nodes[0], env)  # a missing variable is refused now, not per launch
-        return cls(job_id, nodes, addresses, head, job.slurm, tp, cache_template, job.job.output_path / "nodes")
+        return cls(job_id, nodes, addresses, head, job.slurm, tp, cache_template, job.job.output_path / "nodes", peers)
 
     # ---- the Launcher interface --------------------------------------------------------------
 
@@ -305,7 +310,7 @@ class SlurmLauncher:
         address = self.addresses[spec.node]
         argv = srun_argv(self.job_id, spec.node, self.tp, step_name(spec.replica_id), self.cfg.srun_args,
                          task_argv(spec.config_path, address))
-        env = {**os.environ, **direct_peers(os.environ, sorted(set(self.addresses.values())))}
+        env = {**os.environ, **direct_peers(os.environ, self.peers)}
         with open(spec.log_path, "ab") as out:
             proc = subprocess.Popen(guarded(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
@@ -318,8 +323,10 @@ class SlurmLauncher:
         if now - self._checked_at >= DOWN_CHECK_INTERVAL_S:
             self._checked_at = now
             timeout = self.cfg.command_timeout_s
-            (job,) = parse_records(slurm(["scontrol", "-o", "show", "job", self.job_id], timeout)) or [{}]
-            held = set(hostnames(job["NodeList"], timeout)) if job.get("NodeList", "(null)") != "(null)" else set()
+            jobs = parse_records(slurm(["scontrol", "-o", "show", "job", self.job_id], timeout))
+            if not jobs or jobs[0].get("NodeList", "(null)") == "(null)":  # never read as "every node left"
+                raise SlurmError(f"scontrol show job {self.job_id}: no node list (the job is ending?)")
+            held = set(hostnames(jobs[0]["NodeList"], timeout))
             states = node_records(self.nodes, timeout)
             self._down |= {n for n in self.nodes
                            if n not in held or is_down(states.get(n, {}).get("State", "DOWN"))}
