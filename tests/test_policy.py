@@ -133,6 +133,18 @@ CASES = [
                ("capture", "g2", "deadlock"), ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
                ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
                ("launch", "c", "spare", "restart")]], cfg=replace(CFG, ft_timeout_s=120)),
+    # Review 12, U2: a checkpoint save longer than the heartbeat timeout made the saver the only stale
+    # group not waiting on peers (they wait for it in the next quorum): killed as a hang, its node
+    # drained, the checkpoint never committed. The trainer reports progress before the save.
+    Case("a_checkpoint_save_longer_than_the_heartbeat_timeout_is_not_a_hang",
+         [View(NOW, pool(g0=grp("g0", "a", beat=50, progress_at=NOW - 49),
+                         g1=grp("g1", "b", beat=50, in_collective=True), g2=grp("g2", "c", beat=50, in_collective=True)))],
+         [[]]),
+    Case("a_save_silent_past_the_startup_grace_is_a_hang",
+         [View(NOW, pool(g0=grp("g0", "a", beat=80, progress_at=NOW - 70),
+                         g1=grp("g1", "b", beat=80, in_collective=True), g2=grp("g2", "c", beat=80, in_collective=True)))],
+         [[("capture", "g0", "hang"), ("kill", "g0", "hang"), ("failed", "g0", "hang", "counted", "blamed"),
+           ("drain", "a", "hang"), ("launch", "d", "spare", "spare")]]),
     Case("startup_grace_counts_from_the_last_progress_report_not_the_launch",
          [View(NOW, pool(g2=GroupView("g2", "c", launched_at=NOW - 5000, progress_at=NOW - 10)))], [[]]),
     Case("starting_group_silent_past_its_grace_is_hung",

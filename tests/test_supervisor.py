@@ -439,3 +439,38 @@ def test_supervisor_death_leaves_no_orphans_and_a_job_dir_has_one_supervisor(tmp
     host, port = lighthouse.removeprefix("http://").rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):  # the Lighthouse went with its supervisor
         socket.create_connection((host, int(port)), timeout=1).close()
+
+
+def test_a_checkpoint_save_longer_than_the_heartbeat_timeout_is_not_judged_a_hang(tmp_path, monkeypatch):
+    """Review 12, U2: the heartbeat moves only when a step ends, and a save reported nothing, so a save
+    longer than heartbeat_timeout_s made the saver the only stale group not waiting on peers: killed
+    as a hang, its node drained, its checkpoint never committed (the final save too). The trainer now
+    reports progress around the save; what its /metrics says mid-save, the policy judges a slow phase."""
+    from prometheus_client import generate_latest
+
+    from watchtower.supervisor.hangs import silence_s
+    from watchtower.supervisor.policy_types import GroupView, PolicyConfig
+    from watchtower.trainer import train as train_mod
+
+    cfg = load_config("tiny", [("train.steps", 2), ("run.output_dir", str(tmp_path)), ("monitor.port", 0),
+                               ("data.max_bytes", 200_000), ("checkpoint.interval_steps", 1),
+                               ("checkpoint.dir", str(tmp_path / "checkpoints"))])
+    trainer = train_mod.Trainer(cfg)
+    policy = PolicyConfig(nodes=("n0",), heartbeat_timeout_s=30, startup_grace_s=60)
+    judged = []
+    save = trainer.checkpointer.save
+
+    def judged_mid_save(step, state, meta):
+        rank = samples(generate_latest(trainer.monitor.registry).decode())
+        beat = value(rank, "watchtower_heartbeat_timestamp_seconds")
+        mid_save = GroupView("g0000", "n0", 0.0, heartbeat=beat, step=step,
+                             progress_at=value(rank, "watchtower_progress_timestamp_seconds"))
+        judged.append(silence_s(mid_save, beat + 45, policy))  # 45 s into the save: past the heartbeat timeout
+        save(step, state, meta)
+
+    monkeypatch.setattr(trainer.checkpointer, "save", judged_mid_save)
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    assert len(judged) == 2 and all(s < 0 for s in judged), judged  # step 1's save and the final one

@@ -116,7 +116,8 @@ class ClusterSection:
 class SupervisorSection:
     """heartbeat_timeout_s: no finished step for this long is a hang.
     startup_grace_s: before its first step a group may stay silent this long after its last progress
-        report (staging, init, resume, healing each report); raise it past the slowest single phase.
+        report (staging, init, resume, healing each report), and so may a group saving a checkpoint
+        (it reports before and after the save); raise it past the slowest single phase.
     crash_loop_limit: the same failure on this many fresh nodes in a row means the program, not the
         nodes, is broken: stop spending spares and page.
     max_failures, failure_window_s: this many failures of any kind (planned drains and Lighthouse

@@ -11,21 +11,32 @@ from watchtower.supervisor.policy_types import FailureKind, GroupView, PolicyCon
 from watchtower.supervisor.pool import running_groups
 
 
+def slow_phase(g: GroupView) -> bool:
+    """Whether the group is in a phase that reports progress instead of finishing steps: before its
+    first step (staging, init, resume, healing), or after a progress report newer than its last step
+    (a checkpoint save, a heal from a peer). A save of a large model takes longer than a step; its
+    group would otherwise be the only "culprit" while its peers wait for it in the next quorum."""
+    return g.heartbeat is None or (g.progress_at is not None and g.progress_at > g.heartbeat)
+
+
 def silence_s(g: GroupView, now: float, cfg: PolicyConfig) -> float:
     """Seconds past the silence a group is allowed (negative while fine).
 
-    Before its first step a group is given `startup_grace_s` from its last sign of life, so a spare
-    staging a large dataset for hours stays alive as long as it keeps reporting progress.
+    In a slow phase (`slow_phase`) a group is given `startup_grace_s` from its last sign of life, so
+    a spare staging a large dataset for hours stays alive as long as it keeps reporting progress;
+    else `heartbeat_timeout_s` from its last finished step.
 
     >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30, startup_grace_s=60)
     >>> silence_s(GroupView("g0", "a", launched_at=0.0, progress_at=500.0), now=570.0, cfg=cfg)
     10.0
     >>> silence_s(GroupView("g0", "a", launched_at=0.0, heartbeat=550.0), now=570.0, cfg=cfg)
     -10.0
+    >>> saving = GroupView("g0", "a", launched_at=0.0, heartbeat=500.0, progress_at=501.0)
+    >>> silence_s(saving, now=550.0, cfg=cfg)  # 50 s into a save: past the heartbeat timeout, not the grace
+    -11.0
     """
     seen = max(t for t in (g.launched_at, g.heartbeat, g.progress_at) if t is not None)
-    allowed = cfg.heartbeat_timeout_s if g.heartbeat is not None else cfg.startup_grace_s
-    return now - seen - allowed
+    return now - seen - (cfg.startup_grace_s if slow_phase(g) else cfg.heartbeat_timeout_s)
 
 
 def hung_groups(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[list[GroupView], FailureKind]:

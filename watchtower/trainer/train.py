@@ -183,8 +183,9 @@ class Trainer:
             state_dict=self.state_dict, load_state_dict=self.load_live_state, timeout_s=r.ft_timeout_s)
 
     def progress(self) -> None:
-        """Report a sign of life before the first step (staging, init, resume, healing): the
-        supervisor gives a starting group its startup grace from the last report. Costs a clock read."""
+        """Report a sign of life in a slow phase (before the first step: staging, init, resume,
+        healing; later: a checkpoint save, a heal): the supervisor gives such a group its startup
+        grace from the last report instead of the heartbeat timeout. Costs a clock read."""
         self.monitor.set_gauge("watchtower_progress_timestamp_seconds", time.time())
 
     @contextmanager
@@ -249,12 +250,14 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.replication.data_shard() not in ((0, self.replication.participants()),):
             return  # groups are identical: only the participating group of rank 0 writes
+        self.progress()  # a slow phase, not a hang: a supervisor gives it startup_grace_s, not the heartbeat timeout
         start = time.perf_counter()
         state = self.state_dict()
         state["replication"] = self.replication.state_dict()
         self.checkpointer.save(self.step, state,
                                {"config_hash": self.cfg.config_hash(), "run": self.cfg.run.name})
         seconds = time.perf_counter() - start
+        self.progress()  # the wait for the next quorum counts from here
         self.monitor.count("watchtower_checkpoint_save_seconds_total", seconds)
         log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url, seconds)
 
