@@ -113,8 +113,8 @@ CASES = [
            ("capture", "g1", "deadlock"), ("kill", "g1", "deadlock"), ("failed", "g1", "deadlock", "counted", "-"),
            ("capture", "g2", "deadlock"), ("kill", "g2", "deadlock"),
            ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
-           ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
-           ("launch", "c", "spare", "restart")]]),
+           ("launch", "d", "active", "restart"), ("launch", "e", "active", "restart"),
+           ("exhausted", "restart", 1)]]),  # a, b, c: busy until their killed groups are seen gone
     # Review 12, F2: the deadlock rule looked at the stale groups only, so a group waiting in a collective
     # on a peer that was still progressing was killed every ~130 s as a "deadlock", counted, and
     # relaunched on the same node, until the budget stopped the job.
@@ -131,8 +131,8 @@ CASES = [
          [[], [("capture", "g0", "deadlock"), ("kill", "g0", "deadlock"), ("failed", "g0", "deadlock", "counted", "-"),
                ("capture", "g1", "deadlock"), ("kill", "g1", "deadlock"), ("failed", "g1", "deadlock", "counted", "-"),
                ("capture", "g2", "deadlock"), ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"), ("restart", 40, ()),
-               ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
-               ("launch", "c", "spare", "restart")]], cfg=replace(CFG, ft_timeout_s=120)),
+               ("launch", "d", "active", "restart"), ("launch", "e", "active", "restart"),
+               ("exhausted", "restart", 1)]], cfg=replace(CFG, ft_timeout_s=120)),
     # Review 12, U2: a checkpoint save longer than the heartbeat timeout made the saver the only stale
     # group not waiting on peers (they wait for it in the next quorum): killed as a hang, its node
     # drained, the checkpoint never committed. The trainer reports progress before the save.
@@ -145,6 +145,21 @@ CASES = [
                          g1=grp("g1", "b", beat=80, in_collective=True), g2=grp("g2", "c", beat=80, in_collective=True)))],
          [[("capture", "g0", "hang"), ("kill", "g0", "hang"), ("failed", "g0", "hang", "counted", "blamed"),
            ("drain", "a", "hang"), ("launch", "d", "spare", "spare")]]),
+    # Review 12, U3: the node of a group the policy had killed counted as free in the same poll, so a
+    # deadlock's restart (no node blamed) launched on it at once; a kill that timed out (a process in
+    # the kernel, the GPU still held) met the new group there. It stays busy until the group is gone.
+    Case("a_node_whose_killed_group_is_still_alive_gets_no_new_group",
+         [View(NOW, hang_victims(beat=100)),
+          View(NOW + 5, (*hang_victims(beat=105), GroupView("g3", "d", NOW), GroupView("g4", "e", NOW))),
+          View(NOW + 6, (*(gone(g, n, -9) for g, n in (("g0", "a"), ("g1", "b"), ("g2", "c"))),
+                         GroupView("g3", "d", NOW), GroupView("g4", "e", NOW)))],
+         [[("capture", "g0", "deadlock"), ("kill", "g0", "deadlock"), ("failed", "g0", "deadlock", "counted", "-"),
+           ("capture", "g1", "deadlock"), ("kill", "g1", "deadlock"), ("failed", "g1", "deadlock", "counted", "-"),
+           ("capture", "g2", "deadlock"), ("kill", "g2", "deadlock"), ("failed", "g2", "deadlock", "counted", "-"),
+           ("restart", 40, ()), ("launch", "d", "active", "restart"), ("launch", "e", "active", "restart"),
+           ("exhausted", "restart", 1)],
+          [("kill", "g0", "deadlock"), ("kill", "g1", "deadlock"), ("kill", "g2", "deadlock")],
+          [("launch", "a", "spare", "spare")]]),
     Case("startup_grace_counts_from_the_last_progress_report_not_the_launch",
          [View(NOW, pool(g2=GroupView("g2", "c", launched_at=NOW - 5000, progress_at=NOW - 10)))], [[]]),
     Case("starting_group_silent_past_its_grace_is_hung",

@@ -20,8 +20,9 @@ def running_groups(state: PolicyState, view: View) -> list[GroupView]:
 
 
 def node_states(state: PolicyState, view: View, cfg: PolicyConfig) -> dict[str, NodeState]:
-    """Every node's state; a node whose group the policy has ended counts as no longer busy."""
-    occupied = {g.node for g in running_groups(state, view)}
+    """Every node's state. A node stays busy while any group still runs there, one the policy has
+    ended too: its kill may have timed out (a process stuck in the kernel still holds the node's
+    GPUs), so nothing new starts there before the shell has seen that group exit."""
     winding = {g.node for g in view.groups if g.state is GroupState.RUNNING}
 
     def one(node: str) -> NodeState:
@@ -29,7 +30,7 @@ def node_states(state: PolicyState, view: View, cfg: PolicyConfig) -> dict[str, 
             return NodeState.DOWN
         if node in state.drained or node in state.retired:
             return NodeState.DRAINING if node in winding else NodeState.DRAINED
-        return NodeState.BUSY if node in occupied else NodeState.FREE
+        return NodeState.BUSY if node in winding else NodeState.FREE
 
     return {node: one(node) for node in cfg.nodes}
 
