@@ -161,7 +161,7 @@ def test_a_launch_that_fails_drains_its_node_instead_of_being_retried_there_ever
 
     monkeypatch.setattr(supervisor.launcher, "launch", refused_on_n0)
     codes = [supervisor.poll_once() for _ in range(4)]
-    assert codes == [None] * 4 and supervisor.executor.seq == 3, "one failed launch, one refill, then quiet"
+    assert codes == [None] * 4 and supervisor.executor.starter.seq == 3, "one failed launch, one refill, then quiet"
     assert {rid: g.node for rid, g in supervisor.groups.items()} == {"g0001": "n1", "g0002": "n2"}
     assert all(g.process.poll() is None for g in supervisor.groups.values())
     failed = [e for e in supervisor.events.events if e["event"] == "group_failed"]

@@ -3,49 +3,34 @@
 An action that raises (a Lighthouse that cannot rebind, a kill that fails) is counted under its
 stage and skipped; the policy sees the result at the next poll (the Lighthouse still down) and
 orders it again. A launch that fails is a fact instead, kept in `launch_failures` for the next
-poll's `View`, with its owner: the launcher failing on the node (cannot fork, srun refused) blames
-the node and spends the failure budget (a retry on the same node every poll would spin forever);
-the head failing to prepare it (a full disk under the group's launch config) is the supervisor's
-own error, counted under stage "launch" and retried at the next poll on the same node, no node
-blamed. Records (`GroupFailed`, `SparesExhausted`, ...) become events and counters only.
+poll's `View` with its owner, the node or the head (see launches.py). Records (`GroupFailed`,
+`SparesExhausted`, ...) become events and counters only.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from watchtower.supervisor.config import JobConfig
-from watchtower.supervisor.contract import ReplicaConfig, group_config, write_group_config
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.direct_alerts import SupervisorPages, direct_alerts
 from watchtower.supervisor.forensics import Forensics, Incident
-from watchtower.supervisor.launcher import GroupSpec, Launcher
+from watchtower.supervisor.launcher import Launcher
+from watchtower.supervisor.launches import GroupStarter, one_line
 from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
-    GroupFailed, GroupFinished, Kill, Launch, LaunchFailure, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
+    GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
     RestartLighthouse, SparesExhausted, Stop)
 
 log = logging.getLogger("watchtower.supervisor")
 
 LOG_TAIL_LINES = 5
-
-
-def one_line(err: BaseException) -> str:
-    """An error as one line for an event: its type and the first line of its message.
-
-    >>> one_line(OSError(28, "No space left on device"))
-    'OSError: [Errno 28] No space left on device'
-    """
-    lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def failure_onset(f: Failure, group: Group | None) -> float | None:
@@ -64,13 +49,6 @@ def incident_fields(incident: Incident | None) -> dict[str, Any]:
             "capture_seconds": incident.seconds}
 
 
-def first_free_seq(groups_dir: Path) -> int:
-    """The next group number: after every `gNNNN` directory already there, so a supervisor resuming
-    a job after a dead one never reuses a group's directory (its logs, endpoint files)."""
-    taken = [int(p.name[1:]) for p in groups_dir.glob("g*") if p.name[1:].isdigit()] if groups_dir.is_dir() else []
-    return max(taken, default=-1) + 1
-
-
 class Executor:
     """Carries out actions against the launcher, the Lighthouse and the group table it shares with
     the loop. `trainer` is the resolved trainer config (`TrainConfig.to_dict()`)."""
@@ -82,10 +60,8 @@ class Executor:
         self.launcher, self.lighthouse, self.groups = launcher, lighthouse, groups
         self.events, self.stats, self.errors = events, stats, errors
         self.out = job.job.output_path
-        self.seq = first_free_seq(self.out / "groups")
-        self.node_index = {n: i for i, n in enumerate(job.cluster.nodes)}
-        self.launch_failures: list[LaunchFailure] = []  # for the next View; the loop takes them
-        self._head_errors: set[object] = set()  # the distinct errors preparing a launch, each reported once
+        self.starter = GroupStarter(job, trainer, checkpoint_url, launcher, lighthouse, events, errors)
+        self.launch_failures = self.starter.failures  # for the next View; the loop takes them
         self.lighthouse_error = ""  # the last failed Lighthouse restart's, for a stop that gives up on it
         self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s)
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
@@ -115,26 +91,11 @@ class Executor:
     # ---- actions --------------------------------------------------------------------------------
 
     def launch(self, a: Launch, now: float) -> None:
-        """Prepare the group on the head (its directory and launch config), then have the launcher
-        start it on the node. Only the launcher failing is the node's fault; a failed preparation
-        (ENOSPC on the supervisor's disk) leaves nothing behind and keeps its id for the retry, so
-        a full disk retried every poll costs a mkdir and an rmtree, not a directory per poll."""
-        while (self.out / "groups" / f"g{self.seq:04d}").exists():  # not ours (ours advance seq): never reuse
-            self.seq += 1
-        seq, replica_id = self.seq, f"g{self.seq:04d}"  # torchft ranks groups by id: later ones start as spares
-        group_dir = self.out / "groups" / replica_id
-        try:
-            config = self._prepare(a, seq, replica_id, group_dir)
-        except Exception as err:  # noqa: BLE001 - the head's own I/O: no node to blame
-            shutil.rmtree(group_dir, ignore_errors=True)
-            self._head_failed(a, replica_id, err)
+        """Start a group (launches.py: a failure is kept for the policy with its owner)."""
+        started = self.starter.start(a)
+        if started is None:
             return
-        self.seq += 1  # taken: the group's directory now holds its config (and will hold its log)
-        try:
-            process = self.launcher.launch(GroupSpec(replica_id, seq, a.node, config, group_dir / "group.log"))
-        except Exception as err:  # noqa: BLE001 - whatever stopped it, the policy must see the node fail
-            self.launch_failures.append(LaunchFailure(replica_id, a.node, time.time(), one_line(err)))
-            return
+        replica_id, seq, process, config = started
         # the real start time, after the poll's `now`: a group launched in the poll that saw a failure
         # started after it (the failure budget's "same failure on fresh nodes" chain relies on it)
         launched_at = time.time()
@@ -144,27 +105,6 @@ class Executor:
         self.events.emit("group_started", f"{replica_id} started on {a.node} as {a.role.value} ({a.reason.value})",
                          replica_id=replica_id, node=a.node, reason=a.reason.value, role=a.role.value,
                          replica_group=seq, pid=process.pid, config=str(config))
-
-    def _prepare(self, a: Launch, seq: int, replica_id: str, group_dir: Path) -> Path:
-        """Write the group's launch config on the head; its path."""
-        s = self.job.supervisor
-        replica = ReplicaConfig(lighthouse=self.lighthouse().url, replica_id=replica_id, replica_group=seq,
-                                active_groups=self.job.cluster.active_groups, node=a.node,
-                                cache_dir=str(self.launcher.node_cache_dir(a.node)), ft_timeout_s=s.ft_timeout_s)
-        port = s.base_port + 10 * self.node_index[a.node]
-        return write_group_config(group_dir, group_config(self.trainer, replica, group_dir, port, self.checkpoint_url))
-
-    def _head_failed(self, a: Launch, replica_id: str, err: Exception) -> None:
-        """Counted under stage "launch" each time (errors_total shows the rate); reported as an event
-        once per distinct error, so a disk full for an hour is one line, not one per poll."""
-        self.errors.record("launch", err)
-        self.launch_failures.append(LaunchFailure(replica_id, a.node, time.time(), one_line(err), on_node=False))
-        distinct = (type(err).__name__, err.errno) if isinstance(err, OSError) and err.errno else one_line(err)
-        if distinct not in self._head_errors:  # an OSError's text names a path that changes with each try
-            self._head_errors.add(distinct)
-            self.events.emit("launch_deferred", f"{replica_id} could not be prepared on the supervisor's side "
-                             f"({one_line(err)}); retried every poll, no node blamed", replica_id=replica_id,
-                             node=a.node, error=one_line(err))
 
     def capture(self, a: Capture, now: float) -> None:
         """The first Capture of a poll reads every ordered group at once (a deadlock orders several),
