@@ -24,6 +24,7 @@ from grafana_foundation_sdk.models.common import (BigValueGraphMode, GraphDrawSt
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
 
+from watchtower.compute_budget import COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER
 from watchtower.dashboards import JSON_DIR
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
@@ -133,6 +134,13 @@ def _dashboard(uid: str, title: str, description: str, tags: list[str], rows: li
 
 SPIKES = (f'increase(watchtower_detector_events_total{{{RUN}, detector=~"loss_spike|nonfinite"}}[1m]) > 0')
 FAILURES = f'increase(watchtower_supervisor_failures_total{{{RUN}}}[1m]) > 0'
+BUDGET_CARD = (
+    "D/N: training tokens seen per model parameter (the busiest rank's view: a hot spare trains on none); "
+    "planned: where the run ends at its configured total steps. Chinchilla's compute-optimal point, "
+    f"D/N ≈ {COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER:g}, is the least compute to reach a given loss, not the best "
+    "model to serve: small models are trained far past it on purpose (SmolLM's 135M saw about 600B tokens, "
+    "D/N ≈ 4,400), because inference cost grows with N and more data keeps improving a small model. "
+    "Information only: no alert.")
 
 
 def run_overview() -> dict:
@@ -178,11 +186,22 @@ def run_overview() -> dict:
           description="Steps not applied because the loss or grad norm was non-finite (nonfinite_action = "
                       "skip_step); they are not in steps or tokens. Repeated skips: WatchtowerStepsSkipped."),
     ]
+    optimal = f"vector({COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER:g})"
+    budget = [
+        P("stat", "Tokens per parameter (D/N)", [Q(f"max(watchtower_tokens_per_parameter{{{RUN}}})", "now"),
+                                                 Q(f"max(watchtower_planned_tokens_per_parameter{{{RUN}}})", "planned"),
+                                                 Q(optimal, "compute-optimal")], w=8, h=6, description=BUDGET_CARD),
+        P("timeseries", "Tokens per parameter over the run",
+          [Q(f"max(watchtower_tokens_per_parameter{{{RUN}}})", "now"),
+           Q(f"max(watchtower_planned_tokens_per_parameter{{{RUN}}})", "planned at the last step"),
+           Q(optimal, "compute-optimal (Chinchilla)")], w=16, h=6, min=0, description=BUDGET_CARD),
+    ]
     alerts = [P("table", "Active alerts", [Q(f'ALERTS{{{RUN}, alertstate="firing"}}', instant=True)], w=24, h=7,
                 description="Prometheus's firing alerts for this run (rules in alerts/rules.yml).")]
     return _dashboard("watchtower-run", "Watchtower / Run overview",
                       "Is the run healthy: loss, throughput, MFU, goodput, data wait, alerts.", ["run"],
-                      [("Health", health), ("Training", training), ("Alerts", alerts)], per_rank=True,
+                      [("Health", health), ("Training", training), ("Compute budget", budget), ("Alerts", alerts)],
+                      per_rank=True,
                       annotations=[("Loss spikes", SPIKES, "red"), ("Group failures", FAILURES, "orange")])
 
 

@@ -175,6 +175,28 @@ def test_run_view_shows_a_ranks_gpu_memory_peaks_and_marks_allocator_retries():
         served.close()
 
 
+def test_run_view_shows_tokens_per_parameter_beside_the_compute_optimal_reference():
+    """Issue 15, item 4: D/N now and planned, the busiest rank's (a hot spare reports none), beside
+    Chinchilla's 20; hidden while no rank reports it (the recorded runs above predate the metric)."""
+    body = ('watchtower_train_step{run="d",replica_group="0",rank="0",node="n0"} 300\n'
+            'watchtower_tokens_per_parameter{run="d",replica_group="0",rank="0",node="n0"} 3.21\n'
+            'watchtower_planned_tokens_per_parameter{run="d",replica_group="0",rank="0",node="n0"} 4400\n'
+            'watchtower_train_step{run="d",replica_group="1",rank="0",node="n1"} 300\n')
+    served = ServedText(lambda: body)
+
+    async def drive():
+        app = WatchtowerApp(ScrapeSource([served.address]), interval=3600, run="d", timestamps=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await polls(app, pilot, 1)
+            line = app.screen.query_one("#budget")
+            assert line.display and str(line.render()) == "tokens/param 3.2 now, 4,400 planned   compute-optimal 20"
+
+    try:
+        asyncio.run(drive())
+    finally:
+        served.close()
+
+
 # ---- snapshots -------------------------------------------------------------------------------------
 
 def test_snapshot_runs_view(recorded, utc, snap_compare):

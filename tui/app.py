@@ -168,6 +168,7 @@ class RunScreen(Screen):
         yield Header()
         yield Static("", id="status")
         yield Static("", id="goodput")  # shown once the run's supervisor reports its goodput
+        yield Static("", id="budget")  # shown once a rank reports tokens per parameter
         table = DataTable(id="ranks", cursor_type="row", cell_padding=0)
         for name, width in RANK_COLUMNS.items():
             table.add_column(name, key=name, width=width)
@@ -208,6 +209,9 @@ class RunScreen(Screen):
         goodput, line = snap.goodput.get(self.run), self.query_one("#goodput", Static)
         line.display = goodput is not None
         line.update(Text(goodput.line() if goodput else ""))
+        budget, line = snap.budget_line(self.run), self.query_one("#budget", Static)
+        line.display = budget is not None
+        line.update(Text(budget or ""))
         table = self.query_one("#ranks", DataTable)
         keep = None
         if table.row_count:

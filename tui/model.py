@@ -12,6 +12,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+from watchtower.compute_budget import COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER
+
 # metric name -> RankRow field, for the per-rank gauges both sources read
 RANK_GAUGES = {
     "watchtower_train_step": "step",
@@ -22,6 +24,8 @@ RANK_GAUGES = {
     "watchtower_step_time_seconds": "step_time",
     "watchtower_heartbeat_timestamp_seconds": "heartbeat",
     "watchtower_replica_participating": "participating",
+    "watchtower_tokens_per_parameter": "tokens_per_param",
+    "watchtower_planned_tokens_per_parameter": "planned_tokens_per_param",
 }
 # per-GPU gauges (and the allocator's two counters, as their totals), reduced over a rank's GPUs (a
 # rank normally drives one)
@@ -57,6 +61,8 @@ class RankRow:
     step_time: float | None = None
     heartbeat: float | None = None
     participating: float | None = None
+    tokens_per_param: float | None = None
+    planned_tokens_per_param: float | None = None
     gpu_util: float | None = None
     gpu_mem_used: float | None = None
     gpu_mem_total: float | None = None
@@ -136,6 +142,11 @@ class Goodput:
         return f"goodput {ratio}   lost: {lost}"
 
 
+def _ratio(x: float) -> str:
+    """Two significant digits below 10, whole numbers above: 0.012, 3.2, 64, 4,400."""
+    return f"{x:.2g}" if x < 10 else f"{x:,.0f}"
+
+
 @dataclass
 class RunSummary:
     run: str
@@ -170,6 +181,22 @@ class Snapshot:
                 if r.run == run:
                     r.step_ratio = r.step_time / median if (median and r.step_time and r.up) else None
         return self
+
+    def budget_line(self, run: str) -> str | None:
+        """The run's tokens per parameter, now and planned, beside the compute-optimal reference (the
+        busiest rank's: a hot spare reports none); None while no live rank reports it.
+
+        >>> row = RankRow("r", "0", "0", "n0", tokens_per_param=3.21, planned_tokens_per_param=64.0)
+        >>> Snapshot([row]).budget_line("r")
+        'tokens/param 3.2 now, 64 planned   compute-optimal 20'
+        """
+        rows = [r for r in self.rows if r.run == run and r.up and r.tokens_per_param is not None]
+        if not rows:
+            return None
+        now = max(r.tokens_per_param for r in rows)
+        planned = [r.planned_tokens_per_param for r in rows if r.planned_tokens_per_param is not None]
+        plan = f", {_ratio(max(planned))} planned" if planned else ""
+        return f"tokens/param {_ratio(now)} now{plan}   compute-optimal {_ratio(COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER)}"
 
     def runs(self) -> list[str]:
         return sorted({r.run for r in self.rows} | {a.run for a in self.alerts if a.run})
