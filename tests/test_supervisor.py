@@ -239,8 +239,12 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     assert proc.returncode == 0, out + err[-3000:]
     ev = events(tmp_path)
     assert [e["event"] for e in ev].count("restart_from_checkpoint") == 1
-    restarted = [e["replica_id"] for e in ev if e["event"] == "group_started" and e["reason"] == "restart"]
-    assert len(restarted) == 2
+    restart_at = next(i for i, e in enumerate(ev) if e["event"] == "restart_from_checkpoint")
+    restarted = [e["replica_id"] for e in ev[restart_at:] if e["event"] == "group_started" and e["reason"] == "restart"]
+    # the supervisor may see the two exits a poll apart and start a replacement between them: it holds
+    # nothing either, so the restart counts it and launches only the rest (CI of 556be49)
+    between = [e for e in ev[:restart_at] if e["event"] == "group_started" and e["reason"] == "spare"]
+    assert restarted and len(restarted) + len(between) == 2, (restarted, between)
     first_step_after = train_rows(tmp_path, restarted[0])[0]["step"]
     last_checkpoint_before = (first_step_after - 1)
     assert last_checkpoint_before % 20 == 0
