@@ -5,13 +5,20 @@ sides alike; a thread scrapes /metrics every second, as an impatient Prometheus 
 `overhead_ratio` = steps/s with hooks ÷ steps/s without (goal >= 0.98 on CPU tiny, >= 0.99 on GPU).
 On a GPU it also counts host syncs the monitor adds per step with torch.cuda.set_sync_debug_mode.
 
-    python bench/hook_overhead.py [--config tiny] [--blocks 12] [--block-steps 20]
+The integrations are measured the same way: `hf_overhead_ratio` alternates `Trainer.train()` blocks
+of a small Llama (built from a config) with and without `watch(trainer)`, `lightning_overhead_ratio`
+`Trainer.fit()` blocks with and without the `WatchtowerCallback`; each block's time runs from its
+first finished step to its last (the frameworks' own start-up is outside it). None where the extra
+is not installed.
+
+    python bench/hook_overhead.py [--config tiny] [--blocks 12] [--block-steps 20] [--framework-blocks 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import threading
 import time
@@ -33,6 +40,7 @@ def main() -> None:
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--blocks", type=int, default=12)
     ap.add_argument("--block-steps", type=int, default=20)
+    ap.add_argument("--framework-blocks", type=int, default=6, help="blocks per side for HF and Lightning (0: skip)")
     args = ap.parse_args()
     cfg = load_config(args.config)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
@@ -101,9 +109,128 @@ def main() -> None:
     print(f"{'':12}{'s/step':>10}{'steps/s':>10}")
     print(f"{'without':12}{t_off:10.4f}{1 / t_off:10.2f}")
     print(f"{'with hooks':12}{t_on:10.4f}{1 / t_on:10.2f}")
+    frameworks = {f"{name}_overhead_ratio": measure_framework(measure, args.framework_blocks, args.block_steps)
+                  for name, measure in (("hf", hf_block), ("lightning", lightning_block))}
     print(json.dumps({"overhead_ratio": round(t_off / t_on, 4), "steps_per_second_without": round(1 / t_off, 3),
                       "steps_per_second_with": round(1 / t_on, 3), "device": device.type, "config": args.config,
-                      "host_syncs_added_per_step": syncs_added}))
+                      "host_syncs_added_per_step": syncs_added, **frameworks}))
+
+
+# ---- the integrations: the same small model and data in the real HF and Lightning Trainers ----------------
+
+VOCAB, SEQ, BATCH = 256, 128, 8
+
+
+def framework_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ))
+
+
+class PaddedCorpus(torch.utils.data.IterableDataset):
+    """Random tokens with a padded tail of up to a quarter of each row, endless."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            ids = torch.randint(VOCAB, (SEQ,), generator=g)
+            mask = (torch.arange(SEQ) < SEQ - int(torch.randint(SEQ // 4, (1,), generator=g))).long()
+            yield {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def seconds_per_step(finished: list[float]) -> float:
+    """From the times each step finished: the block's steps after its first, so start-up is left out."""
+    return (finished[-1] - finished[0]) / (len(finished) - 1)
+
+
+def hf_block(model, steps: int, monitored: bool, port: int) -> float:
+    """One `Trainer.train()` of `steps` steps on `model` (it keeps training across blocks)."""
+    from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    from watchtower.integrations.transformers import watch
+
+    finished: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            finished.append(time.perf_counter())
+
+    args = TrainingArguments(output_dir="/tmp/watchtower-bench-hf", max_steps=steps, per_device_train_batch_size=BATCH,
+                             report_to="none", save_strategy="no", use_cpu=not torch.cuda.is_available(),
+                             disable_tqdm=True, logging_steps=10 ** 9)
+    trainer = Trainer(model=model, args=args, train_dataset=PaddedCorpus(), data_collator=default_data_collator)
+    trainer.remove_callback(PrinterCallback)  # its end-of-train dict on stdout; the JSON line must be the last
+    if monitored:
+        watch(trainer, MonitorConfig(port=port, bind="127.0.0.1", system_interval_s=1.0))
+    trainer.add_callback(Clock())  # after Watchtower's: its step end is inside the time
+    trainer.train()
+    return seconds_per_step(finished)
+
+
+def lightning_block(model, steps: int, monitored: bool, port: int) -> float:
+    """One `Trainer.fit()` of `steps` steps on `model` (a LightningModule wrapping the same Llama)."""
+    import pytorch_lightning as pl
+
+    from watchtower.integrations.lightning import WatchtowerCallback
+
+    finished: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            finished.append(time.perf_counter())
+
+    callbacks = [WatchtowerCallback(MonitorConfig(port=port, bind="127.0.0.1", system_interval_s=1.0))] if monitored else []
+    trainer = pl.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[*callbacks, Clock()])
+    trainer.fit(model, torch.utils.data.DataLoader(PaddedCorpus(), batch_size=BATCH))
+    return seconds_per_step(finished)
+
+
+def lightning_module():
+    import pytorch_lightning as pl
+
+    class Llama(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = framework_model()
+
+        def training_step(self, batch, batch_idx):
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    return Llama()
+
+
+def measure_framework(block, blocks: int, steps: int) -> float | None:
+    """steps/s with Watchtower ÷ without, blocks alternating on one model; None without the extra."""
+    try:
+        model = framework_model() if block is hf_block else lightning_module()
+    except ImportError:
+        return None
+    if not blocks:
+        return None
+    logging.getLogger("watchtower").setLevel(logging.ERROR)  # the detectors' warnings are not the point here
+    port, stop = 19500, threading.Event()
+    threading.Thread(target=scrape_every_second, args=(port, stop), daemon=True).start()
+    block(model, steps, False, port), block(model, steps, True, port)  # warm-up both paths
+    without, with_hooks = [], []
+    for _ in range(blocks):
+        without.append(block(model, steps, False, port))
+        with_hooks.append(block(model, steps, True, port))
+    stop.set()
+    return round(statistics.median(without) / statistics.median(with_hooks), 4)
+
+
+def scrape_every_second(port: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        except OSError:
+            pass  # between monitored blocks nothing serves
 
 
 if __name__ == "__main__":

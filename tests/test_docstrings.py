@@ -10,6 +10,7 @@ import pytest
 MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.hooks.monitor",
            "watchtower.hooks.allocator",
            "watchtower.hooks.config", "watchtower.hooks.detectors.loss_spike", "watchtower.compute_budget",
+           "watchtower.integrations.step_feed",
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
            "watchtower.supervisor.node_check", "watchtower.supervisor.health",
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
