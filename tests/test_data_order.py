@@ -139,3 +139,56 @@ def test_corpus_size_the_supervisor_checks_is_what_the_trainer_loads(tmp_path, m
     for source in ("", str(tmp_path)):
         cfg = DataConfig(source=source, max_bytes=max_bytes, stage="never")
         assert corpus_tokens(cfg) == len(load_tokens(cfg)), (source, max_bytes)
+
+
+# ---- issue 14: data that caused a spike, poisoned (bad_data) and skipped (data.skip_steps) -------------
+
+def read_steps(data: PackedBatches, steps: int, participants: int = 2) -> list[list[int]]:
+    """Commit `steps` steps of every participant; the windows each step read, all ranks together."""
+    out = []
+    for _ in range(steps):
+        read = []
+        for rank in range(participants):
+            data.begin_step(rank, participants)
+            read += [w for _ in range(MICRO) for w in window_ids(next(data))]
+            data.end_step(committed=rank == participants - 1)  # one plan per rank here; the cursor moves once
+        out.append(read)
+    return out
+
+
+@pytest.mark.parametrize("first,steps,ranges", [
+    (3, 2, [(0, 16, 32)]),  # 8 windows a step (2 groups): steps 3-4 are positions 16..32 of epoch 0
+    (6, 2, [(0, 40, 48), (1, 0, 8)]),  # 6 steps fit an epoch of 50: the skip crosses into epoch 1
+])
+def test_skip_leaves_exactly_the_global_batches_of_its_steps_unread(first, steps, ranges):
+    plain = read_steps(loader(), first + steps + 2)
+    skipping = loader()
+    before = read_steps(skipping, first - 1)
+    assert skipping.skip(first, steps, participants=2) == ranges
+    after = read_steps(skipping, 3)
+    assert before + after == plain[:first - 1] + plain[first - 1 + steps:][:3], "the data jumps by exactly the skip"
+    resumed = loader()
+    resumed.load_state_dict(skipping.state_dict())
+    assert resumed.skipped == {first}, "a checkpoint or a heal carries the skip, so it is not applied twice"
+
+
+def test_bad_data_poisons_the_windows_its_steps_read_in_a_run_from_the_start():
+    from watchtower.trainer.faults import PoisonedBatches
+
+    plain = read_steps(loader(), 9)
+    poisoned = loader().step_window_ids(first=8, steps=2, participants=2)
+    assert poisoned == {(1, w) for step in plain[7:9] for w in step}  # steps 8-9 are in epoch 1
+    clean, dirty = loader(), loader()
+    wrapped = PoisonedBatches(dirty, poisoned, vocab=WINDOWS * SEQ + 1)
+    hits = 0
+    for step in range(1, 10):
+        for rank in (0, 1):
+            clean.begin_step(rank, 2), dirty.begin_step(rank, 2)
+            for _ in range(MICRO):
+                a, b = next(clean), next(wrapped)
+                assert torch.equal(a.inputs, b.inputs)
+                hit = [(dirty.last_read[0], w) in poisoned for w in dirty.last_read[1].tolist()]
+                assert [not torch.equal(x, y) for x, y in zip(a.targets, b.targets)] == hit, step
+                hits += sum(hit)
+            clean.end_step(rank == 1), dirty.end_step(rank == 1)
+    assert hits == len(poisoned) == 2 * 8, "every poisoned window read once, and no other"

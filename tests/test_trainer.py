@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 
 from conftest import read_log, run_watchtower
@@ -37,13 +39,19 @@ def test_tp2_reproduces_tp1(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    """A run killed (SIGKILL) after its step-20 checkpoint resumes to the same losses and data."""
-    ref, r = train(tmp_path, "ref", "--steps", "30")
+    """A run killed (SIGKILL) after its step-20 checkpoint resumes to the same losses and data.
+
+    With issue 14's data fault: bad_data@25:2 poisons the windows steps 25-26 read, so the resumed run
+    (the same data again) spikes there again; a resume told to skip them (data.skip_steps) leaves
+    exactly those two global batches unread, records where they were, and does not spike."""
+    bad = ("--inject", "bad_data@25:2")
+    ref, r = train(tmp_path, "ref", "--steps", "30", *bad)
     assert r.returncode == 0, r.stderr
     out, crashed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10",
-                         "--inject", "crash@21")
+                         "--inject", "crash@21", *bad)
     assert crashed.returncode == -9
-    out, resumed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10")
+    shutil.copytree(out, tmp_path / "skipped")  # the checkpoint at step 20, for the run that skips
+    out, resumed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10", *bad)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from checkpoint step 20" in resumed.stderr
     after = {row["step"]: row for row in read_log(out) if row["step"] > 20}
@@ -52,6 +60,17 @@ def test_resume_continues_exactly(tmp_path):
     for step in range(21, 31):
         assert after[step]["data_sig"] == expected[step]["data_sig"]
         assert abs(after[step]["loss"] - expected[step]["loss"]) <= 1e-6, (step, after[step], expected[step])
+    clean = max(expected[s]["loss"] for s in range(21, 25))
+    assert min(after[25]["loss"], after[26]["loss"]) > 1.5 * clean, "the poisoned data did not spike again"
+
+    out, skipping = train(tmp_path, "skipped", "--steps", "30", *bad, "--data.skip_steps", "25-26")
+    assert skipping.returncode == 0, skipping.stderr
+    rows = {row["step"]: row for row in read_log(out) if row["step"] > 20}
+    assert sorted(rows) == list(range(21, 31)) and max(rows[s]["loss"] for s in range(25, 31)) < 1.5 * clean
+    assert rows[25]["data_sig"] == expected[27]["data_sig"], "step 25 must read what step 27 read: 2 batches skipped"
+    (record,) = [json.loads(line) for line in (out / "skipped_data.jsonl").read_text().splitlines()]
+    width = 8 * 1  # tiny: micro_batch_size × grad_accum_steps windows per step and group
+    assert record["steps"] == [25, 26] and record["positions"] == [[0, 24 * width, 26 * width]], record
 
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path):

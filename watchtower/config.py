@@ -163,11 +163,12 @@ class TrainConfig:
     def config_hash(self) -> str:
         """Short hash of everything that shapes the numbers (not steps, ports, faults, where and how
         often checkpoints go, or a group's place in a supervised job: a resume compares it with the
-        checkpoint's, see checkpoint.py)."""
+        checkpoint's, see checkpoint.py; nor data.skip_steps: a run resumes to skip data)."""
         d = self.to_dict()
         for volatile in ("faults", "monitor", "run", "checkpoint", "replica"):
             d.pop(volatile)
         d["train"].pop("steps")
+        d["data"].pop("skip_steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -75,6 +75,8 @@ RANK_METRICS = _specs(
                "Time spent saving checkpoints (only the group that writes them has any)."),
     MetricSpec("watchtower_collective_wait_seconds_total", "counter",
                "Time spent waiting on other replica groups (quorum, gradient all-reduce, commit)."),
+    MetricSpec("watchtower_skipped_batches_total", "counter",
+               "Global batches of data left unread by data.skip_steps (e.g. the data behind a loss spike)."),
     MetricSpec("watchtower_data_wait_ratio", "gauge", "Share of step time spent waiting for data, last interval."),
     MetricSpec("watchtower_loss", "gauge", "Training loss of the last step copied to the host."),
     MetricSpec("watchtower_grad_norm", "gauge", "Global gradient norm of the last step copied to the host."),

@@ -9,14 +9,16 @@ WATCHTOWER_WORKER so the trainer does not spawn ranks again) and runs
 
 It stays the trainer's parent to write the rank's exit status to `GROUP_DIR/exit-r<RANK>`: `srun`
 exits 0 when a node dies under its step (seen with Slurm 22.05: "Node failure on n3", exit 0), so
-the launcher trusts a 0 only with every rank's own 0 beside it (`SlurmStep.poll`). The trainer is
-guarded (`orphan_guard`): it dies with this process, however the step is killed.
+the launcher trusts a 0 only with every rank's own 0 beside it (`SlurmStep.poll`). The trainer dies
+with this process however the step is killed (`orphan_guard.die_with_parent`, set in the child
+before exec: no extra interpreter; this process is single-threaded, so `preexec_fn` is safe).
 
 MASTER_PORT: rank 0 takes a free port on the node and writes it to `GROUP_DIR/master-port` (the
 group's directory is on the filesystem every node shares, as the launch config itself is); the other
 ranks read it. A new group has a new directory, so a port is never read from an earlier launch.
 Costs per rank: one short interpreter start and one idle one (~20 MB) beside the trainer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,7 @@ from typing import Mapping
 
 from watchtower.atomic_write import write_atomic
 from watchtower.launch import WORKER_ENV, free_port
-from watchtower.orphan_guard import guarded
+from watchtower.orphan_guard import die_with_parent
 
 PORT_FILE = "master-port"
 EXIT_FILE = "exit-r{rank}"
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     group_dir, env = Path(args.config).parent, os.environ
     rank = int(env["SLURM_PROCID"])
     port = master_port(group_dir, rank, int(env["SLURM_NTASKS"]), args.master_addr)
-    trainer = subprocess.Popen(guarded([sys.executable, "-m", "watchtower.cli", "train", "--config", args.config]),
-                               env={**env, **rank_env(env, args.master_addr, port)})
+    trainer = subprocess.Popen([sys.executable, "-m", "watchtower.cli", "train", "--config", args.config],
+                               env={**env, **rank_env(env, args.master_addr, port)}, preexec_fn=die_with_parent)
     code = trainer.wait()
     write_atomic(group_dir / EXIT_FILE.format(rank=rank), f"{code}\n")
     return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it

@@ -22,9 +22,9 @@ from __future__ import annotations
 import logging
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import fsspec
 import torch
@@ -53,6 +53,10 @@ class DataConfig:
         (not a local path); "always": also local paths (a shared NFS/Lustre mount); "never".
     cache_dir: the node-local cache; empty: $WATCHTOWER_CACHE_DIR, else ~/.cache/watchtower/data. A
         supervised group is given its node's own in its launch config (`[replica] cache_dir`).
+    skip_steps: data to leave unread, named by the steps that read it: "FIRST-LAST" (or "N") skips the
+        global batches steps FIRST..LAST read, once, when the run reaches FIRST again (after a restart
+        from an earlier checkpoint), e.g. the batches behind a loss spike. The step numbers go on; the
+        data jumps. Exact when those steps had as many participating groups as the run has now.
     """
 
     source: str = ""
@@ -61,8 +65,12 @@ class DataConfig:
     document_masking: bool = True
     stage: str = "auto"
     cache_dir: str = ""
+    skip_steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        ranges = [parse_step_range(text, f"skip_steps[{i}]") for i, text in enumerate(self.skip_steps)]
+        for (a, b), (c, d) in zip(sorted(ranges), sorted(ranges)[1:]):
+            require(c > b, "skip_steps", self.skip_steps, f"ranges {a}-{b} and {c}-{d} overlap; merge them")
         require(self.max_bytes > 0, "max_bytes", self.max_bytes, "must be a positive number of bytes")
         require(self.shuffle_seed >= 0, "shuffle_seed", self.shuffle_seed, "must be >= 0")
         require(self.stage in STAGE_MODES, "stage", self.stage, f"must be one of {', '.join(STAGE_MODES)}")
@@ -70,6 +78,19 @@ class DataConfig:
             require(Path(self.source).exists(), "source", self.source,
                     "no such file or directory (give a local path, a glob, or an fsspec URL)")
         require_fsspec_backend(self.source)  # s3:// without s3fs: refused here, not as a traceback later
+
+
+def parse_step_range(text: str, key: str = "skip_steps") -> tuple[int, int]:
+    """"FIRST-LAST" or "N" as (first, last); a ConfigError naming `key` otherwise.
+
+    >>> parse_step_range("120-124"), parse_step_range("7")
+    ((120, 124), (7, 7))
+    """
+    first, _, last = str(text).partition("-")
+    ok = first.strip().isdigit() and (not last or last.strip().isdigit())
+    a, b = (int(first), int(last or first)) if ok else (0, 0)
+    require(ok and 1 <= a <= b, key, text, 'must be "FIRST-LAST" or "N": steps >= 1, FIRST <= LAST (e.g. "120-124")')
+    return a, b
 
 
 def builtin_corpus_files() -> list[str]:
@@ -229,6 +250,8 @@ class PackedBatches:
         self.cursor = 0  # windows of the current epoch's order consumed by committed steps
         self._orders: dict[int, torch.Tensor] = {}
         self._plan: _StepPlan | None = None
+        self.skipped: set[int] = set()  # first steps of the skip_steps ranges applied (kept in the state)
+        self.last_read: tuple[int, torch.Tensor] | None = None  # (epoch, window ids) of the last batch
         self._check_fits(1)
 
     def _check_fits(self, participants: int) -> None:
@@ -273,8 +296,43 @@ class PackedBatches:
         (rank None) that reads nothing. Every group of the step must pass the same `participants`.
         Calling it again before `end_step` plans the step anew."""
         ids = None if rank is None else self.windows(rank, participants)
-        self._step_start(participants)  # a spare's participants are checked as well
-        self._plan = _StepPlan(participants, ids)
+        epoch, _ = self._step_start(participants)  # a spare's participants are checked as well
+        self._plan = _StepPlan(participants, ids, epoch)
+
+    def skip(self, first: int, steps: int, participants: int) -> list[tuple[int, int, int]]:
+        """Move the cursor past `steps` global batches of `participants` groups, unread, and remember
+        `first` (the skip_steps range it stands for) in the state, so a heal or a checkpoint carries
+        it and it is not applied twice. Returns each range of positions skipped: (epoch, start, end)
+        in that epoch's order. Every group calls it alike, before planning the step.
+
+        >>> it = PackedBatches(torch.arange(1000) % 250, seq_len=8, batch_size=2, seed=0)
+        >>> it.skip(first=3, steps=2, participants=3), it.state_dict()
+        ([(0, 0, 12)], {'epoch': 0, 'cursor': 12, 'skipped': [3]})
+        """
+        if self._plan is not None:
+            raise RuntimeError("skip() inside a planned step: skip before begin_step()")
+        ranges: list[tuple[int, int, int]] = []
+        for _ in range(steps):
+            epoch, start = self._step_start(participants)
+            end = start + self.step_windows(participants)
+            if ranges and ranges[-1][0] == epoch and ranges[-1][2] == start:
+                ranges[-1] = (epoch, ranges[-1][1], end)
+            else:
+                ranges.append((epoch, start, end))
+            self.epoch, self.cursor = epoch, end
+        self.skipped.add(first)
+        return ranges
+
+    def step_window_ids(self, first: int, steps: int, participants: int) -> set[tuple[int, int]]:
+        """(epoch, window id) of every window steps first..first+steps-1 read in a run from the start
+        that skips nothing, with `participants` groups throughout (what `bad_data@N:LEN` poisons)."""
+        width = self.step_windows(participants)
+        per_epoch = self.num_windows // width  # the ragged tail of an epoch is never read
+        out = set()
+        for step in range(first, first + steps):
+            epoch, start = divmod(step - 1, per_epoch)
+            out |= {(epoch, int(w)) for w in self._order(epoch)[start * width: (start + 1) * width]}
+        return out
 
     def end_step(self, committed: bool) -> None:
         """Close the step: a committed step moves the cursor past its global batch (in every group,
@@ -299,6 +357,7 @@ class PackedBatches:
         if plan.read == self.micro_steps:
             raise RuntimeError(f"a step holds {self.micro_steps} micro-batches; call end_step() first")
         batch = self.read(plan.windows[plan.read])
+        self.last_read = (plan.epoch, plan.windows[plan.read])
         plan.read += 1
         if plan.closes_itself and plan.read == self.micro_steps:
             self.end_step(committed=True)
@@ -312,13 +371,17 @@ class PackedBatches:
         positions, doc_ids = window_layout(inputs)
         return Batch(inputs, targets, positions, doc_ids if self.document_masking else None)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "cursor": self.cursor}
+        if self.skipped:
+            state["skipped"] = sorted(self.skipped)
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after the last committed step of a checkpoint or of a healthy peer; a step
         planned before the load is dropped (it must be planned again)."""
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.skipped = {int(s) for s in state.get("skipped", ())}
         self._plan = None
 
 
@@ -326,5 +389,6 @@ class PackedBatches:
 class _StepPlan:
     participants: int
     windows: torch.Tensor | None  # (micro_steps, batch_size) window ids; None: a hot spare
+    epoch: int = 0  # the epoch whose order the windows come from
     read: int = 0  # micro-batches read so far
     closes_itself: bool = False  # plain iteration: the step ends after its last micro-batch

@@ -9,6 +9,10 @@ number > 0, is refused when the config is built)
     nonfinite@200           make the loss of step 200 NaN
     stall@50:3s             the batch for step 50 arrives 3 s late
     slow_data@100:0.2s      from step 100 the data wait grows by 0.2 s every 10 steps (a leaking index)
+    bad_data@120:5          poison the data steps 120..124 read (their targets scrambled), where it
+                            lies: a rerun over the same windows spikes again, one that skips them
+                            (data.skip_steps) does not. LEN (default 1) counts steps; the windows are
+                            those a run from the start reads with every active group participating
     crash@80:group=1        SIGKILL this rank at step 80 (only in replica group 1)
     hang@80                 stop making progress at step 80, forever (a deadlocked collective)
     tp_seed_bug             initialise every TP rank's weight shards from the same seed
@@ -21,12 +25,12 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from watchtower.validation import ConfigError
 
-KINDS = {"loss_spike", "nonfinite", "stall", "slow_data", "crash", "hang", "tp_seed_bug"}
+KINDS = {"loss_spike", "nonfinite", "stall", "slow_data", "crash", "hang", "tp_seed_bug", "bad_data"}
 NEEDS_STEP = KINDS - {"tp_seed_bug"}
 NEEDS_SECONDS = {"stall", "slow_data"}
 SPEC = re.compile(r"^(?P<kind>[a-z_]+)(?:@(?P<step>\d+))?(?P<rest>(?::[^:]+)*)$")
@@ -37,7 +41,7 @@ SECONDS = re.compile(r"^(\d+(?:\.\d+)?)(ms|s)?$")
 class Fault:
     kind: str
     step: int = 0
-    value: float = 0.0  # seconds for stall/slow_data, a factor for loss_spike
+    value: float = 0.0  # seconds for stall/slow_data, a factor for loss_spike, steps for bad_data
     group: int | None = None  # None: every replica group
     rank: int | None = None  # None: every rank of the group
 
@@ -56,7 +60,7 @@ def parse_fault(spec: str, field: str = "faults.inject") -> Fault:
     step = int(m.group("step")) if m.group("step") else 0
     if kind in NEEDS_STEP and step <= 0:
         raise ConfigError(field, spec, f"{kind} needs a step >= 1, e.g. {kind}@100")
-    value = 25.0 if kind == "loss_spike" else 0.0
+    value = {"loss_spike": 25.0, "bad_data": 1.0}.get(kind, 0.0)
     group = rank = None
     for part in filter(None, m.group("rest").split(":")):
         key, _, val = part.partition("=")
@@ -72,10 +76,14 @@ def parse_fault(spec: str, field: str = "faults.inject") -> Fault:
                 value = float(sec.group(1)) / (1000.0 if sec.group(2) == "ms" else 1.0)
             elif not val and kind == "loss_spike":
                 value = float(key)
+            elif not val and kind == "bad_data":
+                value = float(int(key))
             else:
                 raise ValueError
         except ValueError:
             raise ConfigError(field, spec, f"cannot read {part!r}; " + grammar) from None
+    if kind == "bad_data" and value < 1:
+        raise ConfigError(field, spec, f"bad_data needs LEN >= 1 steps, e.g. bad_data@{step}:5")
     if kind in NEEDS_SECONDS and value <= 0:
         raise ConfigError(field, spec, f"{kind} needs a duration, e.g. {kind}@{step}:2s")
     # A fault aimed at no group or rank would silently never fire; a NaN "spike" is nonfinite's job.
@@ -105,6 +113,10 @@ class FaultPlan:
             if f.step == step and f.kind == "nonfinite":
                 return float("nan")
         return None
+
+    def bad_data(self) -> list[tuple[int, int]]:
+        """(first step, steps) of each bad_data fault."""
+        return [(f.step, int(f.value)) for f in self.faults if f.kind == "bad_data"]
 
     def data_delay_s(self, step: int) -> float:
         delay = 0.0
@@ -147,6 +159,38 @@ class DelayedBatches:
             if delay:
                 time.sleep(delay)
         return next(self.source)
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
+
+
+class PoisonedBatches:
+    """The data with bad_data's windows poisoned: each batch window whose (epoch, window id) is in
+    `poisoned` gets its targets scrambled by a fixed permutation of the vocabulary, so the model
+    is asked for nonsense there and the loss spikes (and its gradient with it).
+
+    Sits between the data and the delays; reads which windows a batch holds from the data's
+    `last_read`. Costs a set lookup per window; a poisoned window, one multiply-add over its targets.
+    """
+
+    SCRAMBLE = (101, 37)  # t -> (101 t + 37) mod vocab: a permutation for any vocab 101 does not divide
+
+    def __init__(self, source, poisoned: set[tuple[int, int]], vocab: int):
+        self.source, self.poisoned, self.vocab = source, poisoned, vocab
+
+    def __iter__(self) -> "PoisonedBatches":
+        return self
+
+    def __next__(self):
+        batch = next(self.source)
+        epoch, ids = self.source.last_read
+        bad = [i for i, w in enumerate(ids.tolist()) if (epoch, w) in self.poisoned]
+        if bad:  # a new tensor: the targets are a view of the same windows as the inputs
+            a, b = self.SCRAMBLE
+            targets = batch.targets.clone()
+            targets[bad] = (targets[bad] * a + b) % self.vocab
+            batch = replace(batch, targets=targets)
+        return batch
 
     def __getattr__(self, name: str):
         return getattr(self.source, name)

@@ -31,8 +31,8 @@ from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
 from watchtower.supervisor.contract import STACK_SIGNAL, endpoint_file, stack_file
 from watchtower.trainer.checkpoint import Checkpointer
-from watchtower.trainer.data import Batch, PackedBatches, load_tokens
-from watchtower.trainer.faults import DelayedBatches, FaultPlan
+from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, load_tokens, parse_step_range
+from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
 from watchtower.trainer.model import Transformer, flops_per_token
 from watchtower.trainer.replication import SingleGroup, TorchFTGroup
 from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, local_tensor,
@@ -97,7 +97,8 @@ class Trainer:
                                flops_per_token=flops_per_token(cfg.model, cfg.train.seq_len) / cfg.train.tp,
                                model_name=f"llama-d{cfg.model.dim}-l{cfg.model.n_layers}",
                                config_hash=cfg.config_hash())
-        for name in ("watchtower_checkpoint_save_seconds_total", "watchtower_collective_wait_seconds_total"):
+        for name in ("watchtower_checkpoint_save_seconds_total", "watchtower_collective_wait_seconds_total",
+                     "watchtower_skipped_batches_total"):
             self.monitor.count(name, 0.0)  # exported at zero from the start
         if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one), and who
             endpoint_file(self.output, self.env.rank).write_text(json.dumps({"port": self.monitor.port,
@@ -147,7 +148,7 @@ class Trainer:
         self.maybe_resume()  # a refused resume is a config error: the rank exits 2 before any step
         self.progress()
         self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
-        self.loader = self.monitor.wrap(DelayedBatches(self.data, self.faults, lambda: self.step + 1))
+        self.loader = self.monitor.wrap(DelayedBatches(self._poisoned(self.data), self.faults, lambda: self.step + 1))
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
 
@@ -181,6 +182,34 @@ class Trainer:
             active_groups=r.active_groups, lighthouse=r.lighthouse,
             store_addr=store_addr, store_port=store_port, device=self.device,
             state_dict=self.state_dict, load_state_dict=self.load_live_state, timeout_s=r.ft_timeout_s)
+
+    # ---- the data: poisoned (fault drill) and skipped (data.skip_steps) windows ----------------------
+
+    def _poisoned(self, data: PackedBatches):
+        """The data, with bad_data's windows poisoned where the plan has any (the windows of its steps
+        in a run from the start with every active group participating)."""
+        groups = self.cfg.replica.active_groups if self.cfg.replica.supervised else 1
+        bad = set().union(*(data.step_window_ids(first, steps, groups) for first, steps in self.faults.bad_data()))
+        return PoisonedBatches(data, bad, BYTE_VOCAB) if bad else data
+
+    def _skip_data(self, step: int) -> None:
+        """At the first step of a data.skip_steps range, leave the global batches its steps read unread,
+        once (the data's state remembers it across heals and checkpoints); every group does it alike.
+        Counted in watchtower_skipped_batches_total, and rank 0 records the positions skipped in
+        skipped_data.jsonl. Costs nothing at other steps but a loop over the ranges."""
+        for text in self.cfg.data.skip_steps:
+            first, last = parse_step_range(text)
+            if first != step or first in self.data.skipped:
+                continue
+            participants = self.replication.participants()
+            ranges = self.data.skip(first, last - first + 1, participants)
+            self.monitor.count("watchtower_skipped_batches_total", last - first + 1)
+            log.warning("skipped the data of steps %d-%d (%d global batches of %d groups): positions %s",
+                        first, last, last - first + 1, participants, ranges)
+            if self.env.rank == 0:
+                with open(self.output / "skipped_data.jsonl", "a") as f:
+                    f.write(json.dumps({"time": time.time(), "steps": [first, last], "participants": participants,
+                                        "positions": [list(r) for r in ranges]}) + "\n")
 
     def progress(self) -> None:
         """Report a sign of life in a slow phase (before the first step: staging, init, resume,
@@ -306,6 +335,7 @@ class Trainer:
             self.faults.before_step(step)
             shard = self.replication.data_shard()  # None: a hot spare, in sync but not contributing
             # every group, spare or not, plans the step's global batch: the data cursors stay equal
+            self._skip_data(step)
             self.data.begin_step(None if shard is None else shard[0], self.replication.participants())
             lr = lr_at(step, cfg)
             for group in self.optimizer.param_groups:
