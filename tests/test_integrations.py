@@ -160,3 +160,20 @@ def test_core_never_imports_the_frameworks():
             "('transformers', 'pytorch_lightning', 'lightning', 'accelerate') or m.startswith('watchtower.integrations'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_a_failing_token_count_is_counted_never_raised():
+    """A user's `count` that breaks on some batch must not stop training: the step is still counted,
+    the failure lands in watchtower_hook_errors_total{hook="integration"}."""
+    from watchtower.hooks import Monitor
+    from watchtower.integrations.step_feed import StepFeed
+
+    monitor = Monitor(MonitorConfig(port=0, log_interval=1))
+    feed = StepFeed(monitor, count=lambda batch: 1 / 0)
+    feed.begin(1)
+    feed.batch({"input_ids": torch.zeros(1, 4)})
+    feed.loss(torch.tensor(1.5))
+    feed.end(lr=0.1)
+    feed.close()
+    assert monitor.state.steps_total == 1 and monitor.state.loss == 1.5
+    assert monitor.errors.counts["integration"] == 1
