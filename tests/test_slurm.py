@@ -190,8 +190,8 @@ def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_
 def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused_drain_is_a_warning(
         slurm, tmp_path, monkeypatch):
     """srun exits 0 when its node dies under the step (Slurm 22.05): a group must not read as
-    finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text; a node
-    the job does not hold is down."""
+    finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text; a health
+    check runs on the node as a step; a node the job does not hold is down."""
     slurm.run("salloc", "-N1", "--no-shell", "-J", "lost")
     job_id = slurm.run("squeue", "-h", "-n", "lost", "-o", "%i").strip()
     try:
@@ -212,6 +212,12 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
         assert step.poll() == 0
         refused = launcher.node_failed("nosuchnode", "exit", 3)
         assert refused and "scontrol" in refused
+        # the health gate's command runs on the node, told which; one past its timeout leaves no step
+        code, out = launcher.run_on_node(node, ["sh", "-c", 'echo "$WATCHTOWER_NODE $SLURMD_NODENAME"; exit 3'], 60)
+        assert code == 3 and f"{node} {node}" in out.splitlines(), out  # beside srun's own "exit code 3" lines
+        assert launcher.run_on_node(node, ["sleep", "300"], 1.0)[0] is None
+        wait_until(lambda: "watchtower-check" not in slurm.run("squeue", "-h", "-s", "-j", job_id, "-o", "%j"),
+                   "the timed-out check's step to be cancelled", timeout=30)
         # a node the job does not hold (it left the allocation) is down, for good
         other = next(n for n in slurm.nodes if n != node)
         both = SlurmLauncher(job_id, [node, other], {node: "127.0.0.1", other: "127.0.0.1"}, "127.0.0.1",
