@@ -119,6 +119,7 @@ def test_every_rank_family_is_promtool_clean_in_both_formats_in_process():
             s.record(loss=torch.tensor(float("nan") if step == 3 else 1.0), grad_norm=torch.tensor(1.0), lr=0.1)
             s.should_step()
     monitor.set_gauge("watchtower_replica_participants", 2)
+    monitor.set_compute_budget(parameters=1000, total_steps=8)  # the two tokens-per-parameter gauges
     monitor.count("watchtower_checkpoint_save_seconds_total", 0.5)
     monitor.close()
     text = generate_latest(monitor.registry).decode()
