@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from watchtower import cli
 from watchtower.alerting_stack import AlertingStack
 from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
 from watchtower.supervisor.sbatch import sbatch_options
+from watchtower.supervisor.shell import STOP_SIGNALS
 from watchtower.supervisor.launcher import GroupSpec
 from watchtower.supervisor.slurm import (EXIT_STEP_LOST, SlurmLauncher, SlurmSection, SlurmStep, expand_cache_dir,
                                          is_down, parse_records, select_nodes, srun_argv)
@@ -103,6 +105,8 @@ def test_sbatch_dry_run_prints_the_script_and_a_local_job_is_refused(tmp_path, c
                  "#SBATCH --partition=debug", "#SBATCH --time=01:00:00"):
         assert line in script.splitlines(), line
     assert script.splitlines()[-1].endswith(f"supervise {job} --supervisor.heartbeat_timeout_s 25")
+    assert script.splitlines()[-1].startswith("exec "), "Slurm's B: signals reach the batch shell only"
+    assert signal.SIGUSR1 in STOP_SIGNALS, "the time limit's warning must stop the supervisor cleanly"
     assert not (tmp_path / "job" / "sbatch.sh").exists(), "a dry run wrote the script"
     assert cli.main(["sbatch", str(job), "--cluster.launcher", "local", "--cluster.nodes", "a,b,c"]) == 2
     err = capsys.readouterr().err.strip()
