@@ -21,7 +21,6 @@ The grad norm is this rank's: equal on every rank under DDP, one shard's under F
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable
 
@@ -33,43 +32,27 @@ except ImportError:
     from pytorch_lightning import Callback
 
 from watchtower.hooks import MonitorConfig
-from watchtower.integrations.step_feed import StepFeed, count_tokens, make_monitor
-
-log = logging.getLogger("watchtower.integrations")
+from watchtower.integrations.step_feed import FeedingCallback, count_tokens
 
 DATA_FETCH = "train_dataloader_next"  # the end of Lightning's profiler action around a training batch's fetch
 
 
-class WatchtowerCallback(Callback):
-    """One monitor step per optimizer step of `trainer.fit`.
-
-    config: the monitor's settings (port, detectors, ...); run: the `run` label (default:
-    $WATCHTOWER_RUN, else "default"); count: tokens of a batch (default: its attention mask's sum).
-    """
+class WatchtowerCallback(FeedingCallback, Callback):
+    """One monitor step per optimizer step of `trainer.fit`. Arguments: see `FeedingCallback`."""
 
     def __init__(self, config: MonitorConfig | None = None, run: str | None = None,
                  count: Callable[[Any], Any] = count_tokens):
-        self.config, self.run, self.count = config, run, count
-        self.feed: StepFeed | None = None
-        self._lr: Any = None
+        super().__init__(config, run, count)
         self._begun_at = 0  # trainer.global_step when the open step began
 
-    @property
-    def monitor(self):
-        return self.feed.monitor if self.feed else None
-
     def on_train_start(self, trainer, pl_module) -> None:
-        try:
-            self.feed = StepFeed(make_monitor(self.config, self.run, pl_module.device, type(pl_module).__name__),
-                                 self.count)
-        except Exception as err:  # noqa: BLE001 - e.g. a malformed RANK: train on, unobserved
-            log.warning("watchtower is off for this run: %s", err)
+        if not self.open_feed(pl_module.device, type(pl_module).__name__):
             return
-        with self.feed.monitor.errors.guard("integration"):
+        trainer.profiler = FetchTimer(trainer.profiler, self.feed.monitor)
+        with self.feed.monitor.errors.guard("integration"):  # an unknown length (an endless loader) is no plan
             total = trainer.max_steps if trainer.max_steps > 0 else trainer.estimated_stepping_batches
             self.feed.monitor.set_compute_budget(sum(p.numel() for p in pl_module.parameters()),
                                                  total if total != float("inf") else 0, max(trainer.world_size, 1))
-            trainer.profiler = FetchTimer(trainer.profiler, self.feed.monitor)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.feed is None:
@@ -105,9 +88,7 @@ class WatchtowerCallback(Callback):
     def _close(self, trainer) -> None:
         if isinstance(trainer.profiler, FetchTimer):
             trainer.profiler = trainer.profiler.inner
-        if self.feed:
-            self.feed.close()
-            self.feed = None
+        self.close_feed()
 
 
 class FetchTimer:

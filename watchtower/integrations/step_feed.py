@@ -12,12 +12,15 @@ is guarded: a failure is counted in `watchtower_hook_errors_total`, never raised
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 
 from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
+
+log = logging.getLogger("watchtower.integrations")
 
 
 def count_tokens(batch: Any) -> torch.Tensor | int:
@@ -118,3 +121,37 @@ class StepFeed:
         """End of training: an open step is closed, buffers are flushed, /metrics stops."""
         self.end()
         self.monitor.close()
+
+
+class FeedingCallback:
+    """What both frameworks' callbacks share: their settings, and the feed they open at train start.
+
+    config: the monitor's settings (port, detectors, ...); run: the `run` label (default:
+    $WATCHTOWER_RUN, else "default"); count: tokens of a batch (default: its attention mask's sum).
+    """
+
+    def __init__(self, config: MonitorConfig | None = None, run: str | None = None,
+                 count: Callable[[Any], Any] = count_tokens):
+        self.config, self.run, self.count = config, run, count
+        self.feed: StepFeed | None = None
+        self._lr: Any = None  # the lr of the update in progress, read before the optimizer steps
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The live monitor during training; None before it and after it."""
+        return self.feed.monitor if self.feed else None
+
+    def open_feed(self, device: Any, model_name: str) -> bool:
+        """Start the monitor (and /metrics); a failure (e.g. a malformed RANK) leaves the run
+        training, unobserved, with a warning: never an exception into the loop."""
+        try:
+            self.feed = StepFeed(make_monitor(self.config, self.run, device, model_name), self.count)
+        except Exception as err:  # noqa: BLE001
+            log.warning("watchtower is off for this run: %s", err)
+            return False
+        return True
+
+    def close_feed(self) -> None:
+        if self.feed:
+            self.feed.close()
+            self.feed = None

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from transformers import TrainerCallback
 
 from watchtower.hooks import MonitorConfig
-from watchtower.integrations.step_feed import StepFeed, count_tokens, make_monitor
+from watchtower.integrations.step_feed import FeedingCallback, count_tokens
 
 log = logging.getLogger("watchtower.integrations")
 
@@ -34,23 +34,14 @@ log = logging.getLogger("watchtower.integrations")
 WRAPPED = ("training_step", "get_batch_samples", "_get_grad_norm")
 
 
-class WatchtowerCallback(TrainerCallback):
+class WatchtowerCallback(FeedingCallback, TrainerCallback):
     """Opens the monitor at train begin, one monitor step per optimizer step, closes it at the end.
-
-    config: the monitor's settings (port, detectors, ...); run: the `run` label (default:
-    $WATCHTOWER_RUN, else "default"); count: tokens of a batch (default: its attention mask's sum).
-    """
+    Arguments: see `FeedingCallback`."""
 
     def __init__(self, config: MonitorConfig | None = None, run: str | None = None,
                  count: Callable[[Any], Any] = count_tokens):
-        self.config, self.run, self.count = config, run, count
-        self.feed: StepFeed | None = None
+        super().__init__(config, run, count)
         self.attached = False
-        self._lr: Any = None
-
-    @property
-    def monitor(self):
-        return self.feed.monitor if self.feed else None
 
     def attach(self, trainer: Any) -> None:
         """Wrap the trainer's three methods (once) so they hand their values to this callback."""
@@ -93,13 +84,9 @@ class WatchtowerCallback(TrainerCallback):
     # ---- the callback's events -----------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.feed is None:
-            try:
-                name = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
-                self.feed = StepFeed(make_monitor(self.config, self.run, args.device, name), self.count)
-            except Exception as err:  # noqa: BLE001 - e.g. a malformed RANK: train on, unobserved
-                log.warning("watchtower is off for this run: %s", err)
-                return
+        name = getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__
+        if self.feed is None and not self.open_feed(args.device, name):
+            return
         if model is not None:
             # every rank of a DDP/FSDP run sees other data: the job's tokens per step are world_size times a rank's
             self.feed.monitor.set_compute_budget(sum(p.numel() for p in model.parameters()), state.max_steps,
@@ -122,9 +109,7 @@ class WatchtowerCallback(TrainerCallback):
             self.feed.end(lr=self._lr)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.feed:
-            self.feed.close()
-            self.feed = None
+        self.close_feed()
 
 
 def watch(trainer: Any, config: MonitorConfig | None = None, run: str | None = None,
