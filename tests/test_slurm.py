@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import pytest
@@ -174,21 +176,29 @@ def processes_of(job_dir: Path, job_id: str) -> list[str]:
     return found
 
 
-def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_path, monkeypatch, capsys):
-    """Inside an allocation of 2 nodes (as in salloc), 3 groups: exit 2, one line, no step started."""
-    slurm.run("salloc", "-N2", "--no-shell", "-J", "too-few")
-    job_id = slurm.run("squeue", "-h", "-n", "too-few", "-o", "%i").strip()
+@contextmanager
+def inside_allocation(slurm: SlurmTestbed, monkeypatch, nodes: int, name: str) -> Iterator[tuple[str, str]]:
+    """An allocation as `salloc` gives a user (no shell), this process's environment inside it:
+    (job id, node list); cancelled at the end."""
+    slurm.run("salloc", f"-N{nodes}", "--no-shell", "-J", name)
+    job_id = slurm.run("squeue", "-h", "-n", name, "-o", "%i").strip()
     try:
         nodelist = slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").strip()
         for key, value in {**slurm.env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": nodelist}.items():
             monkeypatch.setenv(key, value)
+        yield job_id, nodelist
+    finally:
+        slurm.run("scancel", job_id)
+
+
+def test_more_groups_than_allocated_nodes_is_refused_before_any_step(slurm, tmp_path, monkeypatch, capsys):
+    """Inside an allocation of 2 nodes (as in salloc), 3 groups: exit 2, one line, no step started."""
+    with inside_allocation(slurm, monkeypatch, 2, "too-few") as (job_id, _):
         code = cli.main(["supervise", str(write_job(tmp_path, steps=40, active=2, spares=1))])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "cluster.active_groups + spare_groups = 3" in err and f"allocation {job_id} has 2" in err
         assert slurm.run("squeue", "-h", "-s", "-j", job_id, "-o", "%i").strip() == "", "a step was started"
-    finally:
-        slurm.run("scancel", job_id)
 
 
 def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused_drain_is_a_warning(
@@ -196,12 +206,7 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
     """srun exits 0 when its node dies under the step (Slurm 22.05): a group must not read as
     finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text; a health
     check runs on the node as a step; a node the job does not hold is down."""
-    slurm.run("salloc", "-N1", "--no-shell", "-J", "lost")
-    job_id = slurm.run("squeue", "-h", "-n", "lost", "-o", "%i").strip()
-    try:
-        node = slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").strip()
-        for key, value in {**slurm.env, "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": node}.items():
-            monkeypatch.setenv(key, value)
+    with inside_allocation(slurm, monkeypatch, 1, "lost") as (job_id, node):
         job = JobConfig(JobSection(name="lost", trainer_config="tiny", output_dir=str(tmp_path / "job")),
                         ClusterSection(launcher="slurm"), slurm=SlurmSection(drain_failed_nodes=True))
         launcher = SlurmLauncher.from_allocation(job, tp=1, cache_template="")
@@ -227,8 +232,6 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
         both = SlurmLauncher(job_id, [node, other], {node: "127.0.0.1", other: "127.0.0.1"}, "127.0.0.1",
                              job.slurm, 1, "", tmp_path / "nodes")
         assert both.down_nodes() == {other}
-    finally:
-        slurm.run("scancel", job_id)
 
 
 def test_scancel_stops_every_group_and_prometheus_scraped_every_rank_by_node_address(slurm, tmp_path):
