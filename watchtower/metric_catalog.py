@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from watchtower.compute_budget import COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER
+
 RANK_LABELS = ("run", "replica_group", "rank", "node")
 GPU_LABELS = RANK_LABELS + ("gpu",)
 
@@ -64,7 +66,8 @@ RANK_METRICS = _specs(
     MetricSpec("watchtower_tokens_total", "counter", "Tokens of the steps this rank applied."),
     MetricSpec("watchtower_tokens_per_parameter", "gauge",
                "Training tokens the model has seen per parameter (D/N): the job's mean tokens per step times "
-               "the step, over the whole model's parameters. Compute-optimal (Chinchilla) is about 20."),
+               "the step, over the whole model's parameters. Compute-optimal (Chinchilla) is about "
+               f"{COMPUTE_OPTIMAL_TOKENS_PER_PARAMETER:g}."),
     MetricSpec("watchtower_planned_tokens_per_parameter", "gauge",
                "D/N the run will reach at its configured total steps, at the current tokens per step."),
     MetricSpec("watchtower_tokens_per_second", "gauge",
