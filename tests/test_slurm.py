@@ -279,7 +279,7 @@ def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_pa
     """2 active + 1 spare submitted with `watchtower sbatch`; the node of the active group that is
     not the batch node dies (SIGKILL of its slurmd, slurmstepd and tasks). The healthy group loses no
     step, the spare is promoted, the dead node gets no new group and `sinfo -R` shows our reason."""
-    steps = 60
+    steps = 45
     job_id = sbatch(slurm, write_job(tmp_path, steps=steps, active=2, spares=1,
                                      slurm_table={"drain_failed_nodes": True}))
     def three_started() -> dict[str, str] | None:
