@@ -16,6 +16,7 @@ import pytest
 
 from watchtower.supervisor import capture as capture_module
 from watchtower.supervisor.capture import RankTarget, capture
+from watchtower.supervisor.contract import flight_file, stack_file
 from watchtower.supervisor.stacks import Frame, Thread, culprit
 
 SITE = "/venv/lib/python3.11/site-packages"
@@ -47,8 +48,10 @@ def test_the_culprit_is_the_rank_outside_a_collective_at_its_innermost_user_fram
 
 
 HUNG = """
-import faulthandler, signal, sys, time
-faulthandler.register(signal.SIGUSR2, file=open(sys.argv[1], "a"), all_threads=True)
+import sys, time
+from pathlib import Path
+from watchtower.trainer.hang_dump import install
+install(Path(sys.argv[1]), 0)  # what the trainer does for each rank
 def stuck_in_user_code():
     print("ready", flush=True)
     while True:
@@ -63,18 +66,18 @@ def test_without_ptrace_the_faulthandler_dump_names_the_frame_and_a_silent_rank_
     and its faulthandler dump read back. A rank that never answers (no handler: here the signal is
     blocked) ends the capture at its budget, not later: the kill of a hung group waits no longer."""
     monkeypatch.setattr(capture_module, "pyspy_binary", lambda: None)
-    dump = tmp_path / "stacks-r0.txt"
-    hung = processes.start([sys.executable, "-c", HUNG, str(dump)], stdout=subprocess.PIPE, text=True)
+    hung = processes.start([sys.executable, "-c", HUNG, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert hung.stdout.readline().strip() == "ready"
     deaf = processes.start([sys.executable, "-c", "import signal, time; signal.pthread_sigmask(signal.SIG_BLOCK, "
                             "{signal.SIGUSR2}); print('ready', flush=True); time.sleep(600)"],
                            stdout=subprocess.PIPE, text=True)
     assert deaf.stdout.readline().strip() == "ready"
     started = time.monotonic()
-    (read, silent) = capture([RankTarget(0, hung.pid, dump), RankTarget(1, deaf.pid, tmp_path / "none.txt")],
+    (read, silent) = capture([RankTarget(0, hung.pid, stack_file(tmp_path, 0), flight_file(tmp_path, 0)),
+                              RankTarget(1, deaf.pid, tmp_path / "none.txt", tmp_path / "flight-r1.json")],
                              tmp_path / "work", budget_s=1.5)
     assert time.monotonic() - started < 1.5 + 0.5
     assert read.source == "faulthandler" and "py-spy: not installed" in read.errors[0]
     assert culprit({0: read.threads})[1].func == "stuck_in_user_code"
-    assert silent.source == "" and "no dump before the deadline" in silent.errors[-1]
+    assert silent.source == "" and "faulthandler: no dump before the deadline" in "".join(silent.errors)
     assert deaf.poll() is None, "the signal was blocked, not fatal: the kill is the supervisor's to do"

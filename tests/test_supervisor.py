@@ -257,9 +257,10 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
 
 def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_path):
     """Issue 14, item 1: a hung group was killed with nothing kept but "hang". Now, before the kill,
-    every rank's stack is read (py-spy, in parallel, within capture_timeout_s) into incidents/<id>/,
-    and the event names the rank that hangs (rank 1; rank 0 only waits for it in a TP collective)
-    and the user's frame it is stuck in (the trainer's call into the injector, not the injector's sleep)."""
+    every rank's stack and flight record is read (py-spy, a signal; in parallel, within
+    capture_timeout_s) into incidents/<id>/, and the event names the rank that hangs (rank 1; rank 0
+    only waits for it in a TP collective) and the user's frame it is stuck in (the trainer's call into
+    the injector, not the injector's sleep)."""
     path = job_file(tmp_path, steps=20, active=1, spares=0, nodes=2, interval=5, inject=["hang@12:group=0:rank=1"],
                     train_overrides=["train.tp=2"], supervisor={"heartbeat_timeout_s": 10, "startup_grace_s": 120})
     result = supervise(path)
@@ -276,6 +277,9 @@ def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_
     decision = json.loads((incident / "decision.json").read_text())
     assert decision["kind"] == "hang" and "not waiting on peers" in decision["why"], decision
     assert sorted(decision["ranks"]) == ["0", "1"] and decision["capture_seconds"] <= 10
+    # torch's flight recorder (Gloo records too): rank 0 waits in a TP collective rank 1 never entered
+    last = decision["last_collectives"]
+    assert last["0"]["default_pg"]["seq"] == last["1"]["default_pg"]["seq"] + 1, last
     assert (incident / "log_tail.txt").read_text().strip() and (incident / "metrics-r0.txt").exists()
     assert ev[-1]["event"] == "job_finished"
     assert "g0001" in {e["replica_id"] for e in ev if e["event"] == "group_started"}  # from the checkpoint

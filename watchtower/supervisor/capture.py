@@ -1,16 +1,18 @@
-"""Capture the Python stacks of hung ranks, all at once, within a deadline.
+"""Capture the Python stacks and flight records of hung ranks, all at once, within a deadline.
 
 First py-spy (`py-spy dump --pid P --json`): it reads a process from outside through ptrace,
 without its cooperation, so a rank stuck anywhere (in C, holding the GIL) is read; it pauses the
-rank for the read (tens of ms). Where ptrace is not allowed (a container without CAP_SYS_PTRACE,
-Yama's ptrace_scope 3) or py-spy is missing, the rank is sent STACK_SIGNAL: the trainer registered
-faulthandler on it, which writes every thread's stack from the signal handler itself, in C, to
-`stacks-r<rank>.txt` in the group's directory; the new bytes are read back.
+rank for the read (tens of ms). Then every rank is sent STACK_SIGNAL (trainer/hang_dump.py): its
+faulthandler writes every thread's stack to `stacks-r<rank>.txt` from the signal handler itself,
+in C (read back for a rank py-spy could not read: no ptrace in a container without CAP_SYS_PTRACE,
+Yama's ptrace_scope 3, or py-spy missing), and a thread of the rank writes torch's flight recorder
+to `flight-r<rank>.json` (its last collectives: which one each rank waits in).
 
 Bounded: every rank's py-spy runs at the same time, and whatever has not answered when the
-deadline comes is killed (py-spy's ptrace detaches when it dies; the rank is killed next anyway),
-the fallback signal gets the time py-spy left. A capture never takes longer than its `budget_s`.
-Cost: one short-lived py-spy per rank (a few MB, ~30 ms on an idle rank), one signal per fallback.
+deadline comes is killed (py-spy's ptrace detaches when it dies; the rank is killed next anyway);
+the signal phase gets the time py-spy left, flight records at most FLIGHT_WAIT_S of it. A capture
+never takes longer than its `budget_s`. Cost: one short-lived py-spy per rank (a few MB, ~30 ms on
+an idle rank), one signal per rank, a flight record of up to 2000 small entries.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from watchtower.supervisor.stacks import Thread, parse_faulthandler, parse_pyspy
 
 POLL_S = 0.02
 FALLBACK_SHARE = 0.4  # of the budget kept for the signal fallback when py-spy is slow
+FLIGHT_WAIT_S = 2.0  # for the flight records, after the signal (a rank holding the GIL sends none)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class RankTarget:
     rank: int
     pid: int
     stack_file: Path  # where its faulthandler writes on STACK_SIGNAL
+    flight_file: Path  # where it writes torch's flight recorder on STACK_SIGNAL
 
 
 @dataclass
@@ -43,6 +47,7 @@ class RankStacks:
     source: str = ""  # "py-spy", "faulthandler", or "" when neither answered
     threads: list[Thread] = field(default_factory=list)
     raw: str = ""  # what the source wrote, kept in the incident as is
+    flight: str = ""  # torch's flight recorder as the rank dumped it (JSON), "" if none came
     errors: list[str] = field(default_factory=list)
 
 
@@ -59,7 +64,7 @@ def capture(targets: list[RankTarget], workdir: Path, budget_s: float) -> list[R
     workdir.mkdir(parents=True, exist_ok=True)
     found = [RankStacks(t.rank) for t in targets]
     _with_pyspy(targets, workdir, found, deadline - FALLBACK_SHARE * budget_s)
-    _with_signal([i for i, f in enumerate(found) if not f.source], targets, found, deadline)
+    _with_signal(targets, found, deadline)
     return found
 
 
@@ -95,29 +100,39 @@ def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks
             err.unlink(missing_ok=True)
 
 
-def _with_signal(which: list[int], targets: list[RankTarget], found: list[RankStacks], deadline: float) -> None:
-    """STACK_SIGNAL to each rank at once, then read what each appended to its stack file."""
+def _with_signal(targets: list[RankTarget], found: list[RankStacks], deadline: float) -> None:
+    """STACK_SIGNAL to every rank at once (after py-spy: a rank that registered no handler dies of it),
+    then read back the stacks py-spy could not get and each rank's flight record. A flight record is
+    waited for at most FLIGHT_WAIT_S: a rank holding the GIL never writes one."""
     sizes = {}
-    for i in which:
+    for i, t in enumerate(targets):
         try:
-            size = targets[i].stack_file.stat().st_size if targets[i].stack_file.exists() else 0
-            os.kill(targets[i].pid, STACK_SIGNAL)
+            size = t.stack_file.stat().st_size if t.stack_file.exists() else 0
+            t.flight_file.unlink(missing_ok=True)  # the rank writes a fresh one (atomically) on the signal
+            os.kill(t.pid, STACK_SIGNAL)
             sizes[i] = size  # waited for only once signalled: a rank already gone costs no time
         except OSError as e:
-            found[i].errors.append(f"faulthandler: {e}")
-    waiting = {i: targets[i] for i in sizes}
+            found[i].errors.append(f"signal: {e}")
+    stacks = {i for i in sizes if not found[i].source}
+    flights = set(sizes)
+    flight_deadline = min(deadline, time.monotonic() + FLIGHT_WAIT_S)
     last_len: dict[int, int] = {}
-    while waiting and time.monotonic() < deadline:
-        for i, t in list(waiting.items()):
-            text = _read_from(t.stack_file, sizes[i])
+    while (stacks and time.monotonic() < deadline) or (flights and time.monotonic() < flight_deadline):
+        for i in list(stacks):
+            text = _read_from(targets[i].stack_file, sizes[i])
             if text and last_len.get(i) == len(text):  # one poll without growth: the dump is complete
-                found[i].threads, found[i].raw = parse_faulthandler(text), text
-                found[i].source = "faulthandler"
-                del waiting[i]
+                found[i].threads, found[i].raw, found[i].source = parse_faulthandler(text), text, "faulthandler"
+                stacks.discard(i)
             last_len[i] = len(text)
+        for i in list(flights):
+            if targets[i].flight_file.exists():
+                found[i].flight = _read_from(targets[i].flight_file, 0)
+                flights.discard(i)
         time.sleep(POLL_S)
-    for i in waiting:
+    for i in stacks:
         found[i].errors.append("faulthandler: no dump before the deadline (no handler registered?)")
+    for i in flights:
+        found[i].errors.append("flight recorder: no dump in time (a rank holding the GIL cannot write one)")
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -31,8 +31,9 @@ from watchtower.validation import require
 GROUP_CONFIG = "trainer.toml"
 
 # What each rank leaves in its group directory for the supervisor: where it serves /metrics and its
-# pid (`endpoint-r<rank>.json`), and where it dumps its Python stacks on STACK_SIGNAL (faulthandler,
-# the fallback when py-spy cannot read the process). SIGUSR2: neither the trainer, torch nor torchft uses it.
+# pid (`endpoint-r<rank>.json`), and on STACK_SIGNAL its Python stacks (faulthandler, the fallback
+# when py-spy cannot read the process) and torch's flight recorder (trainer/hang_dump.py).
+# SIGUSR2: neither the trainer, torch nor torchft uses it.
 STACK_SIGNAL = signal.SIGUSR2
 
 
@@ -42,6 +43,10 @@ def endpoint_file(group_dir: Path, rank: int) -> Path:
 
 def stack_file(group_dir: Path, rank: int) -> Path:
     return Path(group_dir) / f"stacks-r{rank}.txt"
+
+
+def flight_file(group_dir: Path, rank: int) -> Path:
+    return Path(group_dir) / f"flight-r{rank}.json"
 
 
 @dataclass

@@ -4,14 +4,14 @@ For each `Capture` the policy orders (a HANG or a DEADLOCK, just before its `Kil
 captures every rank's Python stacks (`capture.py`, all groups of the poll at once, within
 `supervisor.capture_timeout_s`) and writes `incidents/<UTC time>-<replica_id>/`:
 
-    decision.json       what was decided and why, the culprit rank and frame, each rank's stack source
+    decision.json       what was decided and why, the culprit rank and frame, each rank's stack source,
+                        and per rank and process group the last collective it entered (seq, op)
     stacks-r<rank>.txt  every thread of the rank, innermost frame first (raw py-spy JSON beside it)
+    flight-r<rank>.json torch's flight recorder as the rank dumped it (Gloo records too, torch >= 2.8)
     log_tail.txt        the group's last log lines
     metrics-r0.txt      rank 0's last scraped /metrics, as served (with the time of the scrape)
 
-Torch's flight recorder is not captured: it is dumped from inside the rank, which a hung rank
-cannot be asked to do from outside; with Gloo on CPU (this trainer's backend without GPUs) there is
-none to ask for. decision.json says so. Cost: the capture's time (bounded) and a few small files.
+Cost: the capture's time (bounded) and a few small files.
 """
 
 from __future__ import annotations
@@ -25,15 +25,12 @@ from pathlib import Path
 from watchtower.atomic_write import write_atomic
 from watchtower.launch import WORKER_ENV
 from watchtower.supervisor.capture import RankStacks, RankTarget, capture
-from watchtower.supervisor.contract import endpoint_file, stack_file
+from watchtower.supervisor.contract import endpoint_file, flight_file, stack_file
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import Capture
 from watchtower.supervisor.stacks import culprit
 
 LOG_LINES = 50
-FLIGHT_RECORDER = ("not captured: torch dumps its flight recorder from inside a rank "
-                   "(torch._C._distributed_c10d._dump_fr_trace), which a hung rank cannot be asked to do from "
-                   "outside; the Gloo backend on CPU keeps none unless TORCH_FR_BUFFER_SIZE is set")
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ def rank_targets(group: Group, tp: int) -> tuple[list[RankTarget], list[str]]:
         if pid is None:
             missing.append(f"rank {rank}: not started (no endpoint file, no process with RANK={rank})")
         else:
-            targets.append(RankTarget(rank, pid, stack_file(group_dir, rank)))
+            targets.append(RankTarget(rank, pid, stack_file(group_dir, rank), flight_file(group_dir, rank)))
     return targets, missing
 
 
@@ -102,11 +99,14 @@ class Forensics:
         self.dir, self.tp, self.budget_s = out / "incidents", tp, budget_s
 
     def capture(self, orders: list[tuple[Capture, Group]], now: float) -> dict[str, Incident]:
-        """Every ordered group's ranks at once (one deadline), then one directory per group."""
+        """Every ordered group's ranks at once (one deadline), then one directory per group; nothing
+        with capture off (capture_timeout_s = 0)."""
+        if self.budget_s <= 0:
+            return {}
         started = time.monotonic()
         plans = [(order, group, *rank_targets(group, self.tp)) for order, group in orders]
         targets = [t for *_, ts, _ in plans for t in ts]
-        found = capture(targets, self.dir / ".capture", self.budget_s) if self.budget_s > 0 and targets else []
+        found = capture(targets, self.dir / ".capture", self.budget_s) if targets else []
         seconds = time.monotonic() - started
         incidents, at = {}, 0
         for order, group, ts, missing in plans:
@@ -124,6 +124,8 @@ class Forensics:
             write_atomic(path / f"stacks-r{f.rank}.txt", render(f))
             if f.source == "py-spy":
                 write_atomic(path / f"stacks-r{f.rank}.json", f.raw)
+            if f.flight:
+                write_atomic(path / f"flight-r{f.rank}.json", f.flight)
         write_atomic(path / "log_tail.txt", "\n".join(group.process.log_tail(LOG_LINES)) + "\n")
         if group.last_metrics:
             write_atomic(path / "metrics-r0.txt", f"# scraped at {group.last_metrics_at:.3f}\n"
@@ -131,9 +133,34 @@ class Forensics:
         decision = {**asdict(order), "kind": order.kind.value, "at": now, "step": group.step,
                     "culprit": {"rank": rank, "frame": frame, "verdict": line}, "capture_seconds": incident.seconds,
                     "ranks": {f.rank: {"source": f.source or None, "errors": f.errors} for f in found},
-                    "ranks_missing": missing, "flight_recorder": FLIGHT_RECORDER}
+                    "ranks_missing": missing,
+                    "last_collectives": {f.rank: flight_summary(f.flight) for f in found if f.flight}}
         write_atomic(path / "decision.json", json.dumps(decision, indent=2) + "\n")
         return incident
+
+
+def flight_summary(text: str) -> dict | str:
+    """Per process group, the last collective a rank's flight recorder saw it enter; the ranks of a
+    group that differ show which one fell behind. A string says why there is none.
+
+    >>> flight_summary('{"entries": [{"process_group": ["0", "default_pg"], "collective_seq_id": 2, '
+    ...                '"profiling_name": "gloo:all_reduce", "state": "scheduled"}]}')
+    {'default_pg': {'seq': 2, 'op': 'gloo:all_reduce', 'state': 'scheduled'}}
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "not JSON"
+    if "error" in data:
+        return str(data["error"])
+    last: dict = {}
+    for e in data.get("entries", []):
+        pg_id, name = (e.get("process_group") or ["?", ""])[:2]
+        pg = name or f"pg {pg_id}"  # torchft's groups have no name
+        if pg not in last or e.get("collective_seq_id", 0) >= last[pg]["seq"]:
+            last[pg] = {"seq": e.get("collective_seq_id", 0), "op": e.get("profiling_name", "?"),
+                        "state": e.get("state", "?")}
+    return last or "no collective recorded"
 
 
 def render(found: RankStacks) -> str:

@@ -10,7 +10,6 @@ participants, so the data order can be replayed; written every log interval) and
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import logging
 import math
@@ -29,7 +28,8 @@ from torch.distributed.tensor import DTensor
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
-from watchtower.supervisor.contract import STACK_SIGNAL, endpoint_file, stack_file
+from watchtower.supervisor.contract import endpoint_file
+from watchtower.trainer import hang_dump
 from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, load_tokens, parse_step_range
 from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
@@ -103,11 +103,9 @@ class Trainer:
         if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one), and who
             endpoint_file(self.output, self.env.rank).write_text(json.dumps({"port": self.monitor.port,
                                                                              "pid": os.getpid()}))
-        # A supervisor reads a hung rank's stacks with py-spy; where ptrace is not allowed it sends
-        # STACK_SIGNAL instead: faulthandler dumps every thread from the signal handler itself, in C, so
-        # a rank blocked in a collective (no Python running) still answers. Costs one open file.
-        self._stack_dump = open(stack_file(self.output, self.env.rank), "a")
-        faulthandler.register(STACK_SIGNAL, file=self._stack_dump, all_threads=True)
+        # a hung rank's stacks and flight recorder for the supervisor, on a signal (before any process
+        # group: the flight recorder is armed by the environment the first one reads)
+        self._disarm_dumps = hang_dump.install(self.output, self.env.rank)
         self.progress()
         try:
             self._build()
@@ -395,8 +393,7 @@ class Trainer:
         """Stop /metrics (its port freed), the monitor's threads and torchft's manager. `run()` calls it
         however `train()` ended, so a failed save does not leave an in-process caller holding the port.
         Idempotent: the monitor's close only flushes again, the manager is shut down once."""
-        faulthandler.unregister(STACK_SIGNAL)
-        self._stack_dump.close()
+        self._disarm_dumps()
         self.monitor.close()
         if not getattr(self, "_closed", False):
             self._closed = True
