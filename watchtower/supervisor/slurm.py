@@ -17,14 +17,18 @@ tasks running. A node whose group failed is excluded by the policy (drained); wi
 `[slurm] drain_failed_nodes = true` it is drained in Slurm too, and a refusal (no admin rights) is an
 event and a warning. A node Slurm reports DOWN, or that left the allocation, is reported down for good.
 
+No orphans: a SIGKILLed supervisor takes its `srun`s with it (orphan guard), but a step's tasks
+outlive their srun; they stop by themselves at their next quorum, which needs the supervisor's
+Lighthouse (inside salloc, measured on the test cluster: no step left 3 s after the supervisor's
+SIGKILL); in a batch job the batch step's end cancels every step as well.
+
 The pure helpers (command lines, `scontrol` records, node selection, the cache path) are tested as
 tables; `SlurmLauncher` is the I/O edge. Costs: one `srun` per launch; every DOWN_CHECK_INTERVAL_S
-two `scontrol` calls (~10 ms each); a kill adds one `squeue` and one `scancel`.
+three `scontrol` calls (~10 ms each); a kill adds one `squeue` and one `scancel`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
@@ -43,8 +47,6 @@ from watchtower.validation import ConfigError, require
 
 if TYPE_CHECKING:
     from watchtower.supervisor.config import JobConfig
-
-log = logging.getLogger("watchtower.supervisor")
 
 STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>
 DOWN_CHECK_INTERVAL_S = 3.0  # how often Slurm is asked which nodes are down or gone (the rest is cached)
