@@ -8,6 +8,7 @@ py-spy cannot read a process (no ptrace), bounded by its budget.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,8 +16,9 @@ import time
 import pytest
 
 from watchtower.supervisor import capture as capture_module
-from watchtower.supervisor.capture import RankTarget, capture
+from watchtower.supervisor.capture import RankStacks, RankTarget, capture
 from watchtower.supervisor.contract import flight_file, stack_file
+from watchtower.supervisor.forensics import verdict
 from watchtower.supervisor.stacks import Frame, Thread, culprit
 
 SITE = "/venv/lib/python3.11/site-packages"
@@ -45,6 +47,24 @@ def main(*frames: Frame) -> Thread:
 def test_the_culprit_is_the_rank_outside_a_collective_at_its_innermost_user_frame(stacks, want):
     got = culprit(stacks)
     assert (got if got is None else (got[0], str(got[1]), got[2])) == want
+
+
+def flight(seq: int) -> str:
+    """A flight record whose last collective on the default group is `seq` (torch's JSON shape)."""
+    return json.dumps({"entries": [{"process_group": ["0", "default_pg"], "collective_seq_id": seq,
+                                    "profiling_name": "gloo:all_reduce", "state": "scheduled"}]})
+
+
+def test_when_every_rank_waits_in_a_collective_the_flight_records_name_the_one_behind():
+    """Stacks alone named the lowest rank ("every rank waits"): rank 1, blocked in an earlier
+    collective than rank 0 (a mismatched call order), is the one rank 0 waits for."""
+    ranks = [RankStacks(0, "py-spy", [main(WAIT, FORWARD, TRAIN)], flight=flight(195)),
+             RankStacks(1, "py-spy", [main(WAIT, TRAIN)], flight=flight(194))]
+    rank, frame, line = verdict(ranks)
+    assert (rank, frame) == (1, "Trainer.train at train.py:303")
+    assert line.endswith("rank 1 is behind on default_pg: collective 194, the others at 195)")
+    without = [RankStacks(r.rank, r.source, r.threads) for r in ranks]
+    assert verdict(without)[0] == 0 and verdict(without)[2].endswith("(every rank waits in a collective)")
 
 
 HUNG = """

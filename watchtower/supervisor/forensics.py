@@ -84,12 +84,40 @@ def ranks_in_process_group(leader: int, tp: int) -> dict[int, int]:
 
 
 def verdict(found: list[RankStacks]) -> tuple[int | None, str, str]:
-    """(rank, frame, one line) from the stacks read."""
-    named = culprit({f.rank: f.threads for f in found if f.threads})
+    """(rank, frame, one line) from the stacks read. When every rank waits in a collective, the stacks
+    cannot tell who is late; the flight records can: the rank whose last collective on a process
+    group is behind the others' is the one they wait for."""
+    stacks = {f.rank: f.threads for f in found if f.threads}
+    named = culprit(stacks)
     if named is None:
         return None, "", "no stack could be read (see decision.json)"
     rank, frame, alone = named
-    return rank, str(frame), f"rank {rank} stuck in {frame}" + ("" if alone else " (every rank waits in a collective)")
+    if alone:
+        return rank, str(frame), f"rank {rank} stuck in {frame}"
+    late = behind({f.rank: flight_summary(f.flight) for f in found if f.flight})
+    if late is None or late[0] not in stacks:
+        return rank, str(frame), f"rank {rank} stuck in {frame} (every rank waits in a collective)"
+    rank, pg, seq, ahead = late
+    frame = culprit({rank: stacks[rank]})[1]
+    return rank, str(frame), (f"rank {rank} stuck in {frame} (every rank waits in a collective; rank {rank} is "
+                              f"behind on {pg}: collective {seq}, the others at {ahead})")
+
+
+def behind(summaries: dict[int, dict | str]) -> tuple[int, str, int, int] | None:
+    """(rank, process group, its last collective, the others' highest) for the first process group
+    whose ranks' flight records disagree; None when they agree or there are none.
+
+    >>> behind({0: {"default_pg": {"seq": 195}}, 1: {"default_pg": {"seq": 194}}})
+    (1, 'default_pg', 194, 195)
+    >>> behind({0: {"default_pg": {"seq": 7}}, 1: "no collective recorded"})
+    """
+    groups = sorted({pg for s in summaries.values() if isinstance(s, dict) for pg in s})
+    for pg in groups:
+        seqs = {rank: s[pg]["seq"] for rank, s in summaries.items() if isinstance(s, dict) and pg in s}
+        if len(seqs) > 1 and len(set(seqs.values())) > 1:
+            rank = min(seqs, key=lambda r: (seqs[r], r))
+            return rank, pg, seqs[rank], max(seqs.values())
+    return None
 
 
 class Forensics:

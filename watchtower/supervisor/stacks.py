@@ -12,7 +12,8 @@ installed or not. A stack with no such frame is named by its innermost frame.
 
 Which rank is the culprit? The first rank, by rank number, whose main thread is not inside a
 collective (torch.distributed, torchft): the peers blocked in a collective are waiting on it.
-If every rank waits in a collective, the lowest rank is named and the verdict says so.
+If every rank waits in a collective, the lowest rank is named and the verdict says so (the
+incident's flight records may then name the rank behind: forensics.behind).
 Cost: a pass over a few hundred frames; microseconds.
 """
 
