@@ -1,7 +1,8 @@
 """Recovery: what a SIGKILLed replica group costs with a hot spare, against a stop-everything restart.
 
 Two supervised CPU jobs of the tiny trainer, one after the other in this run, each with a real
-SIGKILL once the healthy group has finished step `--kill-at`:
+SIGKILL once the active groups (read from their rows: which one is the spare is a start-up race)
+have finished step `--kill-at`:
   hot spare  — 2 active groups + 1 hot spare on 4 nodes; one active group is killed. The other must
                keep stepping; the spare takes the dead group's place; a new spare is started.
   checkpoint — 2 active groups, no spare; every group is killed, as if the job had no fault tolerance:
@@ -129,21 +130,31 @@ class SlurmRun:
             raise RuntimeError(f"{self.path.name}: Slurm job {self.job_id} ended with {last}")
 
 
-def run_job(run: LocalRun | SlurmRun, watch: str, kill_at: int, victims: list[str]) -> float:
-    """Run the job; SIGKILL `victims` (replica ids) once `watch` logged step `kill_at`. Returns the kill time."""
-    killed_at = None
+def groups_at(job_dir: Path, step: int) -> list[str]:
+    """The groups that logged `step`: those taking part in the quorum. A spare logs no rows, and which
+    group torchft makes the spare is a start-up race, so roles are read here, never assumed from ids."""
+    groups = job_dir / "groups"
+    return sorted(d.name for d in groups.iterdir() if any(r["step"] >= step for r in rows(job_dir, d.name))) \
+        if groups.exists() else []
+
+
+def run_job(run: LocalRun | SlurmRun, kill_at: int, active: int, victims: int) -> tuple[float, list[str]]:
+    """Run the job; once `active` groups have logged step `kill_at`, SIGKILL the first `victims` of them.
+    Returns the kill time and the active groups, victims first."""
+    killed_at, actives = None, []
     try:
         deadline = time.monotonic() + 400
         while killed_at is None:
             if time.monotonic() > deadline or not run.running():
-                raise RuntimeError(f"{run.path.name}: {watch} never reached step {kill_at}")
-            if any(r["step"] >= kill_at for r in rows(run.job_dir, watch)):
+                raise RuntimeError(f"{run.path.name}: {active} groups never reached step {kill_at}")
+            actives = groups_at(run.job_dir, kill_at)
+            if len(actives) >= active:
                 killed_at = time.time()
-                run.kill(victims)
+                run.kill(actives[:victims])
             time.sleep(0.02)
     finally:
         run.finish()
-    return killed_at
+    return killed_at, actives
 
 
 def first_time_at_or_after(job_dir: Path, step: int, after: float) -> float:
@@ -159,8 +170,8 @@ def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None) -> LocalR
 def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
     job_dir = out / "hot-spare"
     run = start(job_file(out, "hot-spare", steps, interval, 2, 1, 4, slurm_env is not None), job_dir, slurm_env)
-    killed_at = run_job(run, "g0001", kill_at, ["g0000"])
-    healthy = rows(job_dir, "g0001")
+    killed_at, (victim, survivor) = run_job(run, kill_at, active=2, victims=1)
+    healthy = rows(job_dir, survivor)
     steps_seen = [r["step"] for r in healthy]
     expected = list(range(steps_seen[0], steps + 1))
     lost = len(set(expected) - set(steps_seen)) + (len(steps_seen) - len(set(steps_seen)))
@@ -168,8 +179,9 @@ def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dic
     after = [b["time"] - a["time"] for a, b in zip(healthy, healthy[1:]) if b["time"] > killed_at]
     median = statistics.median(gaps)
     ev = events(job_dir)
-    promoted = next(e["replica_id"] for e in ev if e["event"] == "group_started" and e["replica_id"] == "g0002")
-    full = [r["time"] for r in rows(job_dir, promoted) if r["time"] > killed_at and r["participants"] >= 2]
+    spare = next(e["replica_id"] for e in ev if e["event"] == "group_started" and e["replica_id"] not in
+                 (victim, survivor))  # the first group started besides the two active ones: the hot spare
+    full = [r["time"] for r in rows(job_dir, spare) if r["time"] > killed_at and r["participants"] >= 2]
     refilled = [e["time"] for e in ev if e["event"] == "spares_refilled" and e["time"] > killed_at]
     kill_step = max(r["step"] for r in healthy if r["time"] <= killed_at)
     return {"healthy_steps_lost": lost,
@@ -184,9 +196,9 @@ def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dic
 def stop_everything(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
     job_dir = out / "checkpoint"
     run = start(job_file(out, "checkpoint", steps, interval, 2, 0, 2, slurm_env is not None), job_dir, slurm_env)
-    killed_at = run_job(run, "g0001", kill_at, ["g0000", "g0001"])
-    kill_step = max(r["step"] for d in ("g0000", "g0001") for r in rows(job_dir, d) if r["time"] <= killed_at)
-    restarted = [d.name for d in (job_dir / "groups").iterdir() if d.name not in ("g0000", "g0001")]
+    killed_at, first = run_job(run, kill_at, active=2, victims=2)
+    kill_step = max(r["step"] for d in first for r in rows(job_dir, d) if r["time"] <= killed_at)
+    restarted = [d.name for d in (job_dir / "groups").iterdir() if d.name not in first]
     resumed_from = min(r["step"] for d in restarted for r in rows(job_dir, d)) - 1
     return {"checkpoint_steps_lost": kill_step - resumed_from,
             "checkpoint_seconds_to_regain": round(first_time_at_or_after(job_dir, kill_step + 1, killed_at)
