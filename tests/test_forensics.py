@@ -9,16 +9,19 @@ py-spy cannot read a process (no ptrace), bounded by its budget.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from watchtower.supervisor import capture as capture_module
 from watchtower.supervisor.capture import RankStacks, RankTarget, capture
-from watchtower.supervisor.contract import flight_file, stack_file
-from watchtower.supervisor.forensics import verdict
+from watchtower.supervisor.contract import endpoint_file, flight_file, stack_file
+from watchtower.supervisor.forensics import rank_targets, verdict
 from watchtower.supervisor.stacks import Frame, Thread, culprit
 
 SITE = "/venv/lib/python3.11/site-packages"
@@ -65,6 +68,19 @@ def test_when_every_rank_waits_in_a_collective_the_flight_records_name_the_one_b
     assert line.endswith("rank 1 is behind on default_pg: collective 194, the others at 195)")
     without = [RankStacks(r.rank, r.source, r.threads) for r in ranks]
     assert verdict(without)[0] == 0 and verdict(without)[2].endswith("(every rank waits in a collective)")
+
+
+def test_a_rank_on_another_host_is_never_read_or_signalled_by_its_pid(tmp_path):
+    """On Slurm a rank's pid is a pid of its compute node: read or signalled on the head it would be
+    some other process. Only ranks whose endpoint file names this host are targets; with a remote
+    launcher a rank without an endpoint file is not looked for in the head's process groups."""
+    for rank, host in ((0, "node-17"), (1, socket.gethostname())):
+        endpoint_file(tmp_path, rank).write_text(json.dumps({"port": 1, "pid": 4242 + rank, "host": host}))
+    group = SimpleNamespace(process=SimpleNamespace(pid=os.getpid(), spec=SimpleNamespace(
+        config_path=tmp_path / "trainer.toml")))
+    targets, missing = rank_targets(group, 3, local=False)
+    assert [(t.rank, t.pid) for t in targets] == [(1, 4243)]
+    assert missing[0].startswith("rank 0: runs on node-17") and missing[1].startswith("rank 2: not started")
 
 
 HUNG = """

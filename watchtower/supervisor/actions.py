@@ -63,7 +63,8 @@ class Executor:
         self.starter = GroupStarter(job, trainer, checkpoint_url, launcher, lighthouse, events, errors)
         self.launch_failures = self.starter.failures  # for the next View; the loop takes them
         self.lighthouse_error = ""  # the last failed Lighthouse restart's, for a stop that gives up on it
-        self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s)
+        self.forensics = Forensics(self.out, int(trainer["train"]["tp"]), job.supervisor.capture_timeout_s,
+                                   local=job.cluster.launcher == "local")
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
         self._captures: list[Capture] = []
         self.pages = SupervisorPages(job.job.name, job.cluster.spare_groups,

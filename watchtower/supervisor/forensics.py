@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,20 +44,25 @@ class Incident:
     seconds: float  # the capture's wall time
 
 
-def rank_targets(group: Group, tp: int) -> tuple[list[RankTarget], list[str]]:
-    """The ranks to read and why any is missing. A rank's pid is in the endpoint file it writes once
-    it serves /metrics; a rank hung before that (importing, initialising) is found in the group's
-    process group instead."""
+def rank_targets(group: Group, tp: int, local: bool) -> tuple[list[RankTarget], list[str]]:
+    """The ranks to read and why any is missing. A rank's pid and host are in the endpoint file it
+    writes once it serves /metrics; a pid is read (and signalled) only on this host: a pid of another
+    node is another process here. A local group's rank hung before that (importing, initialising) is
+    found in the group's process group instead (`local`: the group runs on this host)."""
     group_dir = group.process.spec.config_path.parent
+    here = socket.gethostname()
     early = None
     targets, missing = [], []
     for rank in range(tp):
         try:
-            pid = int(json.loads(endpoint_file(group_dir, rank).read_text())["pid"])
+            endpoint = json.loads(endpoint_file(group_dir, rank).read_text())
+            pid, host = int(endpoint["pid"]), endpoint.get("host", here if local else "?")
         except (OSError, ValueError, KeyError):
-            early = ranks_in_process_group(group.process.pid, tp) if early is None else early
-            pid = early.get(rank)
-        if pid is None:
+            early = (ranks_in_process_group(group.process.pid, tp) if local else {}) if early is None else early
+            pid, host = early.get(rank), here
+        if host != here:
+            missing.append(f"rank {rank}: runs on {host}, not on this host (run `py-spy dump --pid {pid}` there)")
+        elif pid is None:
             missing.append(f"rank {rank}: not started (no endpoint file, no process with RANK={rank})")
         else:
             targets.append(RankTarget(rank, pid, stack_file(group_dir, rank), flight_file(group_dir, rank)))
@@ -121,10 +127,11 @@ def behind(summaries: dict[int, dict | str]) -> tuple[int, str, int, int] | None
 
 
 class Forensics:
-    """Captures and writes incidents for the executor; `budget_s` 0 turns capture off."""
+    """Captures and writes incidents for the executor; `budget_s` 0 turns capture off. `local`: the
+    launcher runs groups on this host; otherwise (Slurm) only ranks whose endpoint names this host."""
 
-    def __init__(self, out: Path, tp: int, budget_s: float):
-        self.dir, self.tp, self.budget_s = out / "incidents", tp, budget_s
+    def __init__(self, out: Path, tp: int, budget_s: float, local: bool = True):
+        self.dir, self.tp, self.budget_s, self.local = out / "incidents", tp, budget_s, local
 
     def capture(self, orders: list[tuple[Capture, Group]], now: float) -> dict[str, Incident]:
         """Every ordered group's ranks at once (one deadline), then one directory per group; nothing
@@ -132,7 +139,7 @@ class Forensics:
         if self.budget_s <= 0:
             return {}
         started = time.monotonic()
-        plans = [(order, group, *rank_targets(group, self.tp)) for order, group in orders]
+        plans = [(order, group, *rank_targets(group, self.tp, self.local)) for order, group in orders]
         targets = [t for *_, ts, _ in plans for t in ts]
         found = capture(targets, self.dir / ".capture", self.budget_s) if targets else []
         seconds = time.monotonic() - started

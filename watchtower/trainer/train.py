@@ -102,7 +102,8 @@ class Trainer:
             self.monitor.count(name, 0.0)  # exported at zero from the start
         if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one), and who
             endpoint_file(self.output, self.env.rank).write_text(json.dumps({"port": self.monitor.port,
-                                                                             "pid": os.getpid()}))
+                                                                             "pid": os.getpid(),
+                                                                             "host": socket.gethostname()}))
         # a hung rank's stacks and flight recorder for the supervisor, on a signal (before any process
         # group: the flight recorder is armed by the environment the first one reads)
         self._disarm_dumps = hang_dump.install(self.output, self.env.rank)
