@@ -68,3 +68,18 @@ def hung_groups(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[list
     if stale and all(silence_s(g, view.now, cfg) > waited for g in stale):
         return stale, FailureKind.DEADLOCK
     return [], FailureKind.HANG
+
+
+def why_hung(g: GroupView, now: float, cfg: PolicyConfig, kind: FailureKind) -> str:
+    """The hang decision in words, for the incident directory.
+
+    >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30)
+    >>> why_hung(GroupView("g0", "a", 0.0, heartbeat=100.0), 140.0, cfg, FailureKind.HANG)
+    'no step finished for 40 s (allowed 30 s) and not waiting on peers'
+    """
+    allowed = cfg.startup_grace_s if slow_phase(g) else cfg.heartbeat_timeout_s
+    what = "progress" if slow_phase(g) else "step finished"
+    silent = f"no {what} for {silence_s(g, now, cfg) + allowed:.0f} s"
+    if kind is FailureKind.DEADLOCK:
+        return f"{silent}, waiting on peers as every running group is, past the deadlock threshold: a deadlock"
+    return f"{silent} (allowed {allowed:g} s) and not waiting on peers"

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from watchtower.supervisor.failure_budget import budget_verdict
-from watchtower.supervisor.hangs import hung_groups, silence_s, slow_phase  # noqa: F401 (silence_s: re-exported)
+from watchtower.supervisor.hangs import hung_groups, silence_s, why_hung  # noqa: F401 (silence_s: re-exported)
 from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_groups  # noqa: F401 (node_states: re-exported)
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed,
@@ -196,24 +196,9 @@ def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Acti
     """Kill what `hung_groups` (hangs.py) judges hung: the culprit, or every group of a deadlock."""
     culprits, kind = hung_groups(state, view, cfg)
     for g in culprits:
-        out.append(Capture(g.replica_id, g.node, kind, _why_hung(g, view.now, cfg, kind)))
+        out.append(Capture(g.replica_id, g.node, kind, why_hung(g, view.now, cfg, kind)))
         state = _fail(state, g, kind, view.now, out)
     return state
-
-
-def _why_hung(g: GroupView, now: float, cfg: PolicyConfig, kind: FailureKind) -> str:
-    """The hang decision in words, for the incident directory.
-
-    >>> cfg = PolicyConfig(nodes=("a",), heartbeat_timeout_s=30)
-    >>> _why_hung(GroupView("g0", "a", 0.0, heartbeat=100.0), 140.0, cfg, FailureKind.HANG)
-    'no step finished for 40 s (allowed 30 s) and not waiting on peers'
-    """
-    allowed = cfg.startup_grace_s if slow_phase(g) else cfg.heartbeat_timeout_s
-    what = "progress" if slow_phase(g) else "step finished"
-    silent = f"no {what} for {silence_s(g, now, cfg) + allowed:.0f} s"
-    if kind is FailureKind.DEADLOCK:
-        return f"{silent}, waiting on peers as every running group is, past the deadlock threshold: a deadlock"
-    return f"{silent} (allowed {allowed:g} s) and not waiting on peers"
 
 
 def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: list[Action]) -> PolicyState:
