@@ -191,7 +191,7 @@ def flight_summary(text: str) -> dict | str:
     last: dict = {}
     for e in data.get("entries", []):
         pg_id, name = (e.get("process_group") or ["?", ""])[:2]
-        pg = name or f"pg {pg_id}"  # torchft's groups have no name
+        pg = name or (f"pg {pg_id}" if pg_id else "unnamed")  # torchft's group has neither name nor id
         if pg not in last or e.get("collective_seq_id", 0) >= last[pg]["seq"]:
             last[pg] = {"seq": e.get("collective_seq_id", 0), "op": e.get("profiling_name", "?"),
                         "state": e.get("state", "?")}
