@@ -18,6 +18,7 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.supervisor.sbatch", "watchtower.supervisor.lighthouse",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.goodput", "watchtower.supervisor.timeline",
+           "watchtower.supervisor.remediation", "watchtower.supervisor.rewind",
            "watchtower.tui.model", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
            "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",
            "watchtower.shipped", "watchtower.alert_export", "watchtower.config_flags"]

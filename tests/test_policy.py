@@ -17,7 +17,7 @@ from watchtower.supervisor.policy import decide, node_states
 from watchtower.supervisor.policy_types import (
     Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed, GroupFinished, GroupState, GroupView,
     Kill, Launch, LighthouseHealth, NodeState, PolicyConfig, PolicyState, RestartFromCheckpoint, RestartLighthouse,
-    LaunchFailure, NodeUnhealthy, Role, SparesExhausted, Stop, View)
+    LaunchFailure, NodeUnhealthy, RemediationConfig, Rewind, RewindDeclined, Role, SparesExhausted, Stop, View)
 from watchtower.validation import ConfigError
 
 NODES = ("a", "b", "c", "d", "e")
@@ -26,6 +26,7 @@ CFG = PolicyConfig(nodes=NODES, active_groups=2, spare_groups=1, heartbeat_timeo
 THREE_NODES = replace(CFG, nodes=("a", "b", "c"))
 ONE_GROUP = replace(CFG, active_groups=1, spare_groups=0)
 FOUR_EXCLUDED = replace(CFG, exclude=("a", "b", "c", "d"))
+REWIND = replace(CFG, remediation=RemediationConfig("rewind", rewind_margin=10, skip_batches_after=4))
 NOW = 1000.0
 STARTED = PolicyState(started=True)
 DOWN = LighthouseHealth.DOWN
@@ -71,7 +72,9 @@ def brief(a) -> tuple:
             GroupFinished: lambda: ("finished", a.replica_id),
             SparesExhausted: lambda: ("exhausted", a.reason.value, a.missing),
             DrainRejected: lambda: ("rejected", a.name),
-            NodeUnhealthy: lambda: ("unhealthy", a.node, a.output)}[type(a)]()
+            NodeUnhealthy: lambda: ("unhealthy", a.node, a.output),
+            Rewind: lambda: ("rewind", a.spike_step, a.to_step, a.skip_first, a.skip_last),
+            RewindDeclined: lambda: ("declined", a.spike_step, a.why.split(":")[0])}[type(a)]()
 
 
 @dataclass
@@ -404,6 +407,38 @@ CASES = [
     Case("the_exit_of_a_group_the_policy_killed_is_not_a_second_failure",
          [View(NOW, pool(g1=gone("g1", "b", -9)) + (grp("g3", "d", launched=NOW - 5),))], [[]],
          state=replace(STARTED, ended=frozenset({"g1"}), failures=(failed(NOW - 5, "g1", "b", FailureKind.HANG),))),
+    # issue 14, item 2: a critical loss spike every contributing group agrees on (remediation.py)
+    Case("an_agreed_spike_rewinds_every_group_blaming_no_node_and_spending_no_budget",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))],
+         [[("kill", "g0", "rewind"), ("failed", "g0", "rewind", "free", "-"), ("kill", "g1", "rewind"),
+           ("failed", "g1", "rewind", "free", "-"), ("kill", "g2", "rewind"), ("failed", "g2", "rewind", "free", "-"),
+           ("rewind", 120, 110, 120, 124), ("restart", 40, ()), ("launch", "d", "active", "restart"),
+           ("launch", "e", "active", "restart"), ("exhausted", "restart", 1)]], cfg=REWIND),
+    Case("a_rewind_with_no_other_nodes_waits_for_its_groups_to_exit_instead_of_stopping",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120))),
+          View(NOW + 1, (gone("g0", "a", -9), gone("g1", "b", -9), gone("g2", "c", -9)))],
+         [[("kill", "g0", "rewind"), ("failed", "g0", "rewind", "free", "-"), ("kill", "g1", "rewind"),
+           ("failed", "g1", "rewind", "free", "-"), ("kill", "g2", "rewind"), ("failed", "g2", "rewind", "free", "-"),
+           ("rewind", 120, 110, 120, 124)],
+          [("restart", 40, ()), ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
+           ("launch", "c", "spare", "restart")]], cfg=replace(REWIND, nodes=("a", "b", "c"))),
+    Case("one_groups_spike_is_not_the_runs_nor_is_a_spares_or_a_disagreement",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120))),
+          View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=130))),
+          View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g2=grp("g2", "c", role=Role.SPARE, spike_step=120)))], [[], [], []], cfg=REWIND),
+    Case("with_page_an_agreed_spike_is_recorded_once_and_pages_as_before",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))] * 2,
+         [[("declined", 120, 'remediation.loss_spike = "page"')], []]),
+    Case("past_max_rewinds_a_new_spike_only_pages",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=180),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=180)))],
+         [[("declined", 180, "max_rewinds = 1 already spent")]], cfg=REWIND,
+         state=replace(STARTED, rewinds=1, spikes_seen=frozenset({120}))),
 ]
 
 
@@ -466,7 +501,8 @@ def test_policy_import_contract():
     code = ("import sys, watchtower.supervisor.policy\n"
             "mine = {'watchtower', 'watchtower.validation', 'watchtower.supervisor', 'watchtower.supervisor.policy',"
             " 'watchtower.supervisor.policy_types', 'watchtower.supervisor.failure_budget',"
-            " 'watchtower.supervisor.pool', 'watchtower.supervisor.hangs', 'watchtower.supervisor.policy_view'}\n"
+            " 'watchtower.supervisor.pool', 'watchtower.supervisor.hangs', 'watchtower.supervisor.policy_view',"
+            " 'watchtower.supervisor.remediation'}\n"
             "heavy = ('torch', 'torchft', 'numpy', 'prometheus_client')\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy"
             " or (m.startswith('watchtower') and m not in mine))\n"

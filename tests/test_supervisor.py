@@ -28,7 +28,7 @@ from waiting import WAIT_CEILING_S, wait_until
 
 
 def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
-             job=None, cluster=None, supervisor=None, train_overrides=(), metrics_port=0) -> Path:
+             job=None, cluster=None, supervisor=None, train_overrides=(), metrics_port=0, remediation=None) -> Path:
     """A job of the tiny trainer in tmp_path/job; `job`, `cluster`, `supervisor` add or replace keys."""
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
                  "monitor.parallel_check_interval=20", *train_overrides]
@@ -39,7 +39,7 @@ def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(
         {"nodes": [f"node-{i}" for i in range(nodes)], "active_groups": active, "spare_groups": spares,
          **(cluster or {})},
         {"heartbeat_timeout_s": 20, "startup_grace_s": 60, "crash_loop_limit": 3, "base_port": free_port(),
-         "metrics_port": metrics_port, **(supervisor or {})}))
+         "metrics_port": metrics_port, **(supervisor or {})}, remediation=remediation))
     return path
 
 
@@ -253,6 +253,43 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     assert assert_adds_up_to_the_wall_time(out, ev)["recompute"] > 0
     (incident,) = [e for e in ev if e["event"] == "incident"]
     assert incident["badput_seconds"]["recompute"] > 0 and incident["timeline"]["killed"] is None, incident
+
+
+def test_an_agreed_loss_spike_rewinds_once_and_skips_exactly_the_poisoned_data(tmp_path):
+    """Issue 14, item 2: bad_data@120:5 poisons the windows steps 120-124 read. With [remediation]
+    loss_spike = "rewind", the critical spike both groups report makes the supervisor restart every
+    group from the checkpoint at step 100 (the last at or before 120 - 10; the one at 120 holds the
+    spike and is set aside) and skip the data of steps 120-124: one rewind, exactly the poisoned
+    windows skipped, no second spike, and the loss after it back in the band it had before."""
+    path = job_file(tmp_path, steps=150, active=2, spares=0, nodes=4, interval=20, inject=["bad_data@120:5"],
+                    train_overrides=["train.log_interval=1"],
+                    remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4})
+    result = supervise(path)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    ev = events(tmp_path)
+    (rewind,) = [e for e in ev if e["event"] == "rewind"]
+    assert (rewind["spike_step"], rewind["to_step"], rewind["skip_steps"]) == (120, 110, [120, 124]), rewind
+    assert "step-00000120" in rewind["set_aside"] and not [e for e in ev if e["event"] == "rewind_declined"]
+    restarted = [e["replica_id"] for e in ev if e["event"] == "group_started" and e["reason"] == "restart"]
+    cfg = load_config("tiny")
+    replay = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
+                           cfg.data.shuffle_seed, micro_steps=cfg.train.grad_accum_steps)
+    positions = []
+    for step in range(1, 125):  # where steps 120-124 of a run from the start with 2 groups read
+        replay.begin_step(None, 2)
+        if step >= 120:
+            positions.append(replay.state_dict())
+        replay.end_step(committed=True)
+    poisoned = [[positions[0]["epoch"], positions[0]["cursor"], replay.state_dict()["cursor"]]]
+    for rid in restarted:
+        group_dir = tmp_path / "job" / "groups" / rid
+        (record,) = [json.loads(line) for line in (group_dir / "skipped_data.jsonl").read_text().splitlines()]
+        assert record["steps"] == [120, 124] and record["positions"] == poisoned, (record, poisoned)
+        assert '"critical"' not in "".join(p.read_text() for p in group_dir.glob("events-*.jsonl")), "a second spike"
+        assert train_rows(tmp_path, rid)[0]["step"] == 101, "the restart did not load the checkpoint at step 100"
+    before = [r["loss"] for r in train_rows(tmp_path, "g0000") if 100 < r["step"] < 120]
+    after = [r["loss"] for rid in restarted for r in train_rows(tmp_path, rid) if r["step"] >= 125]
+    assert after and max(after) <= max(before) * 1.1, (max(before), max(after))
 
 
 def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_path):

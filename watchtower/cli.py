@@ -152,6 +152,11 @@ def claim_demo_dir(path: Path) -> JobDirLock:
     return lock
 
 
+# `demo --rewind`: a fault in the data instead of the crash, remedied by a rewind (README, [remediation])
+DEMO_REWIND = [("job.inject", ["bad_data@150:5"]), ("remediation.loss_spike", "rewind"),
+               ("remediation.rewind_margin", 20), ("remediation.skip_batches_after", 4)]
+
+
 def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     """The supervised demo: 2 replica groups + 1 hot spare of the tiny trainer on CPU, group 0
     SIGKILLed at step 100, the spare taking over, a new spare healing in, and a summary."""
@@ -162,6 +167,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
     job_path = str(shipped.demo_job_file())
     overrides = [("job.output_dir", args.output_dir)] if args.output_dir else []
+    overrides += DEMO_REWIND if args.rewind else []
     if args.output_dir:
         check_demo_dir(Path(args.output_dir))
     job, trainer = load_job(job_path, overrides)
@@ -393,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train_flags(train)
     demo = sub.add_parser("demo", help="a monitored CPU run with an injected fault")
     demo.add_argument("--output-dir", default=None, help="default: runs/demo")
+    demo.add_argument("--rewind", action="store_true", help="instead of the crash: bad data at step 150, a loss "
+                      "spike every group agrees on, and a rewind to the checkpoint at step 100 that skips it")
     sup = sub.add_parser("supervise", help="run a job file: torchft replica groups with hot spares")
     sup.add_argument("job", help="job TOML (see configs/demo-job.toml)")
     sb = sub.add_parser("sbatch", help="submit a job file to Slurm: the supervisor in the batch step, groups as steps")

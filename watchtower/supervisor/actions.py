@@ -26,7 +26,8 @@ from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
     GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
-    RestartLighthouse, SparesExhausted, Stop)
+    RestartLighthouse, Rewind, RewindDeclined, SparesExhausted, Stop)
+from watchtower.supervisor.rewind import retire_checkpoints
 
 log = logging.getLogger("watchtower.supervisor")
 
@@ -75,7 +76,8 @@ class Executor:
                     GroupFailed: ("events", self.failed), GroupFinished: ("events", self.finished),
                     SparesExhausted: ("events", self.spares_exhausted),
                     DrainRejected: ("events", self.drain_rejected),
-                    NodeUnhealthy: ("events", self.node_unhealthy)}
+                    NodeUnhealthy: ("events", self.node_unhealthy), Rewind: ("rewind", self.rewind),
+                    RewindDeclined: ("events", self.rewind_declined)}
 
     def run(self, actions: list[Action], now: float) -> int | None:
         """Execute in order; returns the exit code of a `Stop`, else None."""
@@ -196,3 +198,24 @@ class Executor:
         lines = a.output.splitlines() or ["no output"]
         self.events.emit("node_unhealthy", f"{a.node} failed its health check ({lines[0]}: {lines[-1]}): "
                          "no group starts there for the rest of the job", node=a.node, output=a.output)
+
+    # ---- loss-spike remediation (remediation.py) -------------------------------------------------------
+
+    def rewind(self, a: Rewind, now: float) -> None:
+        """Set aside every checkpoint after `a.to_step` (rewind.py) and make every later launch skip
+        the data window; the pool's restart, ordered in this same poll, then loads the newest one left."""
+        folder, moved = retire_checkpoints(self.checkpoint_url, a.to_step)
+        window = f"{a.skip_first}-{a.skip_last}"
+        self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), window]
+        self.stats.remediations["rewind"] += 1
+        self.events.emit("rewind", f"critical loss spike at step {a.spike_step} in every contributing group: "
+                         f"restarting from the last checkpoint at or before step {a.to_step} and skipping the data "
+                         f"of steps {window} ({a.skip_last - a.skip_first + 1} global batches); "
+                         f"{len(moved)} later checkpoint entries set aside in {folder}",
+                         spike_step=a.spike_step, to_step=a.to_step, skip_steps=[a.skip_first, a.skip_last],
+                         batches=a.skip_last - a.skip_first + 1, set_aside=moved)
+
+    def rewind_declined(self, a: RewindDeclined, now: float) -> None:
+        self.stats.remediations["page"] += 1
+        self.events.emit("rewind_declined", f"critical loss spike at step {a.spike_step} in every contributing "
+                         f"group, not rewound: {a.why}", spike_step=a.spike_step, why=a.why)

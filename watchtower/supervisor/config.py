@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watchtower.supervisor.failure_budget import FailureBudget
-from watchtower.supervisor.policy_types import PolicyConfig, node_name_problem
+from watchtower.supervisor.policy_types import PolicyConfig, RemediationConfig, node_name_problem
 from watchtower.supervisor.slurm import SlurmSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
@@ -199,6 +199,7 @@ class JobConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)  # remediation.py: loss spikes
 
     def policy(self) -> PolicyConfig:
         """What the policy needs to know of this job."""
@@ -207,7 +208,7 @@ class JobConfig:
                             exclude=tuple(c.exclude), heartbeat_timeout_s=s.heartbeat_timeout_s,
                             startup_grace_s=s.startup_grace_s, lighthouse_grace_s=s.lighthouse_grace_s,
                             ft_timeout_s=s.ft_timeout_s, lighthouse_restart_timeout_s=s.lighthouse_restart_timeout_s,
-                            budget=s.budget())
+                            budget=s.budget(), remediation=self.remediation)
 
     def trainer_overrides(self) -> list[tuple[str, Any]]:
         pairs = [tuple(item.split("=", 1)) for item in self.job.train_overrides]

@@ -12,5 +12,6 @@ from watchtower.toml_dataclasses import dump_toml
 
 
 def job_toml(job: dict[str, Any], cluster: dict[str, Any], supervisor: dict[str, Any] | None = None,
-             slurm: dict[str, Any] | None = None) -> str:
-    return dump_toml({"job": job, "cluster": cluster, "supervisor": supervisor or {}, **({"slurm": slurm} if slurm else {})})
+             slurm: dict[str, Any] | None = None, remediation: dict[str, Any] | None = None) -> str:
+    optional = {name: table for name, table in (("slurm", slurm), ("remediation", remediation)) if table}
+    return dump_toml({"job": job, "cluster": cluster, "supervisor": supervisor or {}, **optional})

@@ -43,6 +43,7 @@ class Snapshot:
     crash_loop: bool = False
     lighthouse_up: bool = True
     badput: dict[str, float] = field(default_factory=dict)  # cause -> seconds
+    remediations: dict[str, int] = field(default_factory=dict)  # action (rewind, page) -> count
 
 
 class SupervisorCollector:
@@ -74,6 +75,8 @@ class SupervisorCollector:
         f.add("watchtower_goodput_ratio", s.goodput)
         for cause, seconds in s.badput.items():
             f.add("watchtower_badput_seconds_total", seconds, cause)
+        for action, n in s.remediations.items():
+            f.add("watchtower_remediations_total", n, action)
         f.add("watchtower_supervisor_crash_loop", int(s.crash_loop))
         f.add("watchtower_supervisor_lighthouse_up", int(s.lighthouse_up))
         f.add("watchtower_supervisor_heartbeat_timestamp_seconds", s.at)
@@ -95,6 +98,7 @@ class JobStats:
         self.counted = 0  # the failures the budget counts: what the summary calls failures
         self.planned_drains = 0  # operators' drains: losses, never failures
         self.restarts: Counter[str] = Counter({kind: 0 for kind in RESTART_KINDS})
+        self.remediations: Counter[str] = Counter({"rewind": 0, "page": 0})  # loss spikes agreed on
         self.timeline = Timeline(started, active_target, last_step)
         self.crash_loop = False
         self.job_step = 0  # highest step any group finished (the last step once a group finishes)

@@ -52,6 +52,8 @@ class Group:
     participants: int = 0
     in_collective: bool = False
     times: RankTimes = RankTimes()  # rank 0's step, data-wait, checkpoint and collective seconds (goodput)
+    spike_step: int | None = None  # step of the last critical loss spike rank 0's detector reported
+    critical_spikes: float = 0.0
     exit_code: int | None = None
     reported: bool = False  # its exit has been shown to the policy: it leaves the view
     last_metrics: bytes = b""  # rank 0's last /metrics body, kept for an incident directory
@@ -77,7 +79,7 @@ class Group:
         role = {True: Role.ACTIVE, False: Role.SPARE, None: Role.STARTING}[self.participating]
         state = GroupState.RUNNING if self.running else GroupState.EXITED
         return GroupView(self.replica_id, self.node, self.launched_at, state, self.exit_code, role, self.step,
-                         self.heartbeat, self.progress_at, self.in_collective)
+                         self.heartbeat, self.progress_at, self.in_collective, self.spike_step)
 
 
 def metric_values(body: bytes) -> dict[str, float]:
@@ -95,6 +97,25 @@ def metric_values(body: bytes) -> dict[str, float]:
     if "watchtower_train_step" not in values:
         raise ValueError("not a Watchtower rank's /metrics: no watchtower_train_step")
     return values
+
+
+def critical_spikes(body: bytes) -> tuple[float, int | None]:
+    """(critical loss-spike events, the loss-spike detector's last event step) of a rank's /metrics.
+
+    >>> critical_spikes(b'watchtower_detector_events_total{detector="loss_spike",severity="critical"} 1\\n'
+    ...                 b'watchtower_detector_last_event_step{detector="loss_spike"} 120\\n')
+    (1, 120)
+    """
+    count, step = 0.0, None
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.labels.get("detector") != "loss_spike":
+                continue
+            if s.name == "watchtower_detector_events_total" and s.labels.get("severity") == "critical":
+                count = s.value
+            elif s.name == "watchtower_detector_last_event_step":
+                step = int(s.value)
+    return count, step
 
 
 class Observer:
@@ -154,6 +175,9 @@ class Observer:
         g.progress_at = values.get("watchtower_progress_timestamp_seconds", g.progress_at)
         g.in_collective = values.get("watchtower_replica_in_collective", 0) == 1
         g.times = RankTimes(*(values.get(name, 0.0) for name in RANK_TIMES))
+        count, step = critical_spikes(body)
+        if count > g.critical_spikes:  # a new critical spike: the detector's last event is it
+            g.spike_step, g.critical_spikes = step, count
         if "watchtower_replica_participating" in values:
             g.participating = values["watchtower_replica_participating"] == 1
             g.participants = int(values.get("watchtower_replica_participants", 0))

@@ -26,6 +26,7 @@ Each poll, in this order (the reasons are in the functions below):
   5. hangs (hangs.py, `silence_s`): the stuck group is killed, not the peers waiting on it in a collective;
      if every running group is stale and has waited so for three timeouts (and torchft's own
      ft_timeout_s), it is a deadlock and all of them go; a group still progressing rules it out.
+  5b. a critical loss spike every contributing group agrees on: remediation.py (rewind or page).
   6. the failure budget (`budget_verdict`) spent → stop as a crash loop.
   7. the pool: finished → stop when the last group is gone; every group holding the run's progress
      lost (a replacement that never finished a step holds none) → restart from the checkpoint; else refill to active + spare groups, fresh nodes first. Fewer groups than
@@ -42,9 +43,11 @@ from watchtower.supervisor.pool import keep_the_pool_full, node_states, running_
 from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed,
     GroupFinished, GroupState, GroupView, Kill, LighthouseHealth, NodeUnhealthy, Outage, PolicyConfig, PolicyState,
-    RestartLighthouse, Stop, View, node_name_problem)
+    RestartLighthouse, Role, Stop, View, node_name_problem)
+from watchtower.supervisor.remediation import Rewind, agreed_spike, remedy
 from watchtower.validation import EXIT_CONFIG
 
+_PLANNED = (FailureKind.DRAINED, FailureKind.REWIND)  # never counted toward the failure budget
 _BLAMES_NODE = (FailureKind.EXIT, FailureKind.HANG, FailureKind.NODE_DOWN)
 LIGHTHOUSE_RETRY_MAX_S = 30.0  # the longest wait between two restarts of a Lighthouse that stays down
 
@@ -76,6 +79,7 @@ def decide(state: PolicyState, view: View, cfg: PolicyConfig) -> tuple[PolicySta
         if g.node in view.down_nodes:
             state = _fail(state, g, FailureKind.NODE_DOWN, view.now, out)
     state = _kill_hung(state, view, cfg, out)
+    state = _remedy_loss_spike(state, view, cfg, out)
     verdict = budget_verdict(state.failures, view.now, cfg.budget)
     if verdict:
         out.append(Stop(EXIT_CRASH_LOOP, verdict))
@@ -201,12 +205,27 @@ def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Acti
     return state
 
 
+def _remedy_loss_spike(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
+    """A critical loss spike every contributing group agrees on: rewind (every group restarted from
+    an earlier checkpoint, the data window skipped) or a record that it only pages (remediation.py)."""
+    active = [g for g in running_groups(state, view) if g.role is Role.ACTIVE]
+    spike = agreed_spike((g.spike_step for g in active), cfg.active_groups)
+    if spike is None or spike in state.spikes_seen:
+        return state
+    action = remedy(spike, state.rewinds, cfg.remediation)
+    state = replace(state, spikes_seen=state.spikes_seen | {spike})
+    for g in running_groups(state, view) if isinstance(action, Rewind) else ():
+        state = _fail(state, g, FailureKind.REWIND, view.now, out)
+    out.append(action)  # before the pool's restart, which launches from the checkpoint it leaves
+    return replace(state, rewinds=state.rewinds + isinstance(action, Rewind))
+
+
 def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: list[Action]) -> PolicyState:
     """Record a group's loss (killing it if it still runs); drain its node if the node is to blame."""
     excused = kind is not FailureKind.DRAINED and state.excuse_until is not None and now <= state.excuse_until
     blamed = kind in _BLAMES_NODE and not excused and g.exit_code != EXIT_CONFIG
     failure = Failure(now, g.replica_id, g.node, kind, g.exit_code, g.step, g.launched_at,
-                      counted=kind is not FailureKind.DRAINED and not excused, blamed=blamed)
+                      counted=kind not in _PLANNED and not excused, blamed=blamed)
     if g.state is GroupState.RUNNING:
         out.append(Kill(g.replica_id, g.node, kind))
     out.append(GroupFailed(failure))

@@ -16,6 +16,7 @@ from typing import Union
 from watchtower.supervisor.failure_budget import FailureBudget
 from watchtower.supervisor.policy_view import (  # noqa: F401 (re-exported: the policy's words in one import)
     GroupState, GroupView, LaunchFailure, LighthouseHealth, Role, View)
+from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined  # noqa: F401 (the same)
 from watchtower.validation import require
 
 EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES, EXIT_LIGHTHOUSE = 0, 3, 4, 5  # EXIT_CONFIG (2) is watchtower.validation's
@@ -32,7 +33,8 @@ class NodeState(Enum):
 class FailureKind(Enum):
     """EXIT, HANG, NODE_DOWN, LAUNCH blame the node (drained); DEADLOCK blames nobody (every stale group
     was waiting on a peer); LIGHTHOUSE is the quorum server dying; DRAINED is a planned drain (never
-    counted toward the failure budget). LAUNCH: the launcher could not start a group there."""
+    counted toward the failure budget). LAUNCH: the launcher could not start a group there. REWIND:
+    every group restarted by the loss-spike remediation (planned: no node blamed, never counted)."""
     EXIT = "exit"
     HANG = "hang"
     DEADLOCK = "deadlock"
@@ -40,6 +42,7 @@ class FailureKind(Enum):
     LIGHTHOUSE = "lighthouse"
     DRAINED = "drained"
     LAUNCH = "launch"
+    REWIND = "rewind"
 
 
 class LaunchReason(Enum):
@@ -81,6 +84,7 @@ class PolicyConfig:
     ft_timeout_s: float = 10.0  # torchft's quorum/collective timeout: a deadlock is not judged before it
     lighthouse_restart_timeout_s: float = 300.0
     budget: FailureBudget = field(default_factory=FailureBudget)
+    remediation: RemediationConfig = field(default_factory=RemediationConfig)
 
     def __post_init__(self) -> None:
         for i, node in enumerate(self.nodes):
@@ -138,6 +142,8 @@ class PolicyState:
     job_step: int = 0
     live_state: bool = False  # at the last poll a running group had finished a step: progress lived in memory
     lighthouse_outage: Outage | None = None  # the Lighthouse is down: since when, restarts tried
+    rewinds: int = 0  # loss-spike rewinds ordered
+    spikes_seen: frozenset[int] = frozenset()  # agreed spike steps already remedied (or declined)
 
     @classmethod
     def initial(cls, cfg: PolicyConfig) -> PolicyState:
@@ -227,4 +233,4 @@ class NodeUnhealthy:  # a record: the node failed its health check and is out fo
 
 
 Action = Union[Launch, Capture, Kill, DrainNode, RestartFromCheckpoint, RestartLighthouse, Stop, GroupFailed, GroupFinished,
-               SparesExhausted, DrainRejected, NodeUnhealthy]
+               SparesExhausted, DrainRejected, NodeUnhealthy, Rewind, RewindDeclined]

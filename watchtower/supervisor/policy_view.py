@@ -44,6 +44,7 @@ class GroupView:
     heartbeat: float | None = None
     progress_at: float | None = None
     in_collective: bool = False  # waiting on peers in the quorum or the gradient all-reduce
+    spike_step: int | None = None  # step of the last critical loss spike its detector reported
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,12 @@ def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
     return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
 
 
+def _winding_down(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
+    """Nodes busy only with groups the policy has ended (killed, not yet seen exiting), not drained."""
+    states, live = node_states(state, view, cfg), {g.node for g in running_groups(state, view)}
+    return [n for n in cfg.nodes if states[n] is NodeState.BUSY and n not in live]
+
+
 def keep_the_pool_full(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
     """Refill, restart or stop. A whole-job loss is not its nodes' fault (they failed together), so
     the nodes this incident drained are given back to the restart, the freshest still first.
@@ -86,6 +92,9 @@ def _launch(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]
     want = cfg.target - have
     picked = free_nodes(state, view, cfg)[:want]
     missing = want - len(picked)
+    if have + len(picked) < cfg.active_groups and have + len(picked) + len(_winding_down(state, view, cfg)) \
+            >= cfg.active_groups:
+        return state  # enough nodes once the groups just killed there have exited (a rewind): the next poll
     if have + len(picked) < cfg.active_groups:
         out += [SparesExhausted(reason, missing), Stop(EXIT_NO_NODES, f"{_NO_NODES[reason]}: "
                 f"{have + len(picked)} of {cfg.active_groups} active groups can run")]

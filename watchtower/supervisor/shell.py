@@ -178,7 +178,7 @@ class Supervisor:
                         max((g.participants for g in live if g.participating), default=0),
                         self.job.cluster.active_groups, self.job.cluster.spare_groups, self.stats.job_step,
                         self.stats.goodput(), self.stats.crash_loop, self.observer.lighthouse_up,
-                        self.stats.badput())
+                        self.stats.badput(), dict(self.stats.remediations))
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep in slices; True (at once) when a stop signal has arrived."""
