@@ -177,3 +177,103 @@ def test_a_failing_token_count_is_counted_never_raised():
     feed.close()
     assert monitor.state.steps_total == 1 and monitor.state.loss == 1.5
     assert monitor.errors.counts["integration"] == 1
+
+
+class Rows(torch.utils.data.Dataset):
+    """A map-style corpus of `example`s whose item `fail_at` raises (a corrupt sample)."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.n, self.fail_at = n, fail_at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if i == self.fail_at:
+            raise RuntimeError("corrupt sample")
+        return example(i)
+
+
+def hf_trainer(tmp_path, rows: Rows, steps: int):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=BATCH,
+                             report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             dataloader_num_workers=0, seed=0)
+    return Trainer(model=tiny_llama(), args=args, train_dataset=rows, data_collator=default_data_collator)
+
+
+def test_watch_twice_attaches_one_callback_not_two_monitors(tmp_path):
+    """watch() called twice (a notebook cell run again), or after add_callback(WatchtowerCallback()),
+    gave a second callback and wrapped the methods again: two monitors, the second serving on
+    port + 1, which is LOCAL_RANK 1's port. Now every call hands back the one callback."""
+    from watchtower.integrations.transformers import WatchtowerCallback, watch
+
+    trainer = hf_trainer(tmp_path, Rows(8), 2)
+    watch(trainer, MonitorConfig(port=0))
+    first = next(c for c in trainer.callback_handler.callbacks if isinstance(c, WatchtowerCallback))
+    step_method = trainer.training_step
+    assert watch(trainer, MonitorConfig(port=0)) is first
+    assert trainer.training_step is step_method, "wrapped once"
+
+    other = hf_trainer(tmp_path, Rows(8), 2)
+    added = WatchtowerCallback(MonitorConfig(port=0))
+    other.add_callback(added)
+    assert watch(other) is added and added.attached
+    assert sum(isinstance(c, WatchtowerCallback) for c in other.callback_handler.callbacks) == 1
+
+
+def test_a_train_that_raises_frees_the_metrics_port(tmp_path):
+    """HF's Trainer has no exception event: a train() that raised left /metrics holding its port
+    (and the sampler running), so the next watched Trainer of the process served on port + 1."""
+    import socket
+
+    from watchtower.integrations.transformers import watch
+
+    port = free_port()
+    trainer = hf_trainer(tmp_path, Rows(40, fail_at=9), 10)
+    callback = watch(trainer, monitor_config(port))
+    with pytest.raises(RuntimeError, match="corrupt sample"):
+        trainer.train()
+    assert callback.monitor is None
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, "the port is free again"
+
+
+def test_lightning_fp16_loss_is_not_the_scaled_loss(tmp_path):
+    """Under 16-mixed with a GradScaler, Lightning hands on_before_backward the loss already
+    multiplied by the scale (65536 at first): watchtower_loss read 65536x the loss, and every change
+    of the scale looked like a loss spike. The callback divides the scale back out, on the device."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from watchtower.integrations.lightning import WatchtowerCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model, self.losses = tiny_llama(), []
+
+        def training_step(self, batch, batch_idx):
+            loss = self.model(**batch).loss
+            self.losses.append(loss.detach())
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    callback, seen = WatchtowerCallback(MonitorConfig(port=0, log_interval=1)), []
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            callback.monitor._flush(wait=True)
+            seen.append((callback.monitor.state.loss, float(pl_module.losses[-1])))
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, plugins=[plugin],
+                         default_root_dir=str(tmp_path), callbacks=[callback, Probe()])
+    trainer.fit(Tiny(), torch.utils.data.DataLoader(Rows(8), batch_size=BATCH))
+    assert len(seen) == 2
+    for exported, true in seen:
+        assert exported == pytest.approx(true, rel=1e-3)

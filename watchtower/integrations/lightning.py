@@ -6,7 +6,9 @@
 
 Where each value comes from (Lightning's public callback hooks, one private attribute):
 - `on_train_batch_start`: the batch, on its device: tokens from its attention mask (no host read);
-- `on_before_backward`: each micro-batch's loss, already divided by `accumulate_grad_batches`;
+- `on_before_backward`: each micro-batch's loss, already divided by `accumulate_grad_batches`; under
+  fp16 with a GradScaler Lightning hands it over already multiplied by the scale, which is divided
+  back out on the device (else the loss read 65536x and each scale change looked like a spike);
 - `on_before_optimizer_step`: the gradient norm before clipping (grads are unscaled by then under
   AMP), one fused norm over the grads queued on the device, and the lr of this update;
 - `on_train_batch_end`: the step ends when `trainer.global_step` moved (after the last micro-batch);
@@ -64,7 +66,8 @@ class WatchtowerCallback(FeedingCallback, Callback):
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if self.feed:
-            self.feed.loss(loss)
+            with self.feed.monitor.errors.guard("integration"):
+                self.feed.loss(unscaled(loss, trainer))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.feed is None:
@@ -89,6 +92,17 @@ class WatchtowerCallback(FeedingCallback, Callback):
         if isinstance(trainer.profiler, FetchTimer):
             trainer.profiler = trainer.profiler.inner
         self.close_feed()
+
+
+def unscaled(loss: Any, trainer: Any) -> Any:
+    """The loss as the model computed it: the precision plugin's GradScaler (fp16) has scaled the
+    tensor Lightning passes to `on_before_backward`. Divided by the scale tensor the scaler used,
+    on the device (its `get_scale()` would read it on the host every micro-batch)."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return loss
+    scale = getattr(scaler, "_scale", None)  # set by the scale() that scaled this loss
+    return loss / (scale.reshape(()) if isinstance(scale, torch.Tensor) else scaler.get_scale())
 
 
 class FetchTimer:

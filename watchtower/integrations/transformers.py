@@ -12,7 +12,9 @@ own, which `watch` wraps on this one instance (the class is untouched):
   sums into the loss it logs): handed over as is, with the batch's attention mask for tokens/s;
 - `get_batch_samples` pulls the step's batches from the epoch iterator: that iterator is timed
   through `Monitor.wrap`, exactly as the bundled trainer times its loader (data wait);
-- `_get_grad_norm` returns the gradient norm before clipping (a device tensor).
+- `_get_grad_norm` returns the gradient norm before clipping (a device tensor);
+- `train` closes the monitor when it raises: the Trainer has no exception event, and an open
+  monitor would keep its /metrics port, so the process's next watched Trainer served on port + 1.
 The callback's events open and close the monitor's step. Nothing reads a device value per step.
 A callback added without `watch` still exports step time, system metrics and heartbeats, and
 warns once that loss, tokens, data wait and grad norm need `watch(trainer)`.
@@ -31,7 +33,7 @@ from watchtower.integrations.step_feed import FeedingCallback, count_tokens
 log = logging.getLogger("watchtower.integrations")
 
 # the Trainer's methods `watch` wraps, each with what it hands over (see the module docstring)
-WRAPPED = ("training_step", "get_batch_samples", "_get_grad_norm")
+WRAPPED = ("training_step", "get_batch_samples", "_get_grad_norm", "train")
 
 
 class WatchtowerCallback(FeedingCallback, TrainerCallback):
@@ -72,6 +74,15 @@ class WatchtowerCallback(FeedingCallback, TrainerCallback):
                 epoch_iterator = self.feed.monitor.wrap(epoch_iterator)  # every next() timed as data wait
             return original(epoch_iterator, *args, **kwargs)
         return get_batch_samples
+
+    def _around_train(self, original):
+        def train(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            except BaseException:
+                self.close_feed()  # a normal end closes it in on_train_end
+                raise
+        return train
 
     def _around_get_grad_norm(self, original):
         def get_grad_norm(*args, **kwargs):
@@ -115,8 +126,16 @@ class WatchtowerCallback(FeedingCallback, TrainerCallback):
 def watch(trainer: Any, config: MonitorConfig | None = None, run: str | None = None,
           count: Callable[[Any], Any] = count_tokens) -> WatchtowerCallback:
     """The one line: add a `WatchtowerCallback` to `trainer` and wrap its loss, batch and grad-norm
-    methods (see the module docstring). Returns the callback; its `monitor` is live during `train()`."""
-    callback = WatchtowerCallback(config, run, count)
+    methods (see the module docstring). Returns the callback; its `monitor` is live during `train()`.
+
+    Idempotent per trainer: a second call (a notebook cell run again), or a call on a trainer that
+    already has a `WatchtowerCallback`, attaches and returns that one; two would wrap the methods
+    twice and start a second monitor on port + 1, the next local rank's port."""
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, WatchtowerCallback)), None)
+    if callback is None:
+        callback = WatchtowerCallback(config, run, count)
+        trainer.add_callback(callback)
+    elif (config, run) != (None, None) and (config, run) != (callback.config, callback.run):
+        log.warning("watchtower: this trainer is already watched; the new config/run are ignored")
     callback.attach(trainer)
-    trainer.add_callback(callback)
     return callback
