@@ -111,3 +111,19 @@ def test_alerts_export_writes_the_shipped_files_and_refuses_a_file_it_did_not_wr
         assert len(err.splitlines()) == 1 and named in err, err
     assert not (host / "rules.yml").exists() and (host / "alertmanager.yml").read_text() == edited
     assert (foreign / "rules.yml").read_text() == "groups: []\n" and not (foreign / "alertmanager.yml").exists()
+
+
+def test_alerts_export_never_replaces_a_symlink(tmp_path, capsys):
+    """A DIR/rules.yml that links to the rules Prometheus reads elsewhere (or to a path not there
+    now) was replaced by a plain file: the link gone, the file it named left stale. Refused now,
+    one line naming it, nothing written."""
+    assert cli.main(["alerts", "export", str(tmp_path / "real")]) == 0
+    for name, link_to in (("linked", tmp_path / "real" / "rules.yml"), ("dangling", tmp_path / "absent.yml")):
+        host = tmp_path / name
+        host.mkdir()
+        (host / "rules.yml").symlink_to(link_to)
+        capsys.readouterr()
+        assert cli.main(["alerts", "export", str(host)]) == cli.EXIT_CONFIG
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "symlink" in err, err
+        assert (host / "rules.yml").is_symlink() and not (host / "alertmanager.yml").exists()

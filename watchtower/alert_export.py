@@ -4,8 +4,9 @@ Each exported file is the shipped one behind a first line saying that an export 
 sha256 of the rest. A later export overwrites a file only when that line is there and the rest still
 matches it: exactly what an export wrote (of this or an older Watchtower), so an upgrade refreshes it.
 A file a person wrote, or edited after the export (Alertmanager's receivers are placeholders to be
-filled in), is refused before anything is written: one line naming the file, exit 2. Costs reading
-and hashing two small files.
+filled in), is refused before anything is written: one line naming the file, exit 2. So is a
+symlink, even to an exported file or to nothing: the atomic write would replace the link by a plain
+file and leave the file it names stale. Costs reading and hashing two small files.
 
 >>> written_by_export(exported_text("groups: []\\n"))
 True
@@ -16,6 +17,7 @@ False
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -53,6 +55,9 @@ def export_alerts(directory: Path) -> list[Path]:
     sources = [shipped.rules_file(), shipped.alertmanager_file()]
     for source in sources:
         target = directory / source.name
+        if target.is_symlink():
+            raise ConfigError(FIELD, str(target), f"is a symlink (to {os.readlink(target)}), which the export would "
+                              "replace by a file; export into the directory that holds the real file")
         if target.exists() and not (target.is_file() and written_by_export(target.read_text(errors="replace"))):
             raise ConfigError(FIELD, str(target), "exists and was not written by `watchtower alerts export` "
                               "(or was edited since); move it away or export into another directory")
