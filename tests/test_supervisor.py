@@ -328,6 +328,8 @@ def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_
     ({"active": 4, "spares": 1}, "cluster.active_groups"),
     ({"job": {"trainer_config": None}}, "job.trainer_config"),
     ({"cluster": {"nodes": ["../etc", "n1", "n2", "n3"]}}, "cluster.nodes[0]"),  # it becomes drain/NAME, nodes/NAME
+    # the graceful stop would outlast Slurm's warning (60 s) and be SIGKILLed mid-save at the time limit
+    ({"cluster": {"launcher": "slurm"}, "supervisor": {"stop_grace_s": 55}}, "supervisor.stop_grace_s"),
 ])
 def test_bad_job_files_are_refused_before_anything_starts(tmp_path, edit, field):
     path = job_file(tmp_path, **edit)
@@ -484,6 +486,59 @@ def test_supervisor_death_leaves_no_orphans_and_a_job_dir_has_one_supervisor(tmp
     host, port = lighthouse.removeprefix("http://").rsplit(":", 1)
     with pytest.raises(ConnectionRefusedError):  # the Lighthouse went with its supervisor
         socket.create_connection((host, int(port)), timeout=1).close()
+
+
+def assert_valid_checkpoint(job_dir: Path, step: int) -> None:
+    """step-N/ has a sound manifest and every file it lists has the size and sha256 it records."""
+    import hashlib
+
+    from watchtower.trainer.checkpoint import manifest_problem
+
+    (folder,) = [m.parent for m in (job_dir / "checkpoints").glob(f"step-{step:08d}*/manifest.json")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest_problem(manifest) is None, manifest
+    for entry in manifest["files"]:
+        data = (folder / entry["file"]).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (entry["bytes"], entry["sha256"]), entry
+
+
+def test_sigusr1_lost_the_steps_since_the_last_checkpoint_now_every_group_saves_at_one_agreed_step(
+        tmp_path, supervisors):
+    """Issue 13, item 4: Slurm's time-limit warning (SIGUSR1) killed every group at once and the next
+    run resumed from the last periodic checkpoint, losing up to an interval. Now the supervisor asks
+    every group to save after one agreed step (ahead of all of them) and exit: a valid checkpoint of
+    that step between the periodic ones, each group exiting on request by itself, exit 138, no rank
+    left; the next `supervise` resumes right after that step."""
+    job_dir = tmp_path / "job"
+    path = job_file(tmp_path, steps=3000, active=2, spares=0, nodes=2, interval=500,
+                    train_overrides=["train.log_interval=1"])
+    first = supervisors(path, job_dir)
+    running = lambda: None if first.poll() is None else pytest.fail(first.stderr.read()[-3000:])  # noqa: E731
+    wait_until(lambda: (job_dir / "groups" / "g0000" / "train_log.jsonl").exists(), "the first logged step",
+               abort=running)
+    first.send_signal(signal.SIGUSR1)
+    assert first.wait(timeout=60) == 138, first.stderr.read()[-3000:]
+    wait_until(lambda: not live_group_pids(tmp_path), "every rank of the first run gone", timeout=1)
+    ev = events(tmp_path)
+    (asked,) = [e for e in ev if e["event"] == "stop_requested"]
+    step = asked["stop_after_step"]
+    stopped = ev[-1]
+    assert stopped["event"] == "job_stopped" and stopped["signal"] == "SIGUSR1", stopped
+    assert stopped["checkpoint_saved"] and stopped["groups_killed"] == [], stopped
+    assert stopped["groups_stopped"] == ["g0000", "g0001"], stopped
+    assert checkpoint_steps(job_dir) == [step] and step % 500, "not the agreed step, or a periodic one"
+    assert_valid_checkpoint(job_dir, step)
+    assert max(r["step"] for g in ("g0000", "g0001") for r in logged_rows(tmp_path, g)) == step
+    assert not (job_dir / "stop-request.json").exists(), "a stale request would stop the next run"
+
+    second = supervisors(path, job_dir)
+    running = lambda: None if second.poll() is None else pytest.fail(second.stderr.read()[-3000:])  # noqa: E731
+    first_row = wait_until(lambda: [r["step"] for g in ("g0002", "g0003") for r in logged_rows(tmp_path, g)[:1]],
+                           "the resumed run's first step", abort=running)
+    assert min(first_row) == step + 1
+    second.send_signal(signal.SIGTERM)  # stops at once (the 15 s guarantee), no save
+    assert second.wait(timeout=15) == 143, second.stderr.read()[-3000:]
+    assert events(tmp_path)[-1].get("checkpoint_saved") is None
 
 
 def test_a_checkpoint_save_longer_than_the_heartbeat_timeout_is_not_judged_a_hang(tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import sys
 import time
 
 from watchtower.orphan_guard import guarded
+from watchtower.supervisor.contract import EXIT_STOPPED
 
 WORKER_ENV = "WATCHTOWER_WORKER"
 
@@ -56,19 +57,21 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
 
 
 def launch_local(argv: list[str], world_size: int, extra_env: dict[str, str] | None = None) -> int:
-    """Run `watchtower <argv>` as `world_size` ranks; returns 0 or the first failing rank's code."""
+    """Run `watchtower <argv>` as `world_size` ranks; returns 0 or the first failing rank's code.
+    EXIT_STOPPED (every rank saved and exits on the supervisor's stop request) is no failure: the
+    other ranks are left to finish their part of the save."""
     port = free_port()
     procs = [subprocess.Popen(guarded([sys.executable, "-m", "watchtower.cli", *argv]),
                               env=rank_env(r, world_size, port, extra_env)) for r in range(world_size)]
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
+            failed = [c for c in codes if c not in (None, 0, EXIT_STOPPED)]
             if failed:
                 stop_all(procs)
                 return failed[0] if failed[0] > 0 else 128 - failed[0]
-            if all(c == 0 for c in codes):
-                return 0
+            if all(c in (0, EXIT_STOPPED) for c in codes):  # stopped on request: each rank ends by itself
+                return max(codes)
             time.sleep(0.1)
     except KeyboardInterrupt:
         stop_all(procs)

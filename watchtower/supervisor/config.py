@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer
 
 
 LAUNCHERS = ("local", "slurm")
+STOP_KILL_MARGIN_S = 10.0  # after stop_grace_s: kill what remains (a step's scancel), stop the Lighthouse, exit
 
 
 @dataclass
@@ -142,7 +143,13 @@ class SupervisorSection:
     alertmanager_url: e.g. http://alertmanager:9093. Set, the supervisor posts its own alerts (a group
         failed, spares exhausted, crash loop) straight to Alertmanager's v2 API within a poll, with
         the labels the Prometheus rules use (Alertmanager merges the two); empty: Prometheus only.
-        Risk: a second path that pages, so keep the rules and this in step (alert_contract.py)."""
+        Risk: a second path that pages, so keep the rules and this in step (alert_contract.py).
+    stop_grace_s: on SIGUSR1 (Slurm's time-limit warning, `[slurm] stop_warning_s` before the limit)
+        every group saves a checkpoint at one agreed step and exits; what still runs this long after
+        the signal is killed (0: kill at once, as on SIGTERM). With the Slurm launcher it must end
+        before the limit: stop_grace_s + STOP_KILL_MARGIN_S <= stop_warning_s.
+    stop_lead_s: how far ahead of the groups the agreed step is put (the time for the request to be
+        seen); raise it where the job directory is on NFS with attribute caching (acdirmin)."""
 
     heartbeat_timeout_s: float = 30.0
     startup_grace_s: float = 60.0
@@ -161,6 +168,8 @@ class SupervisorSection:
     linger_s: float = 60.0
     capture_timeout_s: float = 10.0
     alertmanager_url: str = ""
+    stop_grace_s: float = 45.0
+    stop_lead_s: float = 1.0
 
     def __post_init__(self) -> None:
         require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
@@ -188,6 +197,11 @@ class SupervisorSection:
                 "alertmanager_url", self.alertmanager_url, "must be Alertmanager's URL, like http://127.0.0.1:9093 "
                 "(empty: no direct alerts)")
         require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
+        require(self.stop_grace_s >= 0, "stop_grace_s", self.stop_grace_s,
+                "must be >= 0 seconds (0: no save on SIGUSR1)")
+        require(self.stop_lead_s > 0 and (self.stop_grace_s == 0 or self.stop_lead_s < self.stop_grace_s),
+                "stop_lead_s", self.stop_lead_s, f"must be > 0 and below stop_grace_s = {self.stop_grace_s}: the "
+                "groups must reach the agreed step and save before the deadline")
 
     def budget(self) -> FailureBudget:
         return FailureBudget(self.max_failures, self.failure_window_s, self.crash_loop_limit)
@@ -200,6 +214,14 @@ class JobConfig:
     supervisor: SupervisorSection = field(default_factory=SupervisorSection)
     slurm: SlurmSection = field(default_factory=SlurmSection)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)  # remediation.py: loss spikes
+
+    def __post_init__(self) -> None:
+        """On Slurm the graceful stop must end before the time limit's SIGKILL (see stop_grace_s)."""
+        warning, grace = self.slurm.stop_warning_s, self.supervisor.stop_grace_s
+        require(self.cluster.launcher != "slurm" or not warning or grace + STOP_KILL_MARGIN_S <= warning,
+                "supervisor.stop_grace_s", grace, f"must end {STOP_KILL_MARGIN_S:g} s before Slurm's time limit: at "
+                f"most slurm.stop_warning_s - {STOP_KILL_MARGIN_S:g} = {warning - STOP_KILL_MARGIN_S:g} (or raise "
+                "slurm.stop_warning_s)")
 
     def policy(self) -> PolicyConfig:
         """What the policy needs to know of this job."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from watchtower.supervisor.config import JobConfig
-from watchtower.supervisor.contract import ReplicaConfig, group_config, write_group_config
+from watchtower.supervisor.contract import ReplicaConfig, group_config, stop_request_file, write_group_config
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, Launcher
@@ -81,7 +81,8 @@ class GroupStarter:
         s = self.job.supervisor
         replica = ReplicaConfig(lighthouse=self.lighthouse().url, replica_id=replica_id, replica_group=seq,
                                 active_groups=self.job.cluster.active_groups, node=a.node,
-                                cache_dir=str(self.launcher.node_cache_dir(a.node)), ft_timeout_s=s.ft_timeout_s)
+                                cache_dir=str(self.launcher.node_cache_dir(a.node)), ft_timeout_s=s.ft_timeout_s,
+                                stop_file=str(stop_request_file(self.job.job.output_path)))
         port = s.base_port + 10 * self.node_index[a.node]
         return write_group_config(group_dir, group_config(self.trainer, replica, group_dir, port, self.checkpoint_url))
 

@@ -67,8 +67,9 @@ class SlurmSection:
     srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
     drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
         usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
-    stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so it stops
-        every group cleanly before the SIGKILL.
+    stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so every group
+        saves at one agreed step and exits before the SIGKILL; it must cover `supervisor.stop_grace_s`
+        plus 10 s to kill what remains (checked when the job is read).
     command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller).
     """
 

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
-from watchtower.supervisor.contract import endpoint_file
+from watchtower.supervisor.contract import EXIT_STOPPED, StopRequest, endpoint_file
 from watchtower.trainer import hang_dump
 from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, load_tokens, parse_step_range
@@ -323,6 +323,7 @@ class Trainer:
         tokens_per_step = t.micro_batch_size * t.seq_len * t.grad_accum_steps
         wall = time.perf_counter()
         steps_done = 0
+        stop_request, stopping = StopRequest(cfg.replica.stop_file), False  # the supervisor's graceful stop
         while True:
             if not steps_done:
                 self.progress()  # the first quorum may heal this group from a peer: a slow part
@@ -377,9 +378,13 @@ class Trainer:
                 log_rows.append({"step": step, "lr": lr, "data_sig": sum(signatures) % 1_000_000_007,
                                  "time": time.time(), "participants": self.replication.participants(),
                                  "dp_rank": shard[0]})
-            if log_rows and (step % t.log_interval == 0 or step == t.steps):
+            stopping = stop_request.due(step)  # one stat() per step (contract.py)
+            if log_rows and (step % t.log_interval == 0 or step == t.steps or stopping):
                 self._write_log(log_rows, losses, norms, steps_done, wall)
                 log_rows = []
+            if stopping:  # every group stops after this same step; the save below is the normal one
+                log.info("stopping after step %d as the supervisor asked: saving, then exiting %d", step, EXIT_STOPPED)
+                break
             if cfg.checkpoint.interval_steps and step % cfg.checkpoint.interval_steps == 0 and step < t.steps:
                 self.save_checkpoint()
         if steps_done or self.step != self.resumed_step:  # else the checkpoint it loaded is this very state
@@ -388,7 +393,7 @@ class Trainer:
         self._write_events()
         self._write_fingerprint()
         self.close()
-        return 0
+        return EXIT_STOPPED if stopping else 0
 
     def close(self) -> None:
         """Stop /metrics (its port freed), the monitor's threads and torchft's manager. `run()` calls it
