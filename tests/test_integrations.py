@@ -9,6 +9,7 @@ padded length), the wait, the loss and grad norm of every step, and no hook erro
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import time
@@ -221,6 +222,10 @@ def test_watch_twice_attaches_one_callback_not_two_monitors(tmp_path):
     other.add_callback(added)
     assert watch(other) is added and added.attached
     assert sum(isinstance(c, WatchtowerCallback) for c in other.callback_handler.callbacks) == 1
+
+    reused = hf_trainer(tmp_path, Rows(8), 2)  # one callback handed to a second trainer: that one is wrapped too
+    reused.add_callback(first)
+    assert watch(reused) is first and not inspect.ismethod(reused.training_step)
 
 
 def test_a_train_that_raises_frees_the_metrics_port(tmp_path):

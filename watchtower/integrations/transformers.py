@@ -46,14 +46,16 @@ class WatchtowerCallback(FeedingCallback, TrainerCallback):
         self.attached = False
 
     def attach(self, trainer: Any) -> None:
-        """Wrap the trainer's three methods (once) so they hand their values to this callback."""
-        if self.attached:
+        """Wrap the trainer's methods (once per trainer: a marker on the instance says it is done) so
+        they hand their values to this callback."""
+        if getattr(trainer, "_watchtower_callback", None) is self:
             return
         for name in WRAPPED:
             if not hasattr(trainer, name):
                 log.warning("watchtower: this transformers has no Trainer.%s; its values are not exported", name)
                 continue
             setattr(trainer, name, getattr(self, f"_around_{name.lstrip('_')}")(getattr(trainer, name)))
+        trainer._watchtower_callback = self
         self.attached = True
 
     # ---- the wrappers: each calls the Trainer's own method and hands over what passes through ----
