@@ -163,7 +163,16 @@ def stop_step(job_step: int, step_s: float | None, lead_s: float) -> int:
 class StopRequest:
     """The trainer's side: `due(step)` after each committed step. Costs one stat() per step (~5 µs on
     a local disk, an attribute-cache lookup on NFS); the file is read only when its inode, mtime or
-    size changed, so only once per request."""
+    size changed, so only once per request.
+
+    >>> import tempfile
+    >>> job = Path(tempfile.mkdtemp())
+    >>> early, late = StopRequest(str(stop_request_file(job))), StopRequest(str(stop_request_file(job)))
+    >>> early.due(40), bool(write_stop_request(job, 42)), [early.due(s) for s in (41, 42)]
+    (False, True, [False, True])
+    >>> late.due(43)  # first seen past the agreed step: the others have stopped at 42, not this one alone
+    False
+    """
 
     def __init__(self, path: str):
         self.path = path
