@@ -40,7 +40,7 @@ from pathlib import Path
 
 from watchtower.launch import free_port
 from watchtower.supervisor.jobfile import job_toml
-from watchtower.supervisor.slurm import step_name, steps
+from watchtower.supervisor.slurm_commands import step_name, steps
 from watchtower.supervisor.slurm_testbed import SlurmTestbed
 
 REPO = Path(__file__).resolve().parents[1]

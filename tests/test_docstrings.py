@@ -14,7 +14,7 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.hooks.detectors.data_stall", "watchtower.hooks.detectors.throughput",
            "watchtower.supervisor.node_check", "watchtower.supervisor.health",
            "watchtower.supervisor.policy", "watchtower.supervisor.policy_types", "watchtower.supervisor.failure_budget",
-           "watchtower.supervisor.hangs", "watchtower.supervisor.launches", "watchtower.supervisor.slurm", "watchtower.supervisor.slurm_task",
+           "watchtower.supervisor.hangs", "watchtower.supervisor.launches", "watchtower.supervisor.slurm_commands", "watchtower.supervisor.slurm_task",
            "watchtower.supervisor.sbatch", "watchtower.supervisor.lighthouse",
            "watchtower.supervisor.contract", "watchtower.supervisor.errors", "watchtower.supervisor.lock",
            "watchtower.supervisor.observe", "watchtower.supervisor.goodput", "watchtower.supervisor.timeline",

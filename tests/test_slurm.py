@@ -23,8 +23,9 @@ from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
 from watchtower.supervisor.sbatch import sbatch_options
 from watchtower.supervisor.shell import STOP_SIGNALS
 from watchtower.supervisor.launcher import GroupSpec
-from watchtower.supervisor.slurm import (EXIT_STEP_LOST, SlurmLauncher, SlurmSection, SlurmStep, expand_cache_dir,
-                                         is_down, parse_records, select_nodes, srun_argv)
+from watchtower.supervisor.slurm import EXIT_STEP_LOST, SlurmLauncher, SlurmStep
+from watchtower.supervisor.slurm_commands import expand_cache_dir, is_down, parse_records, select_nodes, srun_argv
+from watchtower.supervisor.slurm_section import SlurmSection
 from watchtower.supervisor.slurm_testbed import SlurmTestbed, unavailable
 from watchtower.toml_dataclasses import dump_toml
 from watchtower.validation import ConfigError

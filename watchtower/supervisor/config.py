@@ -18,6 +18,8 @@
     crash_loop_limit = 3                     # the same failure on this many fresh nodes: stop, page
     max_failures = 6                         # this many failures of any kind within failure_window_s: stop
 
+Each section is a validated dataclass: `[job]` and `[cluster]` here, `[supervisor]` in
+supervisor_section.py, `[slurm]` in slurm_section.py, `[remediation]` in policy_types.py.
 Validated in full before anything starts, with the trainer config it names (so `train.tp` not
 dividing the heads is refused here, not after the Lighthouse is up). This module is torch-free: the
 trainer config is validated by `JobConfig.trainer()`, which imports `watchtower.config` (and so
@@ -30,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from watchtower.supervisor.failure_budget import FailureBudget
 from watchtower.supervisor.policy_types import PolicyConfig, RemediationConfig, node_name_problem
-from watchtower.supervisor.slurm import SlurmSection
+from watchtower.supervisor.slurm_section import SlurmSection
+from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
 
@@ -111,100 +113,6 @@ class ClusterSection:
         require(self.active_groups + self.spare_groups <= len(self.nodes) - len(self.exclude), "active_groups", self.active_groups,
                 f"active_groups + spare_groups = {self.active_groups + self.spare_groups} needs that many nodes, "
                 f"cluster.nodes has {len(self.nodes) - len(self.exclude)} usable")
-
-
-@dataclass
-class SupervisorSection:
-    """heartbeat_timeout_s: no finished step for this long is a hang.
-    startup_grace_s: before its first step a group may stay silent this long after its last progress
-        report (staging, init, resume, healing each report), and so may a group saving a checkpoint
-        (it reports before and after the save); raise it past the slowest single phase.
-    crash_loop_limit: the same failure on this many fresh nodes in a row means the program, not the
-        nodes, is broken: stop spending spares and page.
-    max_failures, failure_window_s: this many failures of any kind (planned drains and Lighthouse
-        outages aside) within the window stop the job too, so alternating kinds cannot restart forever.
-        Raise max_failures for a cluster whose nodes fail that often by themselves.
-    lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
-        stalls this long per failure (measured 1 s → ~1.1 s stall).
-    lighthouse_bind: where the Lighthouse listens (port 0: the kernel picks one, read back and kept
-        across restarts); use the head node's address when groups run on other machines.
-    lighthouse_grace_s: after the Lighthouse is seen down (and restarted), group failures for this long
-        are its fault: no node is drained, no budget spent. Keep it above ft_timeout_s.
-    lighthouse_restart_timeout_s: a Lighthouse that stays down (each restart fails: its port was taken)
-        is restarted again 1, 2, 4 ... 30 s apart, one counted failure for the whole outage; down this
-        long, the job stops (exit 5). No quorum forms meanwhile, so nothing trains.
-    base_port: /metrics of node i's ranks start at base_port + 10·i (a taken port moves up; each rank
-        writes where it really serves); the supervisor serves on metrics_bind:metrics_port (0: not at all).
-    linger_s: after a stop that needs a person (crash loop, no nodes left) keep /metrics up this long,
-        so Prometheus scrapes the reason and the page goes out before the process is gone.
-    capture_timeout_s: before a hung group is killed, every rank's Python stack is read into
-        `incidents/<id>/` (py-spy, else faulthandler); all ranks together get at most this long, then
-        the kill goes ahead whatever was read. 0: no capture (kill at once).
-    alertmanager_url: e.g. http://alertmanager:9093. Set, the supervisor posts its own alerts (a group
-        failed, spares exhausted, crash loop) straight to Alertmanager's v2 API within a poll, with
-        the labels the Prometheus rules use (Alertmanager merges the two); empty: Prometheus only.
-        Risk: a second path that pages, so keep the rules and this in step (alert_contract.py).
-    stop_grace_s: on SIGUSR1 (Slurm's time-limit warning, `[slurm] stop_warning_s` before the limit)
-        every group saves a checkpoint at one agreed step and exits; what still runs this long after
-        the signal is killed (0: kill at once, as on SIGTERM). With the Slurm launcher it must end
-        before the limit: stop_grace_s + STOP_KILL_MARGIN_S <= stop_warning_s.
-    stop_lead_s: how far ahead of the groups the agreed step is put (the time for the request to be
-        seen); raise it where the job directory is on NFS with attribute caching (acdirmin)."""
-
-    heartbeat_timeout_s: float = 30.0
-    startup_grace_s: float = 60.0
-    crash_loop_limit: int = 3
-    max_failures: int = 6
-    failure_window_s: float = 3600.0
-    lighthouse_heartbeat_timeout_ms: int = 1000
-    lighthouse_bind: str = "127.0.0.1:0"
-    lighthouse_grace_s: float = 30.0
-    ft_timeout_s: float = 10.0
-    lighthouse_restart_timeout_s: float = 300.0
-    base_port: int = 9400
-    metrics_port: int = 9390
-    metrics_bind: str = "0.0.0.0"
-    poll_interval_s: float = 0.2
-    linger_s: float = 60.0
-    capture_timeout_s: float = 10.0
-    alertmanager_url: str = ""
-    stop_grace_s: float = 45.0
-    stop_lead_s: float = 1.0
-
-    def __post_init__(self) -> None:
-        require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", self.heartbeat_timeout_s, "must be > 0 seconds")
-        require(self.startup_grace_s > 0, "startup_grace_s", self.startup_grace_s, "must be > 0 seconds")
-        self.budget()  # validates max_failures, failure_window_s, crash_loop_limit (its keys are ours)
-        host, _, port = self.lighthouse_bind.rpartition(":")
-        require(bool(host) and port.isdigit() and int(port) <= 65535, "lighthouse_bind", self.lighthouse_bind,
-                "must be HOST:PORT, like 127.0.0.1:0 (port 0: any free port)")
-        require(self.lighthouse_grace_s > self.ft_timeout_s, "lighthouse_grace_s", self.lighthouse_grace_s,
-                f"must be > ft_timeout_s = {self.ft_timeout_s}: the groups' quorum timeouts after an outage "
-                "must fall inside it")
-        require(bool(self.metrics_bind), "metrics_bind", self.metrics_bind, "must be an address, like 0.0.0.0")
-        require(self.lighthouse_heartbeat_timeout_ms >= 100, "lighthouse_heartbeat_timeout_ms",
-                self.lighthouse_heartbeat_timeout_ms, "must be >= 100 ms")
-        require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
-        require(self.lighthouse_restart_timeout_s > 0, "lighthouse_restart_timeout_s",
-                self.lighthouse_restart_timeout_s, "must be > 0 seconds")
-        require(1024 <= self.base_port <= 65000, "base_port", self.base_port,
-                "must be a TCP port in 1024..65000: the supervisor watches every rank through /metrics")
-        require(0 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port, "must be a TCP port (0: none)")
-        require(self.linger_s >= 0, "linger_s", self.linger_s, "must be >= 0 seconds")
-        require(0 <= self.capture_timeout_s <= 60, "capture_timeout_s", self.capture_timeout_s,
-                "must be 0..60 seconds (0: no stack capture); it delays the kill of a hung group")
-        require(not self.alertmanager_url or self.alertmanager_url.startswith(("http://", "https://")),
-                "alertmanager_url", self.alertmanager_url, "must be Alertmanager's URL, like http://127.0.0.1:9093 "
-                "(empty: no direct alerts)")
-        require(self.poll_interval_s > 0, "poll_interval_s", self.poll_interval_s, "must be > 0 seconds")
-        require(self.stop_grace_s >= 0, "stop_grace_s", self.stop_grace_s,
-                "must be >= 0 seconds (0: no save on SIGUSR1)")
-        require(self.stop_lead_s > 0 and (self.stop_grace_s == 0 or self.stop_lead_s < self.stop_grace_s),
-                "stop_lead_s", self.stop_lead_s, f"must be > 0 and below stop_grace_s = {self.stop_grace_s}: the "
-                "groups must reach the agreed step and save before the deadline")
-
-    def budget(self) -> FailureBudget:
-        return FailureBudget(self.max_failures, self.failure_window_s, self.crash_loop_limit)
 
 
 @dataclass

@@ -9,6 +9,7 @@ once, so a scrape never iterates groups the loop is mutating. `JobStats` keeps t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,21 @@ class SupervisorCollector:
         return list(f.families.values())
 
 
+def group_roles(live: list[Group]) -> dict[str, int]:
+    """Running groups by role, for `watchtower_supervisor_groups` (every role, 0 included)."""
+    return {"active": sum(1 for g in live if g.participating),
+            "spare": sum(1 for g in live if g.participating is False),
+            "starting": sum(1 for g in live if g.participating is None)}
+
+
+def node_counts(states: Iterable[NodeState]) -> dict[str, int]:
+    """Nodes by NodeState value, for `watchtower_supervisor_nodes` (every state, 0 included)."""
+    nodes = {state: 0 for state in ("busy", "free", "draining", "drained", "down")}
+    for state in states:
+        nodes[state.value] += 1
+    return nodes
+
+
 class JobStats:
     """Running figures of the job, updated by the loop: failures, restarts, and (in `timeline`, see
     timeline.py) recovery, refills, incidents and the goodput ledger.
@@ -106,6 +122,16 @@ class JobStats:
     @property
     def recovery_s(self) -> float | None:
         return self.timeline.recovery_s
+
+    def summary(self) -> dict:
+        """failures: those the budget counts (a planned drain or a quorum timeout the Lighthouse's
+        outage excused is not one); planned drains apart."""
+        return {"steps": self.job_step, "failures": self.counted,
+                "planned_drains": self.planned_drains, "restarts": dict(self.restarts),
+                "recovery_seconds": None if self.recovery_s is None else round(self.recovery_s, 2),
+                "goodput_ratio": round(self.goodput(), 3), "crash_loop": self.crash_loop,
+                "wall_seconds": round(self.timeline.ledger.wall_s, 2),
+                "breakdown_seconds": {c: round(s, 2) for c, s in self.timeline.breakdown().items()}}
 
     def failed(self, failure: Failure, job_step: int, onset: float | None = None,
                groups: dict[str, Group] | None = None) -> None:

@@ -17,15 +17,9 @@ session, Slurm's time-limit warning) stop every group and the Lighthouse, write 
 empty the file_sd targets and exit 143 / 130 / 129 / 138; a lock on the output directory refuses a
 second supervisor.
 
-Graceful stop (SIGUSR1 only): first every group is asked to save at one agreed step and exit
-(`_stop_gracefully`, the request file in contract.py), for at most `stop_grace_s` (45 s by default,
-inside Slurm's 60 s `--signal=B:USR1@60` warning with 10 s left to kill the rest); then whatever still
-runs is killed as on the other signals, and the next run resumes from that step. SIGTERM / SIGINT /
-SIGHUP stop at once (every group and the Lighthouse gone within 15 s), by choice: on Slurm, scancel and
-the time limit send SIGTERM to every job step as well as to us, so the groups die within Slurm's
-KillWait whatever we ask and a save promised on SIGTERM would be one only the local launcher keeps;
-a person stopping within seconds means it. To stop with a checkpoint: `scancel --batch --signal=USR1
-JOBID` on Slurm, `kill -USR1 <supervisor pid>` here. A second stop signal during the wait kills at once.
+Graceful stop (SIGUSR1 only, `graceful_stop.py`): every group saves at one agreed step and exits
+within `stop_grace_s`, then whatever still runs is killed as on the other signals. To stop with a
+checkpoint: `scancel --batch --signal=USR1 JOBID` on Slurm, `kill -USR1 <supervisor pid>` here.
 """
 
 from __future__ import annotations
@@ -37,21 +31,21 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import fsspec
 from prometheus_client import CollectorRegistry
 
 from watchtower.exposition import serve_metrics
 from watchtower.supervisor.actions import Executor
 from watchtower.supervisor.config import JobConfig
-from watchtower.supervisor.contract import EXIT_STOPPED, stop_request_file, stop_step, write_stop_request
+from watchtower.supervisor.contract import stop_request_file
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.graceful_stop import GracefulStop
 from watchtower.supervisor.health import HealthCheck, HealthGate, gated_decision
 from watchtower.supervisor.launcher import Launcher, LocalLauncher
 from watchtower.supervisor.lighthouse import Lighthouse, bind_and_advertise
 from watchtower.supervisor.lock import JobDirLock
-from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, write_rank_targets,
-                                           write_supervisor_target)
+from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, group_roles, node_counts,
+                                           write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
 from watchtower.supervisor.policy import node_states
 from watchtower.supervisor.policy_types import PolicyState, View
@@ -91,7 +85,8 @@ class Supervisor:
         self.groups: dict[str, Group] = {}
         self.lighthouse: Lighthouse | None = None
         self.observer = Observer(self.out, trainer.train.tp, trainer.train.steps, self.errors)
-        self.checkpoint_url = trainer.checkpoint_url
+        self.graceful = GracefulStop(self.out, self.cfg, self.groups, self.observer, self.errors, self.events,
+                                     self.stats, trainer.checkpoint_url, SLEEP_SLICE_S)
         self.executor = Executor(job, trainer.to_dict(), trainer.checkpoint_url, self.launcher,
                                  lambda: self.lighthouse, self.groups, self.events, self.stats, self.errors)
         self.collector = SupervisorCollector(Snapshot(self.run_name, time.time()))
@@ -180,15 +175,9 @@ class Supervisor:
 
     def snapshot(self, view: View) -> Snapshot:
         live = [g for g in self.groups.values() if g.running]
-        roles = {"active": sum(1 for g in live if g.participating),
-                 "spare": sum(1 for g in live if g.participating is False),
-                 "starting": sum(1 for g in live if g.participating is None)}
-        nodes = {state: 0 for state in ("busy", "free", "draining", "drained", "down")}
-        for state in node_states(self.state, view, self.policy_cfg).values():
-            nodes[state.value] += 1
-        now = time.time()
-        return Snapshot(self.run_name, now, roles, nodes, dict(self.stats.failures), dict(self.stats.restarts),
-                        self.errors.snapshot(), self.stats.recovery_s,
+        nodes = node_counts(node_states(self.state, view, self.policy_cfg).values())
+        return Snapshot(self.run_name, time.time(), group_roles(live), nodes, dict(self.stats.failures),
+                        dict(self.stats.restarts), self.errors.snapshot(), self.stats.recovery_s,
                         max((g.participants for g in live if g.participating), default=0),
                         self.job.cluster.active_groups, self.job.cluster.spare_groups, self.stats.job_step,
                         self.stats.goodput(), self.stats.crash_loop, self.observer.lighthouse_up,
@@ -225,58 +214,10 @@ class Supervisor:
         return code
 
     def _stop_gracefully(self, name: str) -> dict:
-        """Ask every group to save after one agreed step and exit (contract.py); wait until each group
-        holding state (one that has finished a step) has exited, `stop_grace_s` at most, or a second
-        stop signal. Costs one scrape per group and a waitpid per group every SLEEP_SLICE_S.
-        Returns what the job_stopped event records."""
-        deadline = time.monotonic() + self.cfg.stop_grace_s
-        step, step_s = self._agreed_stop_step()
-        with self.errors.guard("stop"):
-            write_stop_request(self.out, step)
-        self.events.emit("stop_requested", f"{name}: every group saves after step {step} and exits; what still "
-                         f"runs in {self.cfg.stop_grace_s:g} s is killed", stop_after_step=step,
-                         step_seconds=None if step_s is None else round(step_s, 4), grace_s=self.cfg.stop_grace_s)
+        """graceful_stop.py's protocol; a second stop signal after the request ends the wait."""
+        step, deadline = self.graceful.request(name)
         self._signal = None  # a second stop signal ends the wait
-        while self._holding_state() and time.monotonic() < deadline and self._signal is None:
-            time.sleep(SLEEP_SLICE_S)
-        stop_request_file(self.out).unlink(missing_ok=True)
-        saved = False
-        with self.errors.guard("stop"):
-            saved = checkpoint_saved(self.checkpoint_url, step)
-        return {"stop_after_step": step, "checkpoint_saved": saved,
-                "groups_stopped": sorted(g.replica_id for g in self.groups.values() if g.exit_code == EXIT_STOPPED),
-                "groups_killed": sorted(g.replica_id for g in self.groups.values() if g.running)}
-
-    def _agreed_stop_step(self) -> tuple[int, float | None]:
-        """(the step to stop after, the fastest group's step time or None), from a fresh scrape of each
-        group: ahead of every group by stop_lead_s plus the time these scrapes took (contract.stop_step)."""
-        began, job_step, step_s = time.monotonic(), self.stats.job_step, None
-        for g in (g for g in self.groups.values() if g.running):
-            before, at = g.step, g.last_metrics_at
-            with self.errors.guard("scrape"):
-                self.observer.scrape(g)
-            if at and g.last_metrics_at > at:  # seconds per step between the scrapes; none: at least that long
-                estimate = (g.last_metrics_at - at) / max(g.step - before, 1)
-                step_s = estimate if step_s is None else min(step_s, estimate)
-            job_step = max(job_step, g.step)
-        return stop_step(job_step, step_s, self.cfg.stop_lead_s + time.monotonic() - began), step_s
-
-    def _holding_state(self) -> bool:
-        """A group that has finished a step still runs (one that never did holds nothing to save, and
-        would wait in a quorum the others have left). Before saying no, the groups left are scraped
-        once more: one may have finished its first step since the last scrape."""
-        if self._state_holder_running():
-            return True
-        for g in (g for g in self.groups.values() if g.running):
-            with self.errors.guard("scrape"):
-                self.observer.scrape(g)
-        return self._state_holder_running()
-
-    def _state_holder_running(self) -> bool:
-        for g in (g for g in self.groups.values() if g.running):
-            with self.errors.guard("exits"):
-                g.exit_code = g.process.poll()
-        return any(g.running and g.heartbeat is not None for g in self.groups.values())
+        return self.graceful.wait(step, deadline, lambda: self._signal is not None)
 
     def _stop_groups(self) -> None:
         for g in self.groups.values():
@@ -308,18 +249,5 @@ class Supervisor:
     # ---- reporting --------------------------------------------------------------------------------
 
     def summary(self) -> dict:
-        """failures: those the budget counts (a planned drain or a quorum timeout the Lighthouse's
-        outage excused is not one); planned drains apart."""
-        return {"steps": self.stats.job_step, "failures": self.stats.counted,
-                "planned_drains": self.stats.planned_drains, "restarts": dict(self.stats.restarts),
-                "recovery_seconds": None if self.stats.recovery_s is None else round(self.stats.recovery_s, 2),
-                "goodput_ratio": round(self.stats.goodput(), 3), "crash_loop": self.stats.crash_loop,
-                "wall_seconds": round(self.stats.timeline.ledger.wall_s, 2),
-                "breakdown_seconds": {c: round(s, 2) for c, s in self.stats.timeline.breakdown().items()}}
-
-
-def checkpoint_saved(url: str, step: int) -> bool:
-    """A committed checkpoint of `step` (its manifest, written last) under `url`, any fsspec URL
-    (names from watchtower/trainer/checkpoint.py, which imports torch). One glob."""
-    fs, root = fsspec.core.url_to_fs(url)
-    return bool(fs.glob(f"{root.rstrip('/')}/step-{step:08d}*/manifest.json"))
+        """The job's figures for `supervise`'s last line (`JobStats.summary`)."""
+        return self.stats.summary()

@@ -22,200 +22,39 @@ outlive their srun; they stop by themselves at their next quorum, which needs th
 Lighthouse (inside salloc, measured on the test cluster: no step left 3 s after the supervisor's
 SIGKILL); in a batch job the batch step's end cancels every step as well.
 
-The pure helpers (command lines, `scontrol` records, node selection, the cache path) are tested as
-tables; `SlurmLauncher` is the I/O edge. Costs: one `srun` per launch; every DOWN_CHECK_INTERVAL_S
-three `scontrol` calls (~10 ms each); a kill adds one `squeue` and one `scancel`.
+The pure helpers (command lines, `scontrol` records, node selection, the cache path) live in
+slurm_commands.py, tested as tables, and `[slurm]` in slurm_section.py; this module is the I/O edge.
+Costs: one `srun` per launch; every DOWN_CHECK_INTERVAL_S three `scontrol` calls (~10 ms each); a
+kill adds one `squeue` and one `scancel`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import socket
-import string
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from watchtower.orphan_guard import guarded
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
+from watchtower.supervisor.slurm_commands import (STEP_PREFIX, drain_argv, expand_cache_dir, is_down, parse_records,
+                                                  select_nodes, srun_argv, step_name, steps, task_argv)
+from watchtower.supervisor.slurm_section import SlurmSection
 from watchtower.supervisor.slurm_task import exit_status
 from watchtower.validation import ConfigError, require
 
 if TYPE_CHECKING:
     from watchtower.supervisor.config import JobConfig
 
-STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>
 DOWN_CHECK_INTERVAL_S = 3.0  # how often Slurm is asked which nodes are down or gone (the rest is cached)
-DOWN_STATES = frozenset({"DOWN", "FAIL", "FAILING"})
 EXIT_STEP_LOST = 255  # srun ended "successfully" but a rank never reported its exit: its node was lost
-
-
-@dataclass
-class SlurmSection:
-    """`[slurm]`: the batch script `watchtower sbatch` writes, and what the launcher may do to nodes.
-
-    partition, account, time: sbatch's --partition, --account, --time ("" : the site's default;
-        time as Slurm writes it, like "04:00:00" or "2-00:00:00").
-    gpus_per_node: --gpus-per-node (0: none asked for; CPU jobs).
-    reserve_nodes: nodes asked for beyond active + spare groups: replacements for the spare pool
-        after failures, without a wait in the queue.
-    extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100".
-    srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
-    drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
-        usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
-    stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so every group
-        saves at one agreed step and exits before the SIGKILL; it must cover `supervisor.stop_grace_s`
-        plus 10 s to kill what remains (checked when the job is read).
-    command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller).
-    """
-
-    partition: str = ""
-    account: str = ""
-    time: str = ""
-    gpus_per_node: int = 0
-    reserve_nodes: int = 0
-    extra: list[str] = field(default_factory=list)
-    srun_args: list[str] = field(default_factory=list)
-    drain_failed_nodes: bool = False
-    stop_warning_s: int = 60
-    command_timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        for key in ("partition", "account", "time"):
-            value = getattr(self, key)
-            require(re.fullmatch(r"[\w.:,+-]*", value) is not None, key, value,
-                    "must be one word as sbatch takes it (letters, digits, . : , + - _)")
-        require(self.gpus_per_node >= 0, "gpus_per_node", self.gpus_per_node, "must be >= 0")
-        require(self.reserve_nodes >= 0, "reserve_nodes", self.reserve_nodes, "must be >= 0")
-        for key in ("extra", "srun_args"):
-            for i, item in enumerate(getattr(self, key)):
-                require(item.startswith("-") and "\n" not in item, f"{key}[{i}]", item,
-                        "must be one option, like --qos=high")
-        require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s, "must be >= 0 seconds")
-        require(self.command_timeout_s > 0, "command_timeout_s", self.command_timeout_s, "must be > 0 seconds")
 
 
 class SlurmError(RuntimeError):
     """A Slurm command failed or timed out; the message holds its command line and error output."""
-
-
-# ---- pure helpers ----------------------------------------------------------------------------------
-
-
-def parse_records(text: str) -> list[dict[str, str]]:
-    """`scontrol -o show node|job` output: one record per line, `Key=Value` pairs. A value with spaces
-    (a Reason) continues until the next `Key=`.
-
-    >>> n1, n2 = parse_records("NodeName=n1 NodeAddr=10.0.0.1 State=IDLE Reason=bad gpu [root@t]\\nNodeName=n2 State=DOWN*")
-    >>> n1["Reason"], n2
-    ('bad gpu [root@t]', {'NodeName': 'n2', 'State': 'DOWN*'})
-    """
-    records = []
-    for line in text.splitlines():
-        record: dict[str, str] = {}
-        key = None
-        for token in line.split():
-            name, eq, value = token.partition("=")
-            if eq and re.fullmatch(r"[A-Za-z][\w/:]*", name):
-                key, record[name] = name, value
-            elif key is not None:
-                record[key] += " " + token
-        if record:
-            records.append(record)
-    return records
-
-
-def is_down(state: str) -> bool:
-    """A Slurm node state (`DOWN*`, `IDLE+DRAIN`, `MIXED`) says the node is gone for us.
-
-    >>> [is_down(s) for s in ("DOWN*", "DOWN+DRAIN", "FAIL", "ALLOCATED*", "MIXED+DRAIN", "IDLE")]
-    [True, True, True, False, False, False]
-    """
-    return bool(DOWN_STATES & set(state.rstrip("*~#!%$@^-").split("+")))
-
-
-def select_nodes(allocation: list[str], listed: list[str], groups: int, job_id: str) -> list[str]:
-    """The nodes the job uses: `cluster.nodes` (a subset of the allocation) or the whole allocation;
-    a ConfigError when a listed node is not allocated or there are fewer nodes than groups.
-
-    >>> select_nodes(["n1", "n2", "n3"], [], 2, "7")
-    ['n1', 'n2', 'n3']
-    >>> select_nodes(["n1", "n2"], [], 3, "7")
-    Traceback (most recent call last):
-    ...
-    watchtower.validation.ConfigError: config error: cluster.active_groups + spare_groups = 3: needs 3 nodes; allocation 7 has 2 (n1, n2): ask sbatch for more nodes or run fewer groups
-    """
-    for i, node in enumerate(listed):
-        require(node in allocation, f"cluster.nodes[{i}]", node,
-                f"is not in allocation {job_id} ({', '.join(allocation)}): list only allocated nodes")
-    nodes = list(listed) or list(allocation)
-    require(groups <= len(nodes), "cluster.active_groups + spare_groups", groups,
-            f"needs {groups} nodes; {'cluster.nodes lists' if listed else f'allocation {job_id} has'} "
-            f"{len(nodes)} ({', '.join(nodes)}): ask sbatch for more nodes or run fewer groups")
-    return nodes
-
-
-def expand_cache_dir(template: str, node: str, env: Mapping[str, str]) -> str:
-    """`data.cache_dir` for one node: `{node}` is its Slurm name, `$VAR` / `${VAR}` come from the
-    supervisor's environment (inside the allocation: the job's, as every node sees it).
-
-    >>> expand_cache_dir("${TMPDIR}/wt/{node}", "n2", {"TMPDIR": "/local"})
-    '/local/wt/n2'
-    >>> expand_cache_dir("$SCRATCH/{node}", "n2", {})
-    Traceback (most recent call last):
-    ...
-    watchtower.validation.ConfigError: config error: data.cache_dir = '$SCRATCH/{node}': uses $SCRATCH, which is not set in the supervisor's environment
-    """
-    try:
-        return string.Template(template.replace("{node}", node)).substitute(env)
-    except KeyError as err:
-        raise ConfigError("data.cache_dir", template,
-                          f"uses ${err.args[0]}, which is not set in the supervisor's environment") from None
-    except ValueError as err:
-        raise ConfigError("data.cache_dir", template, f"{err}; write $$ for a literal $") from None
-
-
-def step_name(replica_id: str) -> str:
-    return f"{STEP_PREFIX}{replica_id}"
-
-
-def srun_argv(job_id: str, node: str, ntasks: int, name: str, extra: list[str], command: list[str]) -> list[str]:
-    """One job step on one node of the allocation, started at once (`--overlap`: it may share the
-    node with the batch step); `--kill-on-bad-exit`: a TP group with a dead rank can only hang.
-
-    >>> srun_argv("12", "n3", 2, "watchtower-g0001", ["--cpu-bind=none"], ["python", "x.py"])
-    ['srun', '--jobid=12', '--nodes=1', '--nodelist=n3', '--ntasks=2', '--overlap', '--kill-on-bad-exit=1', \
-'--job-name=watchtower-g0001', '--cpu-bind=none', 'python', 'x.py']
-    """
-    return ["srun", f"--jobid={job_id}", "--nodes=1", f"--nodelist={node}", f"--ntasks={ntasks}", "--overlap",
-            "--kill-on-bad-exit=1", f"--job-name={name}", *extra, *command]
-
-
-def task_argv(config_path: Path, master_addr: str) -> list[str]:
-    """What each task of a group's step runs: become a TP rank, then `watchtower train --config`."""
-    return [sys.executable, "-m", "watchtower.supervisor.slurm_task", "--master-addr", master_addr, str(config_path)]
-
-
-def drain_argv(node: str, cause: str, step: int) -> list[str]:
-    """Drain `node` in Slurm with our reason (`sinfo -R` shows it); usually needs admin rights.
-
-    >>> drain_argv("n2", "exit", 40)
-    ['scontrol', 'update', 'nodename=n2', 'state=drain', 'reason=watchtower: exit at step 40']
-    """
-    return ["scontrol", "update", f"nodename={node}", "state=drain", f"reason=watchtower: {cause} at step {step}"]
-
-
-def steps(squeue_steps: str) -> list[tuple[str, str, str]]:
-    """(step id, name, node list) of each line of `squeue -h -s -o "%i %j %N"`.
-
-    >>> steps("12.batch batch n1\\n12.3 watchtower-g0001 n3\\n")
-    [('12.batch', 'batch', 'n1'), ('12.3', 'watchtower-g0001', 'n3')]
-    """
-    return [(parts[0], parts[1], parts[2]) for parts in map(str.split, squeue_steps.splitlines()) if len(parts) == 3]
 
 
 # ---- I/O: Slurm commands ------------------------------------------------------------------------

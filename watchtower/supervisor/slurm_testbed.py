@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from watchtower.supervisor.slurm import parse_records, steps
+from watchtower.supervisor.slurm_commands import parse_records, steps
 
 BINARIES = ("slurmctld", "slurmd", "srun", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "munge", "munged")
 READY_TIMEOUT_S = 60.0

@@ -1,0 +1,58 @@
+"""`[slurm]` of the job file: the batch script `watchtower sbatch` writes and what the launcher may
+do to nodes.
+
+Apart from the launcher (slurm.py) so the job file is read and validated (config.py, sbatch.py)
+without loading the launcher and its process machinery: one validated dataclass, nothing run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from watchtower.validation import require
+
+
+@dataclass
+class SlurmSection:
+    """`[slurm]`: the batch script `watchtower sbatch` writes, and what the launcher may do to nodes.
+
+    partition, account, time: sbatch's --partition, --account, --time ("" : the site's default;
+        time as Slurm writes it, like "04:00:00" or "2-00:00:00").
+    gpus_per_node: --gpus-per-node (0: none asked for; CPU jobs).
+    reserve_nodes: nodes asked for beyond active + spare groups: replacements for the spare pool
+        after failures, without a wait in the queue.
+    extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100".
+    srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
+    drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
+        usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
+    stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so every group
+        saves at one agreed step and exits before the SIGKILL; it must cover `supervisor.stop_grace_s`
+        plus 10 s to kill what remains (checked when the job is read).
+    command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller).
+    """
+
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+    gpus_per_node: int = 0
+    reserve_nodes: int = 0
+    extra: list[str] = field(default_factory=list)
+    srun_args: list[str] = field(default_factory=list)
+    drain_failed_nodes: bool = False
+    stop_warning_s: int = 60
+    command_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("partition", "account", "time"):
+            value = getattr(self, key)
+            require(re.fullmatch(r"[\w.:,+-]*", value) is not None, key, value,
+                    "must be one word as sbatch takes it (letters, digits, . : , + - _)")
+        require(self.gpus_per_node >= 0, "gpus_per_node", self.gpus_per_node, "must be >= 0")
+        require(self.reserve_nodes >= 0, "reserve_nodes", self.reserve_nodes, "must be >= 0")
+        for key in ("extra", "srun_args"):
+            for i, item in enumerate(getattr(self, key)):
+                require(item.startswith("-") and "\n" not in item, f"{key}[{i}]", item,
+                        "must be one option, like --qos=high")
+        require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s, "must be >= 0 seconds")
+        require(self.command_timeout_s > 0, "command_timeout_s", self.command_timeout_s, "must be > 0 seconds")
