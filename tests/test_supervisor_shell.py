@@ -365,10 +365,15 @@ def test_a_node_failing_its_health_check_never_gets_a_group_and_costs_no_failure
 def test_a_hung_node_command_is_killed_at_its_timeout(tmp_path):
     """A health check that hangs must not hold the supervisor's loop: it is killed with everything it
     started at `timeout_s` and reads as a timeout (exit code None), which the gate calls unhealthy."""
-    code, _ = LocalLauncher(tmp_path).run_on_node("n1", ["sh", "-c", "sleep 617 & exec sleep 618"], timeout_s=0.5)
+    # seconds unique to this run, so a parallel run of this test or any other sleep is never counted
+    a, b = 600 + os.getpid() % 1000 * 2, 601 + os.getpid() % 1000 * 2
+    code, _ = LocalLauncher(tmp_path).run_on_node("n1", ["sh", "-c", f"sleep {a} & exec sleep {b}"], timeout_s=0.5)
     assert code is None
-    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) in ("sleep 617", "sleep 618")]
-    assert not left, "the check and its child were killed"
+
+    def none_left() -> bool:  # SIGKILL is delivered at once but a loaded box may take a moment to reap
+        return not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) in (f"sleep {a}", f"sleep {b}")]
+
+    wait_until(none_left, "the check and its child killed", timeout=30)
 
 
 def _cmdline(pid: int) -> str:
