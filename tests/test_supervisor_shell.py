@@ -381,3 +381,21 @@ def _cmdline(pid: int) -> str:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_every_stage_the_supervisor_guards_is_declared():
+    """Review of issue 14, F1: the rewind action ran under the stage "rewind", which was not declared,
+    so a failed checkpoint move raised KeyError out of the guard and the supervisor exited with a
+    traceback. Every stage named in a guard or in the executor's action table must be declared."""
+    import re
+    from pathlib import Path
+
+    from watchtower.supervisor.errors import STAGES
+
+    used = set()
+    for source in (Path(__file__).parent.parent / "watchtower" / "supervisor").glob("*.py"):
+        text = source.read_text()
+        used |= set(re.findall(r'guard\("([a-z_]+)"\)', text))
+        used |= set(re.findall(r':\s*\("([a-z_]+)", self\.', text))  # the executor's {Action: (stage, do)}
+    assert "rewind" in used and "launch" in used, used  # the scan sees both kinds of use
+    assert used <= set(STAGES), sorted(used - set(STAGES))

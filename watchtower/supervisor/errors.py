@@ -20,7 +20,7 @@ from typing import Iterator
 log = logging.getLogger("watchtower.supervisor")
 
 STAGES = ("exits", "scrape", "drain", "lighthouse", "decide", "health", "launch", "kill", "events", "file_sd",
-          "metrics", "capture", "alertmanager", "stop")  # stop: the graceful stop's request file and check
+          "metrics", "capture", "alertmanager", "stop", "rewind")  # stop: the graceful stop's request file and check
 
 
 class StageErrors:
