@@ -218,12 +218,14 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     try:
         def kill_every_group_once_step_40_is_saved() -> int | None:
             """The last step g0000 logged when every group was killed; None before a checkpoint >= 40
-            that the supervisor has seen the job pass (so it knows steps will be run again)."""
+            that the supervisor has seen the job pass by 8 steps (so steps will be run again)."""
             ckpts = sorted((tmp_path / "job" / "checkpoints").glob("step-*/manifest.json"))
             if not (ckpts and int(ckpts[-1].parent.name[5:]) >= 40):
                 return None
             seen = value(samples(scrape_text(port)), "watchtower_supervisor_job_step")
-            if seen is None or seen <= int(ckpts[-1].parent.name[5:]):
+            # 8 steps past it (the next save is 20 later): the first redone steps fall in the recovery
+            # until the quorum is seen back, so 1-2 redone steps could all read as recovery (CI of 112102b)
+            if seen is None or seen < int(ckpts[-1].parent.name[5:]) + 8:
                 return None
             rows = train_rows(tmp_path, "g0000")
             for e in events(tmp_path):
