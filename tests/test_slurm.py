@@ -20,14 +20,16 @@ import pytest
 from watchtower import cli
 from watchtower.alerting_stack import AlertingStack
 from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
+from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.supervisor.sbatch import sbatch_options
 from watchtower.supervisor.shell import STOP_SIGNALS
 from watchtower.supervisor.launcher import GroupSpec
 from watchtower.supervisor.slurm import EXIT_STEP_LOST, SlurmLauncher, SlurmStep
-from watchtower.supervisor.slurm_commands import expand_cache_dir, is_down, parse_records, select_nodes, srun_argv
+from watchtower.supervisor.slurm_commands import (allocated_cluster, expand_cache_dir, is_down, parse_records, select_nodes,
+                                                  srun_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
 from watchtower.supervisor.slurm_testbed import SlurmTestbed, unavailable
-from watchtower.toml_dataclasses import dump_toml
+from watchtower.toml_dataclasses import build, dump_toml, read_toml
 from watchtower.validation import ConfigError
 from conftest import REPO, free_port
 from tui.sources import ScrapeSource
@@ -92,11 +94,45 @@ def test_sbatch_options_from_the_slurm_table():
 
 
 @pytest.mark.parametrize("key, value", [("partition", "a b"), ("extra", ["qos=high"]), ("srun_args", ["--x\n#SBATCH"]),
-                                        ("reserve_nodes", -1)])
+                                        ("reserve_nodes", -1), ("command_timeout_s", 1e10), ("command_timeout_s", 0)])
 def test_bad_slurm_table_is_refused(key, value):
+    """Review 13, M4: command_timeout_s = 1e10 passed and sbatch died with an OverflowError traceback."""
     with pytest.raises(ConfigError) as err:
         SlurmSection(**{key: value})
     assert err.value.field.split("[")[0] == key
+
+
+@pytest.mark.parametrize("warning, grace, field", [(0, 45, "slurm.stop_warning_s"), (5, 0, "slurm.stop_warning_s"),
+                                                   (30, 45, "supervisor.stop_grace_s"), (54, 45, "supervisor.stop_grace_s")])
+def test_a_stop_warning_shorter_than_the_grace_is_refused_naming_its_minimum(tmp_path, warning, grace, field):
+    """Review 13, M5: stop_warning_s = 0 beside stop_grace_s = 45 was accepted and wrote
+    `--signal=B:USR1@0` (the warning at the time limit itself: no time to save)."""
+    path = tmp_path / "job.toml"
+    path.write_text(dump_toml({"job": {"trainer_config": "tiny"}, "cluster": {"launcher": "slurm"},
+                               "supervisor": {"stop_grace_s": grace}, "slurm": {"stop_warning_s": warning}}))
+    with pytest.raises(ConfigError) as err:
+        build(JobConfig, read_toml(path, "job file"))
+    assert err.value.field == field and f"= {grace + 10:g}" in str(err.value), err.value
+    assert "\n" not in str(err.value)
+    JobConfig(JobSection(trainer_config="tiny"), ClusterSection(launcher="slurm"),  # the minimum itself is fine
+              SupervisorSection(stop_grace_s=grace), SlurmSection(stop_warning_s=grace + 10))
+
+
+def test_cluster_exclude_on_slurm_is_passed_to_sbatch_and_not_refused_after_the_queue():
+    """Review 13, S1: `cluster.exclude` with the Slurm launcher wrote no --exclude, so Slurm could
+    allocate the bad node, and after the queue wait the job was refused (exit 2) whatever Slurm
+    allocated: one node short, or "exclude[0] = 'n3' is not a known node"."""
+    job = JobConfig(JobSection(name="x", trainer_config="tiny", output_dir="/runs/x"),
+                    ClusterSection(active_groups=2, launcher="slurm", exclude=["n3"]))
+    assert "--exclude=n3" in sbatch_options(job, tp=1) and "--nodes=2" in sbatch_options(job, tp=1)
+    for allocation in (["n1", "n2", "n4"], ["n1", "n2", "n3"]):  # n3 absent, or allocated all the same
+        nodes = select_nodes(allocation, [], 2, "7", job.cluster.exclude)
+        assert nodes == [n for n in allocation if n != "n3"]
+        assert allocated_cluster(job.cluster, nodes).nodes == nodes  # validated again, not refused
+    listed = JobConfig(JobSection(name="x", trainer_config="tiny", output_dir="/runs/x"),
+                       ClusterSection(nodes=["n1", "n2", "n3"], active_groups=2, launcher="slurm", exclude=["n3"]))
+    assert {"--nodes=2", "--nodelist=n1,n2", "--exclude=n3"} <= set(sbatch_options(listed, tp=1))
+    assert select_nodes(["n1", "n2"], listed.cluster.nodes, 2, "7", listed.cluster.exclude) == ["n1", "n2"]
 
 
 def test_sbatch_dry_run_prints_the_script_and_a_local_job_is_refused(tmp_path, capsys):
@@ -114,6 +150,31 @@ def test_sbatch_dry_run_prints_the_script_and_a_local_job_is_refused(tmp_path, c
     assert cli.main(["sbatch", str(job), "--cluster.launcher", "local", "--cluster.nodes", "a,b,c"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("config error: cluster.launcher = 'local'") and len(err.splitlines()) == 1, err
+
+
+def fake_command(bin_dir: Path, name: str, script: str) -> None:
+    """A Slurm client on PATH that answers as `script` (a /bin/sh body) does."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text("#!/bin/sh\n" + script + "\n")
+    (bin_dir / name).chmod(0o755)
+
+
+def test_sbatch_prints_the_checkpointing_stop_and_says_plain_scancel_loses_steps(tmp_path, monkeypatch, capsys):
+    """Review 13, M7: `watchtower sbatch` printed `stop: scancel JOB`, the stop that loses every step
+    since the last periodic checkpoint; the one that saves (`scancel --batch --signal=USR1 JOB`) was
+    only in the README. M4: an sbatch on PATH that cannot be run (no #! line) was a traceback."""
+    job = write_job(tmp_path, steps=40, active=1, spares=0)
+    fake_command(tmp_path / "bin", "sbatch", "echo 4242")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert cli.main(["sbatch", str(job)]) == 0
+    out = capsys.readouterr().out
+    stop = [line.strip() for line in out.splitlines() if "scancel" in line]
+    assert "scancel --batch --signal=USR1 4242" in stop[0] and "checkpoint" in stop[0], out
+    assert "scancel 4242" in stop[1] and "last checkpoint" in stop[1], out
+    (tmp_path / "bin" / "sbatch").write_text("echo 4242\n")  # executable, but no #! line: exec fails (ENOEXEC)
+    assert cli.main(["sbatch", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sbatch" in err and len(err.splitlines()) == 1, err
 
 
 # ---- a real Slurm -----------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watchtower.supervisor.policy_types import PolicyConfig, RemediationConfig, node_name_problem
-from watchtower.supervisor.slurm_section import SlurmSection
+from watchtower.supervisor.slurm_section import STOP_KILL_MARGIN_S, SlurmSection
 from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
@@ -43,7 +43,6 @@ if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer
 
 
 LAUNCHERS = ("local", "slurm")
-STOP_KILL_MARGIN_S = 10.0  # after stop_grace_s: kill what remains (a step's scancel), stop the Lighthouse, exit
 
 
 @dataclass
@@ -74,7 +73,7 @@ class ClusterSection:
         allocation the supervisor runs in; see `watchtower sbatch` and `[slurm]`)."""
 
     nodes: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)  # known-bad nodes, drained from the start
+    exclude: list[str] = field(default_factory=list)  # known-bad nodes, drained from the start (slurm: sbatch --exclude)
     active_groups: int = 1
     spare_groups: int = 0
     launcher: str = "local"
@@ -126,10 +125,15 @@ class JobConfig:
     def __post_init__(self) -> None:
         """On Slurm the graceful stop must end before the time limit's SIGKILL (see stop_grace_s)."""
         warning, grace = self.slurm.stop_warning_s, self.supervisor.stop_grace_s
-        require(self.cluster.launcher != "slurm" or not warning or grace + STOP_KILL_MARGIN_S <= warning,
-                "supervisor.stop_grace_s", grace, f"must end {STOP_KILL_MARGIN_S:g} s before Slurm's time limit: at "
-                f"most slurm.stop_warning_s - {STOP_KILL_MARGIN_S:g} = {warning - STOP_KILL_MARGIN_S:g} (or raise "
-                "slurm.stop_warning_s)")
+        if self.cluster.launcher != "slurm" or grace + STOP_KILL_MARGIN_S <= warning:
+            return
+        least = f"slurm.stop_warning_s >= supervisor.stop_grace_s + {STOP_KILL_MARGIN_S:g} = {grace + STOP_KILL_MARGIN_S:g}"
+        if warning < STOP_KILL_MARGIN_S:  # no grace fits: the warning is what is wrong (0: at the limit itself)
+            raise ConfigError("slurm.stop_warning_s", warning, f"must leave time to stop every group before Slurm's "
+                              f"time limit: {least} (or lower supervisor.stop_grace_s)")
+        raise ConfigError("supervisor.stop_grace_s", grace, f"must end {STOP_KILL_MARGIN_S:g} s before Slurm's time "
+                          f"limit: at most slurm.stop_warning_s - {STOP_KILL_MARGIN_S:g} = "
+                          f"{warning - STOP_KILL_MARGIN_S:g} (or raise {least})")
 
     def policy(self) -> PolicyConfig:
         """What the policy needs to know of this job."""

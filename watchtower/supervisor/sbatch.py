@@ -36,9 +36,13 @@ SCRIPT = "sbatch.sh"
 
 
 def node_count(job: JobConfig) -> int:
-    """Nodes to ask for: the listed ones, else one per group plus the reserve."""
+    """Nodes to ask for: the listed ones (less the excluded), else one per group plus the reserve."""
     c = job.cluster
-    return len(c.nodes) if c.nodes else c.active_groups + c.spare_groups + job.slurm.reserve_nodes
+    return len(usable_nodes(job)) if c.nodes else c.active_groups + c.spare_groups + job.slurm.reserve_nodes
+
+
+def usable_nodes(job: JobConfig) -> list[str]:
+    return [node for node in job.cluster.nodes if node not in job.cluster.exclude]
 
 
 def sbatch_options(job: JobConfig, tp: int) -> list[str]:
@@ -46,7 +50,8 @@ def sbatch_options(job: JobConfig, tp: int) -> list[str]:
     c, s, out = job.cluster, job.slurm, job.job.output_path.absolute()
     options = [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill",
                f"--signal=B:USR1@{s.stop_warning_s}", f"--output={out / 'slurm-%j.out'}"]
-    options += [f"--nodelist={','.join(c.nodes)}"] if c.nodes else []
+    options += [f"--nodelist={','.join(usable_nodes(job))}"] if c.nodes else []
+    options += [f"--exclude={','.join(c.exclude)}"] if c.exclude else []  # known-bad: never allocated
     options += [f"--{key}={value}" for key, value in (("partition", s.partition), ("account", s.account),
                                                       ("time", s.time)) if value]
     options += [f"--gpus-per-node={s.gpus_per_node}"] if s.gpus_per_node else []

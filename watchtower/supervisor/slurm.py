@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from watchtower.orphan_guard import guarded
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
-from watchtower.supervisor.slurm_commands import (STEP_PREFIX, drain_argv, expand_cache_dir, is_down, parse_records,
-                                                  select_nodes, srun_argv, step_name, steps, task_argv)
+from watchtower.supervisor.slurm_commands import (STEP_PREFIX, allocated_cluster, drain_argv, expand_cache_dir, is_down,
+                                                  parse_records, select_nodes, srun_argv, step_name, steps, task_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
 from watchtower.supervisor.slurm_task import exit_status
 from watchtower.validation import ConfigError, require
@@ -68,8 +68,11 @@ def slurm(argv: list[str], timeout_s: float) -> str:
         raise SlurmError(f"{' '.join(argv)}: no answer in {timeout_s:g}s") from None
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]}: not installed here (Slurm's client commands are needed)") from None
+    except OSError as err:  # on PATH but not runnable (not executable, a bad interpreter line)
+        raise SlurmError(f"{argv[0]}: cannot be run: {err}") from None
     if done.returncode != 0:
-        raise SlurmError(f"{' '.join(argv)}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+        said = " | ".join(line.strip() for line in done.stderr.strip()[-500:].splitlines())  # one line, as errors are
+        raise SlurmError(f"{' '.join(argv)}: exit {done.returncode}: {said}")
     return done.stdout
 
 
@@ -126,7 +129,7 @@ class SlurmLauncher:
                 "needs a Slurm allocation: submit with `watchtower sbatch JOB.toml`, or run inside salloc")
         try:
             allocation = hostnames(env["SLURM_JOB_NODELIST"], timeout)
-            nodes = select_nodes(allocation, c.nodes, c.active_groups + c.spare_groups, job_id)
+            nodes = select_nodes(allocation, c.nodes, c.active_groups + c.spare_groups, job_id, c.exclude)
             records = node_records(sorted({*nodes, *([env["SLURMD_NODENAME"]] if "SLURMD_NODENAME" in env else [])}),
                                    timeout)
         except SlurmError as err:
@@ -211,11 +214,7 @@ class SlurmLauncher:
 
 def attach_to_allocation(job: JobConfig, tp: int, cache_template: str,
                          env: Mapping[str, str] = os.environ) -> tuple[JobConfig, SlurmLauncher]:
-    """The job with `cluster.nodes` set to the nodes it runs on (validated again: `cluster.exclude`
-    against them), and the launcher for them. Raises ConfigError (exit 2) before any step."""
+    """The job with `cluster.nodes` set to the nodes it runs on (`cluster.exclude` already left out
+    of them; validated again), and the launcher for them. Raises ConfigError (exit 2) before any step."""
     launcher = SlurmLauncher.from_allocation(job, tp, cache_template, env)
-    try:
-        cluster = replace(job.cluster, nodes=launcher.nodes)
-    except ConfigError as err:
-        raise err.under("cluster") from None
-    return replace(job, cluster=cluster), launcher
+    return replace(job, cluster=allocated_cluster(job.cluster, launcher.nodes)), launcher

@@ -10,10 +10,14 @@ from __future__ import annotations
 import re
 import string
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from watchtower.validation import ConfigError, require
+
+if TYPE_CHECKING:
+    from watchtower.supervisor.config import ClusterSection
 
 STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>
 DOWN_STATES = frozenset({"DOWN", "FAIL", "FAILING"})
@@ -51,25 +55,38 @@ def is_down(state: str) -> bool:
     return bool(DOWN_STATES & set(state.rstrip("*~#!%$@^-").split("+")))
 
 
-def select_nodes(allocation: list[str], listed: list[str], groups: int, job_id: str) -> list[str]:
-    """The nodes the job uses: `cluster.nodes` (a subset of the allocation) or the whole allocation;
-    a ConfigError when a listed node is not allocated or there are fewer nodes than groups.
+def select_nodes(allocation: list[str], listed: list[str], groups: int, job_id: str,
+                 exclude: list[str] = ()) -> list[str]:
+    """The nodes the job uses: `cluster.nodes` (a subset of the allocation) or the whole allocation,
+    less `cluster.exclude` (sbatch was asked to leave those out; one allocated anyway is dropped, one
+    absent is simply absent); a ConfigError when a listed node is not allocated or there are fewer
+    nodes than groups.
 
-    >>> select_nodes(["n1", "n2", "n3"], [], 2, "7")
-    ['n1', 'n2', 'n3']
+    >>> select_nodes(["n1", "n2", "n3"], [], 2, "7", exclude=["n2", "n9"])
+    ['n1', 'n3']
     >>> select_nodes(["n1", "n2"], [], 3, "7")
     Traceback (most recent call last):
     ...
     watchtower.validation.ConfigError: config error: cluster.active_groups + spare_groups = 3: needs 3 nodes; allocation 7 has 2 (n1, n2): ask sbatch for more nodes or run fewer groups
     """
     for i, node in enumerate(listed):
-        require(node in allocation, f"cluster.nodes[{i}]", node,
+        require(node in allocation or node in exclude, f"cluster.nodes[{i}]", node,
                 f"is not in allocation {job_id} ({', '.join(allocation)}): list only allocated nodes")
-    nodes = list(listed) or list(allocation)
+    nodes = [node for node in (listed or allocation) if node not in exclude]
     require(groups <= len(nodes), "cluster.active_groups + spare_groups", groups,
             f"needs {groups} nodes; {'cluster.nodes lists' if listed else f'allocation {job_id} has'} "
-            f"{len(nodes)} ({', '.join(nodes)}): ask sbatch for more nodes or run fewer groups")
+            f"{len(nodes)} ({', '.join(nodes)}){' besides cluster.exclude' if exclude else ''}: "
+            "ask sbatch for more nodes or run fewer groups")
     return nodes
+
+
+def allocated_cluster(cluster: ClusterSection, nodes: list[str]) -> ClusterSection:
+    """`[cluster]` as the job runs it: `nodes` the ones `select_nodes` kept (the excluded ones are
+    already out of them, so nothing is left to exclude), validated again; a ConfigError under `cluster`."""
+    try:
+        return replace(cluster, nodes=list(nodes), exclude=[])
+    except ConfigError as err:
+        raise err.under("cluster") from None
 
 
 def expand_cache_dir(template: str, node: str, env: Mapping[str, str]) -> str:

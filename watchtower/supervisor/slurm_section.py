@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 from watchtower.validation import require
 
+STOP_KILL_MARGIN_S = 10.0  # after stop_grace_s: kill what remains (a step's scancel), stop the Lighthouse, exit
+MAX_COMMAND_TIMEOUT_S = 3600.0  # beyond this a client call is hung (and ~9.2e9 s overflows subprocess's clock)
+
 
 @dataclass
 class SlurmSection:
@@ -29,7 +32,8 @@ class SlurmSection:
     stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so every group
         saves at one agreed step and exits before the SIGKILL; it must cover `supervisor.stop_grace_s`
         plus 10 s to kill what remains (checked when the job is read).
-    command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller).
+    command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller);
+        at most an hour.
     """
 
     partition: str = ""
@@ -54,5 +58,7 @@ class SlurmSection:
             for i, item in enumerate(getattr(self, key)):
                 require(item.startswith("-") and "\n" not in item, f"{key}[{i}]", item,
                         "must be one option, like --qos=high")
-        require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s, "must be >= 0 seconds")
-        require(self.command_timeout_s > 0, "command_timeout_s", self.command_timeout_s, "must be > 0 seconds")
+        require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s,
+                "must be >= 0 seconds (its minimum, stop_grace_s + 10, is checked with [supervisor])")
+        require(0 < self.command_timeout_s <= MAX_COMMAND_TIMEOUT_S, "command_timeout_s", self.command_timeout_s,
+                f"must be > 0 and <= {MAX_COMMAND_TIMEOUT_S:g} seconds (a Slurm client call that takes longer is hung)")
