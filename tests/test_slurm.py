@@ -24,7 +24,10 @@ from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.supervisor.sbatch import sbatch_options
 from watchtower.supervisor.shell import STOP_SIGNALS
 from watchtower.supervisor.launcher import GroupSpec
-from watchtower.supervisor.slurm import EXIT_STEP_LOST, SlurmLauncher, SlurmStep
+from watchtower.supervisor import slurm as slurm_launcher
+from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.observe import Observer
+from watchtower.supervisor.slurm import EXIT_STEP_LOST, SlurmError, SlurmLauncher, SlurmStep
 from watchtower.supervisor.slurm_commands import (allocated_cluster, expand_cache_dir, is_down, parse_records, select_nodes,
                                                   srun_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
@@ -175,6 +178,56 @@ def test_sbatch_prints_the_checkpointing_stop_and_says_plain_scancel_loses_steps
     assert cli.main(["sbatch", str(job)]) == 2
     err = capsys.readouterr().err.strip()
     assert "sbatch" in err and len(err.splitlines()) == 1, err
+
+
+def offline_launcher(tmp_path: Path, monkeypatch, **slurm_keys) -> SlurmLauncher:
+    """A launcher of job 123 on n1..n3 whose Slurm clients are the fakes in tmp_path/bin."""
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    return SlurmLauncher("123", ["n1", "n2", "n3"], {n: "127.0.0.1" for n in ("n1", "n2", "n3")}, "127.0.0.1",
+                         SlurmSection(**slurm_keys), 1, "", tmp_path / "nodes")
+
+
+def test_a_step_kill_with_the_controller_unreachable_still_kills_srun_and_drains(tmp_path, monkeypatch):
+    """Review 13, M1: `SlurmStep.kill` asked squeue for the step first and raised when the controller
+    did not answer, so the group's srun was never killed; `node_failed` raised the same way before
+    the drain was tried (no drain, no node_drain_refused event)."""
+    fake_command(tmp_path / "bin", "squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    fake_command(tmp_path / "bin", "scontrol", f'echo "$*" >> {tmp_path}/scontrol.log')
+    launcher = offline_launcher(tmp_path, monkeypatch, drain_failed_nodes=True)
+    srun = subprocess.Popen(["sleep", "600"], start_new_session=True)  # stands in for the group's srun
+    spec = GroupSpec("g0000", 0, "n1", tmp_path / "g0000" / "trainer.toml", tmp_path / "g0000" / "group.log")
+    try:
+        with pytest.raises(SlurmError, match="Unable to contact"):
+            SlurmStep(spec, srun, "127.0.0.1", launcher).kill()
+        assert srun.poll() is not None, "the srun was left running"
+    finally:
+        srun.kill()
+        srun.wait()
+    warning = launcher.node_failed("n1", "exit", 7)
+    assert warning and "Unable to contact" in warning and "\n" not in warning, warning
+    assert "nodename=n1 state=drain reason=watchtower: exit at step 7" in (tmp_path / "scontrol.log").read_text()
+
+
+def test_a_failed_slurm_query_keeps_down_nodes_down(tmp_path, monkeypatch, caplog):
+    """Review 13, M2: a failed `scontrol` query made that poll's view list no DOWN node (the policy
+    keeps no memory of them), so a dead node read FREE for a poll and could be picked for a launch;
+    the SlurmError was also logged with a full traceback."""
+    fail = tmp_path / "controller-down"
+    fake_command(tmp_path / "bin", "scontrol", f"""[ -e {fail} ] && {{ echo "scontrol: error: Socket timed out" >&2; exit 1; }}
+case "$*" in
+  "-o show job 123") echo "JobId=123 NodeList=n[1-3]" ;;
+  "show hostnames n[1-3]") printf 'n1\\nn2\\nn3\\n' ;;
+  "-o show node n1,n2,n3") printf 'NodeName=n1 State=IDLE\\nNodeName=n2 State=DOWN*\\nNodeName=n3 State=IDLE\\n' ;;
+esac""")
+    monkeypatch.setattr(slurm_launcher, "DOWN_CHECK_INTERVAL_S", 0.0)  # ask Slurm at every poll
+    launcher, errors = offline_launcher(tmp_path, monkeypatch), StageErrors()
+    observer = Observer(tmp_path, 1, 10, errors)
+    assert observer.observe([], None, launcher, time.time()).down_nodes == {"n2"}
+    fail.touch()
+    assert observer.observe([], None, launcher, time.time()).down_nodes == {"n2"}, "the dead node read free"
+    assert sum(errors.snapshot().values()) == 1
+    logged = [r for r in caplog.records if "Socket timed out" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is None, "a failed Slurm command is one line, not a traceback"
 
 
 # ---- a real Slurm -----------------------------------------------------------------------------------

@@ -23,6 +23,11 @@ STAGES = ("exits", "scrape", "drain", "lighthouse", "decide", "health", "launch"
           "metrics", "capture", "alertmanager", "stop", "rewind")  # stop: the graceful stop's request file and check
 
 
+class CommandError(RuntimeError):
+    """An external command (a Slurm client) failed; its message holds the command line and its error
+    output, so it is logged as one line, without a traceback."""
+
+
 class StageErrors:
     """Counts per stage; `guard(stage)` swallows and counts an Exception (not a BaseException:
     KeyboardInterrupt and SystemExit still end the loop).
@@ -44,9 +49,9 @@ class StageErrors:
         with self._lock:
             self._counts[stage] += 1
             first = self._counts[stage] == 1
-        if first:  # an OSError (a refused scrape, a full disk) says it all; anything else gets its traceback
+        if first:  # an OSError (a refused scrape, a full disk) or a failed command says it all; else a traceback
             log.warning("supervisor stage %r failed (%s: %s); the job goes on, further failures are only counted",
-                        stage, type(err).__name__, err, exc_info=None if isinstance(err, OSError) else err)
+                        stage, type(err).__name__, err, exc_info=None if isinstance(err, (OSError, CommandError)) else err)
 
     @contextmanager
     def guard(self, stage: str) -> Iterator[None]:

@@ -127,6 +127,7 @@ class Observer:
         self.drain_dir = out / "drain"
         self._last_scrape = 0.0
         self.lighthouse_up = True
+        self.down_nodes: frozenset[str] = frozenset()  # the launcher's last answer (nodes down for good)
 
     def observe(self, groups: list[Group], lighthouse: Lighthouse | None, launcher: Launcher, now: float) -> View:
         for g in groups:
@@ -144,14 +145,13 @@ class Observer:
         drains: tuple[str, ...] = ()
         with self.errors.guard("drain"):
             drains = tuple(sorted(os.listdir(self.drain_dir))) if self.drain_dir.is_dir() else ()
-        down: frozenset[str] = frozenset()
-        with self.errors.guard("exits"):
-            down = launcher.down_nodes()
+        with self.errors.guard("exits"):  # a failed query keeps the last answer: a DOWN node never reads free
+            self.down_nodes = launcher.down_nodes()
         if lighthouse is not None:
             with self.errors.guard("lighthouse"):
                 self.lighthouse_up = lighthouse.up()
         health = LighthouseHealth.UP if self.lighthouse_up or lighthouse is None else LighthouseHealth.DOWN
-        return View(now, tuple(g.view() for g in groups if not g.reported), drains, down, health)
+        return View(now, tuple(g.view() for g in groups if not g.reported), drains, self.down_nodes, health)
 
     def endpoints(self, g: Group) -> list[int]:
         """Each rank's real /metrics port, from the file the rank writes once it serves."""

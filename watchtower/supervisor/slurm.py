@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from watchtower.orphan_guard import guarded
+from watchtower.supervisor.errors import CommandError
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
 from watchtower.supervisor.slurm_commands import (STEP_PREFIX, allocated_cluster, drain_argv, expand_cache_dir, is_down,
                                                   parse_records, select_nodes, srun_argv, step_name, steps, task_argv)
@@ -53,7 +54,7 @@ DOWN_CHECK_INTERVAL_S = 3.0  # how often Slurm is asked which nodes are down or 
 EXIT_STEP_LOST = 255  # srun ended "successfully" but a rank never reported its exit: its node was lost
 
 
-class SlurmError(RuntimeError):
+class SlurmError(CommandError):
     """A Slurm command failed or timed out; the message holds its command line and error output."""
 
 
@@ -102,8 +103,12 @@ class SlurmStep(GroupProcess):
         return code
 
     def kill(self) -> None:
-        self.launcher.cancel_step(step_name(self.spec.replica_id))
-        super().kill()
+        """Cancel the step, and kill the srun whatever Slurm answered: a controller that does not
+        answer (restarting, timed out) must not leave the group running; its SlurmError is raised after."""
+        try:
+            self.launcher.cancel_step(step_name(self.spec.replica_id))
+        finally:
+            super().kill()
 
 
 class SlurmLauncher:
@@ -163,7 +168,8 @@ class SlurmLauncher:
 
     def down_nodes(self) -> frozenset[str]:
         """Nodes Slurm reports DOWN / FAIL or that left the allocation; once down, down for good.
-        Asks Slurm at most every DOWN_CHECK_INTERVAL_S; a failed query raises (the loop counts it)."""
+        Asks Slurm at most every DOWN_CHECK_INTERVAL_S; a failed query raises (the loop counts it, and
+        its observer keeps the last answer, so a DOWN node never reads free for a poll)."""
         now = time.monotonic()
         if now - self._checked_at >= DOWN_CHECK_INTERVAL_S:
             self._checked_at = now
@@ -189,15 +195,18 @@ class SlurmLauncher:
     def node_failed(self, node: str, cause: str, step: int) -> str | None:
         """A node the policy drained: cancel every step of ours still there (a group whose `srun`
         died may have left its tasks) and, with `drain_failed_nodes`, drain it in Slurm. Returns why
-        Slurm refused the drain, else None."""
-        self._cancel(lambda name, where: where == node and name.startswith(STEP_PREFIX))
-        if not self.cfg.drain_failed_nodes:
-            return None
+        Slurm refused the cancel or the drain, else None (a failed cancel does not skip the drain)."""
+        refused = []
         try:
-            slurm(drain_argv(node, cause, step), self.cfg.command_timeout_s)
+            self._cancel(lambda name, where: where == node and name.startswith(STEP_PREFIX))
         except SlurmError as err:
-            return str(err)
-        return None
+            refused.append(f"cancelling our steps there: {err}")
+        if self.cfg.drain_failed_nodes:
+            try:
+                slurm(drain_argv(node, cause, step), self.cfg.command_timeout_s)
+            except SlurmError as err:
+                refused.append(str(err))
+        return "; ".join(refused) or None
 
     def cancel_step(self, name: str) -> None:
         """Cancel every step of ours named `name` (one squeue, one scancel; nothing if none runs)."""
