@@ -13,6 +13,8 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -374,6 +376,52 @@ def test_a_hung_node_command_is_killed_at_its_timeout(tmp_path):
         return not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) in (f"sleep {a}", f"sleep {b}")]
 
     wait_until(none_left, "the check and its child killed", timeout=30)
+
+
+def test_a_stop_signal_during_a_hung_health_check_stops_within_a_second_and_is_never_dropped(tmp_path):
+    """Review 13, S2: the health gate blocked the loop, so a SIGUSR1 (Slurm's time-limit warning)
+    arriving during a hung site check waited for it (60 s by default, per node: past the time limit),
+    and when that poll ended in a policy Stop (no healthy node) the signal was dropped: exit 4, no
+    graceful stop. Now the check is killed within a slice and the signal is acted on; and a signal
+    that lands in a poll ending in a policy Stop still wins."""
+    hung = 700 + os.getpid() % 1000 * 2  # a sleep unique to this run
+    marker = tmp_path / "check-running"
+
+    def supervisor(name: str, check: str) -> Supervisor:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(job_toml({"name": name, "trainer_config": "tiny", "output_dir": str(tmp_path / name)},
+                                 {"nodes": ["n0", "n1"], "active_groups": 1, "health_check": check},
+                                 {"metrics_port": 0, "base_port": free_port()}))
+        job, trainer = load_job(str(path))
+        return Supervisor(job, trainer, FinishingLauncher(tmp_path / name / "nodes"))
+
+    sup, result = supervisor("hung", f"touch {marker}; exec sleep {hung}"), {}
+    loop = threading.Thread(target=lambda: result.update(code=sup.run()), daemon=True)
+    loop.start()
+    wait_until(marker.exists, "the site check to run")
+    sent = time.monotonic()
+    sup.request_stop(signal.SIGUSR1)
+    loop.join(timeout=15)
+    assert result.get("code") == 138, f"no stop {time.monotonic() - sent:.1f} s after SIGUSR1: {result}"
+    assert time.monotonic() - sent < 5, "the stop waited for the check"
+    last = sup.events.events[-1]
+    assert (last["event"], last["signal"]) == ("job_stopped", "SIGUSR1")
+    assert not [e for e in sup.events.events if e["event"] in ("node_unhealthy", "group_started")], \
+        "a check cut short says nothing of its node"
+    wait_until(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) == f"sleep {hung}"],
+               "the cut check killed", timeout=30)
+
+    sup = supervisor("failing", "exit 1")  # both nodes fail their check: the policy stops (no nodes)
+    execute = sup.executor.run
+
+    def signalled_during_the_poll(actions, now):
+        code = execute(actions, now)
+        sup.request_stop(signal.SIGUSR1)
+        return code
+
+    sup.executor.run = signalled_during_the_poll
+    assert sup.run() == 138
+    assert sup.events.events[-1]["signal"] == "SIGUSR1"
 
 
 def _cmdline(pid: int) -> str:

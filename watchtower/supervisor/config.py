@@ -81,7 +81,8 @@ class ClusterSection:
     # out for the job's life, never counted as a failure. health_check: a site command (`/bin/sh -c`
     # on the node; $WATCHTOWER_NODE names it) run after the built-in checks, non-zero exit = unhealthy;
     # leave it out for none. health_check_timeout_s: the whole check of a node; the supervisor's loop
-    # waits for it (running groups train on), so raise it only as far as the site check needs.
+    # waits for it (running groups train on; a stop signal does not wait: the check is killed), so
+    # raise it only as far as the site check needs.
     health_check: str | None = None
     health_check_timeout_s: float = 60.0
     health_min_free_bytes: int = 1 << 30  # free in the node's data cache; raise it to the staged size

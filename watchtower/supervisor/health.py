@@ -23,17 +23,19 @@ slowest node: an interpreter start (~0.2 s here; an srun step on Slurm) plus the
 at most the timeout (the check is killed then). Each re-decision checks only nodes not yet checked
 this poll, so one poll waits at most (unhealthy nodes found + 1) timeouts. Meanwhile nothing is
 observed, but nothing is lost: running groups train on (torchft needs no supervisor), hangs are
-judged at the next poll from the groups' own heartbeat timestamps (the wait makes no false hang),
-and a stop signal is acted on when the check returns. Polls that launch nothing run no check.
+judged at the next poll from the groups' own heartbeat timestamps (the wait makes no false hang).
+A stop signal does not wait for the checks: the loop waits in WAIT_SLICE_S slices, and on a signal
+every running check is killed (on Slurm its step cancelled), the poll decides nothing and the loop
+stops at once; a check cut short says nothing of its node. Polls that launch nothing run no check.
 """
 
 from __future__ import annotations
 
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.launcher import Launcher
@@ -43,6 +45,8 @@ from watchtower.supervisor.policy_types import Action, Launch, PolicyConfig, Pol
 if TYPE_CHECKING:
     from watchtower.config import TrainConfig
     from watchtower.supervisor.config import JobConfig
+
+WAIT_SLICE_S = 0.1  # the loop's wait for the checks is cut into slices: a stop signal is seen within one
 
 
 @dataclass(frozen=True)
@@ -81,19 +85,29 @@ class HealthGate:
     def __init__(self, check: HealthCheck, launcher: Launcher, errors: StageErrors):
         self.check, self.launcher, self.errors = check, launcher, errors
 
-    def unhealthy(self, nodes: list[str]) -> dict[str, str]:
-        if len(nodes) == 1:
-            found = [self.verdict(nodes[0])]
-        else:  # the loop waits for the slowest node, not for the sum
-            with ThreadPoolExecutor(max_workers=len(nodes), thread_name_prefix="health") as pool:
-                found = list(pool.map(self.verdict, nodes))
-        return {node: why for node, why in zip(nodes, found) if why is not None}
+    def unhealthy(self, nodes: list[str], interrupted: Callable[[], bool] = lambda: False) -> dict[str, str] | None:
+        """Check `nodes` at once, one thread each (the loop waits for the slowest node, not the sum);
+        None when `interrupted()` turned true first: every check still running is killed (its Slurm
+        step cancelled) within WAIT_SLICE_S, and a check cut short says nothing of its node."""
+        cancel, found = threading.Event(), {}
+        threads = [threading.Thread(target=lambda n=n: found.update({n: self.verdict(n, cancel)}),
+                                    name=f"health-{n}", daemon=True) for n in nodes]
+        for t in threads:  # each check's process is tied to its thread (orphan guard): it lives as long
+            t.start()
+        for t in threads:
+            while t.is_alive():
+                if not cancel.is_set() and interrupted():
+                    cancel.set()
+                t.join(WAIT_SLICE_S)
+        if cancel.is_set():
+            return None
+        return {node: found[node] for node in nodes if found.get(node) is not None}
 
-    def verdict(self, node: str) -> str | None:
+    def verdict(self, node: str, cancel: threading.Event | None = None) -> str | None:
         """None when healthy; else the verdict's first line, then the check's output."""
         try:
             code, output = self.launcher.run_on_node(node, self.check.argv(self.launcher.node_cache_dir(node)),
-                                                     self.check.timeout_s)
+                                                     self.check.timeout_s, cancel)
         except Exception as err:  # noqa: BLE001 - a check that cannot run cannot vouch for its node
             self.errors.record("health", err)
             return f"the health check could not run: {type(err).__name__}: {err}"
@@ -103,11 +117,12 @@ class HealthGate:
         return f"{verdict}\n{output}".strip()
 
 
-def gated_decision(state: PolicyState, view: View, cfg: PolicyConfig,
-                   gate: HealthGate) -> tuple[PolicyState, list[Action]]:
+def gated_decision(state: PolicyState, view: View, cfg: PolicyConfig, gate: HealthGate,
+                   interrupted: Callable[[], bool] = lambda: False) -> tuple[PolicyState, list[Action]] | None:
     """`policy.decide`, with every node a launch names checked first; a node that fails is shown to
     the policy (`View.unhealthy_nodes`) and it decides again, from the same state: the decision stays
-    pure and the policy's own. Ends: each round checks new nodes only, and there are finitely many."""
+    pure and the policy's own. Ends: each round checks new nodes only, and there are finitely many.
+    None when `interrupted()` (a stop signal) cut a check short: this poll decides nothing."""
     checked: set[str] = set()
     while True:
         decided, actions = decide(state, view, cfg)
@@ -115,7 +130,9 @@ def gated_decision(state: PolicyState, view: View, cfg: PolicyConfig,
         if not fresh:
             return decided, actions
         checked.update(fresh)
-        found = gate.unhealthy(fresh)
+        found = gate.unhealthy(fresh, interrupted)
+        if found is None:
+            return None
         if not found:
             return decided, actions
         view = replace(view, unhealthy_nodes={**view.unhealthy_nodes, **found})

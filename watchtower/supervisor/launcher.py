@@ -20,6 +20,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,7 @@ def direct_peers(env: dict[str, str] | os._Environ, hosts: list[str]) -> dict[st
 NODE_ENV = "WATCHTOWER_NODE"  # set for a command run by `run_on_node`: the node it runs for
 NODE_CACHE_ENV = "WATCHTOWER_NODE_CACHE_DIR"  # and that node's data cache (`node_cache_dir`)
 OUTPUT_TAIL_CHARS = 4000  # of a node command's output kept (stdout and stderr together)
+CANCEL_POLL_S = 0.1  # how soon a node command sees its cancel (a stop signal during the health gate)
 
 
 def node_env(node: str, cache_dir: Path) -> dict[str, str]:
@@ -98,21 +101,26 @@ def node_env(node: str, cache_dir: Path) -> dict[str, str]:
     return {NODE_ENV: node, NODE_CACHE_ENV: str(cache_dir)}
 
 
-def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float) -> tuple[int | None, str]:
-    """Run `argv` to its end or for `timeout_s`: (exit code, or None on a timeout; the output's tail).
+def run_bounded(argv: list[str], env: dict[str, str], timeout_s: float,
+                cancel: threading.Event | None = None) -> tuple[int | None, str]:
+    """Run `argv` to its end, for `timeout_s`, or until `cancel` is set: (exit code, or None on a
+    timeout or a cancel; the output's tail).
 
     It runs in its own session, guarded (it dies with us), stdout and stderr into one unnamed temp
     file (not a pipe: a background child holding a pipe would stall us until the timeout). When it
-    exits or times out, its whole session is SIGKILLed, so nothing it started is left running.
-    Blocks the calling thread up to `timeout_s`; costs one extra interpreter start (the orphan guard).
+    exits, times out or is cancelled, its whole session is SIGKILLed, so nothing it started is left
+    running. Blocks the calling thread up to `timeout_s` (a cancel is seen within CANCEL_POLL_S);
+    costs one extra interpreter start (the orphan guard).
     """
     with tempfile.TemporaryFile() as out:
         proc = subprocess.Popen(guarded(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            code: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
+        code, deadline = None, time.monotonic() + timeout_s
+        while code is None and time.monotonic() < deadline and not (cancel is not None and cancel.is_set()):
+            try:
+                code = proc.wait(timeout=min(CANCEL_POLL_S, max(deadline - time.monotonic(), 0)))
+            except subprocess.TimeoutExpired:
+                pass
         _kill_session(proc.pid)
         proc.wait()
         out.seek(max(out.seek(0, os.SEEK_END) - 4 * OUTPUT_TAIL_CHARS, 0))
@@ -138,10 +146,12 @@ class Launcher(Protocol):
 
     def down_nodes(self) -> frozenset[str]: ...
 
-    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float,
+                    cancel: threading.Event | None = None) -> tuple[int | None, str]:
         """Run a short command ON `node` (the health gate's checks) with `node_env` in its environment:
-        (its exit code, or None if it ran past `timeout_s` and was killed; its output's tail). Blocks
-        the calling thread up to about `timeout_s`; leaves no process of the command behind."""
+        (its exit code, or None if it ran past `timeout_s` or `cancel` was set, and was killed; its
+        output's tail). Blocks the calling thread up to about `timeout_s`; leaves no process of the
+        command behind."""
         ...
 
     def node_failed(self, node: str, cause: str, step: int) -> str | None:
@@ -168,9 +178,10 @@ class LocalLauncher:
     def node_failed(self, node: str, cause: str, step: int) -> str | None:
         return None  # a slot has nothing to cancel or drain beyond what the policy does
 
-    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float,
+                    cancel: threading.Event | None = None) -> tuple[int | None, str]:
         """A local subprocess with the node's environment (its name and its cache dir)."""
-        return run_bounded(argv, {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s)
+        return run_bounded(argv, {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s, cancel)
 
     def launch(self, spec: GroupSpec) -> GroupProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollect
                                            write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
 from watchtower.supervisor.policy import node_states
-from watchtower.supervisor.policy_types import PolicyState, View
+from watchtower.supervisor.policy_types import EXIT_DONE, PolicyState, View
 from watchtower.validation import ConfigError
 
 if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only reads it
@@ -139,7 +139,7 @@ class Supervisor:
     def _loop(self) -> int:
         while self._signal is None:
             code = self.poll_once()
-            if code is not None:
+            if code == EXIT_DONE or (code is not None and self._signal is None):  # a signal beats a failure stop
                 return self._stopped_by_policy(code)
             self._sleep(self.cfg.poll_interval_s)
         return self._stopped_by_signal()
@@ -151,7 +151,10 @@ class Supervisor:
         view = replace(view, launch_failures=tuple(self.executor.launch_failures))
         actions = []
         with self.errors.guard("decide"):
-            self.state, actions = gated_decision(self.state, view, self.policy_cfg, self.health)
+            decided = gated_decision(self.state, view, self.policy_cfg, self.health, lambda: self._signal is not None)
+            if decided is None:  # a stop signal cut the health gate short: the loop stops now, nothing decided
+                return None
+            self.state, actions = decided
             for g in self.groups.values():  # the policy has now seen each exit once
                 g.reported = g.reported or not g.running
             del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch

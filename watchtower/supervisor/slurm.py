@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -183,11 +184,12 @@ class SlurmLauncher:
                            if n not in held or is_down(states.get(n, {}).get("State", "DOWN"))}
         return frozenset(self._down)
 
-    def run_on_node(self, node: str, argv: list[str], timeout_s: float) -> tuple[int | None, str]:
-        """`argv` as a one-task step on `node`; on a timeout the step is cancelled as well."""
+    def run_on_node(self, node: str, argv: list[str], timeout_s: float,
+                    cancel: threading.Event | None = None) -> tuple[int | None, str]:
+        """`argv` as a one-task step on `node`; on a timeout or a cancel the step is cancelled as well."""
         name = f"{STEP_PREFIX}check-{node}"
         code, out = run_bounded(srun_argv(self.job_id, node, 1, name, [], argv),
-                                {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s)
+                                {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s, cancel)
         if code is None:
             self.cancel_step(name)
         return code, out
