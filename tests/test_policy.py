@@ -73,7 +73,7 @@ def brief(a) -> tuple:
             SparesExhausted: lambda: ("exhausted", a.reason.value, a.missing),
             DrainRejected: lambda: ("rejected", a.name),
             NodeUnhealthy: lambda: ("unhealthy", a.node, a.output),
-            Rewind: lambda: ("rewind", a.spike_step, a.to_step, a.skip_first, a.skip_last),
+            Rewind: lambda: ("rewind", a.spike_step, a.checkpoint_step, a.skip_first, a.skip_last),
             RewindDeclined: lambda: ("declined", a.spike_step, a.why.split(":")[0])}[type(a)]()
 
 
@@ -410,14 +410,14 @@ CASES = [
     # issue 14, item 2: a critical loss spike every contributing group agrees on (remediation.py)
     Case("an_agreed_spike_rewinds_every_group_blaming_no_node_and_spending_no_budget",
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
-                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))],
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(80, 100, 120))],
          [[("kill", "g0", "rewind"), ("failed", "g0", "rewind", "free", "-"), ("kill", "g1", "rewind"),
            ("failed", "g1", "rewind", "free", "-"), ("kill", "g2", "rewind"), ("failed", "g2", "rewind", "free", "-"),
-           ("rewind", 120, 110, 120, 124), ("restart", 40, ()), ("launch", "d", "active", "restart"),
+           ("rewind", 120, 100, 120, 124), ("restart", 40, ()), ("launch", "d", "active", "restart"),
            ("launch", "e", "active", "restart"), ("exhausted", "restart", 1)]], cfg=REWIND),
     Case("a_rewind_with_no_other_nodes_waits_for_its_groups_to_exit_instead_of_stopping",
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
-                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120))),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(100, 110, 120)),
           View(NOW + 1, (gone("g0", "a", -9), gone("g1", "b", -9), gone("g2", "c", -9)))],
          [[("kill", "g0", "rewind"), ("failed", "g0", "rewind", "free", "-"), ("kill", "g1", "rewind"),
            ("failed", "g1", "rewind", "free", "-"), ("kill", "g2", "rewind"), ("failed", "g2", "rewind", "free", "-"),
@@ -439,6 +439,15 @@ CASES = [
                          g1=grp("g1", "b", role=Role.ACTIVE, spike_step=180)))],
          [[("declined", 180, "max_rewinds = 1 already spent")]], cfg=REWIND,
          state=replace(STARTED, rewinds=1, spikes_seen=frozenset({120}))),
+    # review of issue 14, F2: a rewind past every kept checkpoint restarted the run from step 0
+    Case("a_rewind_with_no_checkpoint_old_enough_is_declined_and_keeps_every_group",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(112, 116, 120))] * 2,
+         [[("declined", 120, "no committed checkpoint at or before step 110 (oldest kept")], []], cfg=REWIND),
+    Case("a_rewind_waits_for_the_checkpoint_listing_and_kills_nothing_before_it",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))],
+         [[]], cfg=REWIND),
 ]
 
 

@@ -202,18 +202,28 @@ class Executor:
     # ---- loss-spike remediation (remediation.py) -------------------------------------------------------
 
     def rewind(self, a: Rewind, now: float) -> None:
-        """Set aside every checkpoint after `a.to_step` (rewind.py) and make every later launch skip
-        the data window; the pool's restart, ordered in this same poll, then loads the newest one left."""
-        folder, moved = retire_checkpoints(self.checkpoint_url, a.to_step)
+        """Make every later launch skip the data window, then set aside every checkpoint after
+        `a.checkpoint_step` (rewind.py); the pool's restart, ordered in this same poll, loads that one.
+        The skip is recorded first: a move that fails part-way (counted under stage "rewind") leaves
+        a restart from the newest checkpoint left that still skips the window, never one without it."""
         window = f"{a.skip_first}-{a.skip_last}"
+        # appended, never merged: each range counts the steps of the run as it went when that spike
+        # was seen (after the earlier skips), and the trainer applies them in this order (data.py)
         self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), window]
         self.stats.remediations["rewind"] += 1
-        self.events.emit("rewind", f"critical loss spike at step {a.spike_step} in every contributing group: "
-                         f"restarting from the last checkpoint at or before step {a.to_step} and skipping the data "
-                         f"of steps {window} ({a.skip_last - a.skip_first + 1} global batches); "
-                         f"{len(moved)} later checkpoint entries set aside in {folder}",
-                         spike_step=a.spike_step, to_step=a.to_step, skip_steps=[a.skip_first, a.skip_last],
-                         batches=a.skip_last - a.skip_first + 1, set_aside=moved)
+        said = (f"critical loss spike at step {a.spike_step} in every contributing group: restarting from the "
+                f"checkpoint of step {a.checkpoint_step} (the last at or before step {a.to_step}) and skipping the "
+                f"data of steps {window} ({a.skip_last - a.skip_first + 1} global batches)")
+        fields = dict(spike_step=a.spike_step, to_step=a.to_step, checkpoint_step=a.checkpoint_step,
+                      skip_steps=[a.skip_first, a.skip_last], batches=a.skip_last - a.skip_first + 1)
+        try:
+            folder, moved = retire_checkpoints(self.checkpoint_url, a.checkpoint_step)
+        except Exception as err:
+            self.events.emit("rewind", f"{said}; setting the later checkpoints aside FAILED ({one_line(err)}): the "
+                             "restart loads the newest one left", **fields, set_aside=None, error=one_line(err))
+            raise
+        self.events.emit("rewind", f"{said}; {len(moved)} later checkpoint entries set aside in {folder}",
+                         **fields, set_aside=moved)
 
     def rewind_declined(self, a: RewindDeclined, now: float) -> None:
         self.stats.remediations["page"] += 1

@@ -44,7 +44,7 @@ from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed,
     GroupFinished, GroupState, GroupView, Kill, LighthouseHealth, NodeUnhealthy, Outage, PolicyConfig, PolicyState,
     RestartLighthouse, Role, Stop, View, node_name_problem)
-from watchtower.supervisor.remediation import Rewind, agreed_spike, remedy
+from watchtower.supervisor.remediation import Rewind, agreed_spike, may_rewind, remedy
 from watchtower.validation import EXIT_CONFIG
 
 _PLANNED = (FailureKind.DRAINED, FailureKind.REWIND)  # never counted toward the failure budget
@@ -207,17 +207,33 @@ def _kill_hung(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Acti
 
 def _remedy_loss_spike(state: PolicyState, view: View, cfg: PolicyConfig, out: list[Action]) -> PolicyState:
     """A critical loss spike every contributing group agrees on: rewind (every group restarted from
-    an earlier checkpoint, the data window skipped) or a record that it only pages (remediation.py)."""
-    active = [g for g in running_groups(state, view) if g.role is Role.ACTIVE]
-    spike = agreed_spike((g.spike_step for g in active), cfg.active_groups)
-    if spike is None or spike in state.spikes_seen:
+    an earlier checkpoint, the data window skipped) or a record that it only pages (remediation.py).
+    A rewind is chosen among the committed checkpoints the shell listed; a poll without the listing
+    decides nothing (the shell lists them while a spike is undecided: see `spike_undecided`)."""
+    spike = _new_agreed_spike(state, view, cfg)
+    if spike is None:
         return state
-    action = remedy(spike, state.rewinds, cfg.remediation)
+    if may_rewind(state.rewinds, cfg.remediation) and view.checkpoints is None:
+        return state
+    action = remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or ())
     state = replace(state, spikes_seen=state.spikes_seen | {spike})
     for g in running_groups(state, view) if isinstance(action, Rewind) else ():
         state = _fail(state, g, FailureKind.REWIND, view.now, out)
     out.append(action)  # before the pool's restart, which launches from the checkpoint it leaves
     return replace(state, rewinds=state.rewinds + isinstance(action, Rewind))
+
+
+def _new_agreed_spike(state: PolicyState, view: View, cfg: PolicyConfig) -> int | None:
+    """The step of a spike every active group agrees on and no earlier poll remedied, else None."""
+    active = [g for g in running_groups(state, view) if g.role is Role.ACTIVE]
+    spike = agreed_spike((g.spike_step for g in active), cfg.active_groups)
+    return None if spike is None or spike in state.spikes_seen else spike
+
+
+def spike_undecided(state: PolicyState, view: View, cfg: PolicyConfig) -> bool:
+    """Whether this poll may decide a rewind, so the shell must list the committed checkpoints for it
+    (one listing of the checkpoint directory, only at an agreed spike; none on other polls)."""
+    return may_rewind(state.rewinds, cfg.remediation) and _new_agreed_spike(state, view, cfg) is not None
 
 
 def _fail(state: PolicyState, g: GroupView, kind: FailureKind, now: float, out: list[Action]) -> PolicyState:

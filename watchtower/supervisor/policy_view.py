@@ -72,3 +72,6 @@ class View:
     lighthouse: LighthouseHealth = LighthouseHealth.UP
     launch_failures: tuple[LaunchFailure, ...] = ()  # the last poll's launches that failed
     unhealthy_nodes: dict[str, str] = field(default_factory=dict)  # node → check output, found this poll
+    # steps of the committed checkpoints, listed only while a loss spike may be rewound (rewind.py's
+    # committed_steps: one listing); None: not listed this poll
+    checkpoints: tuple[int, ...] | None = None

@@ -2,8 +2,8 @@
 
     [remediation]
     loss_spike = "rewind"        # "page": the detector's alert pages, nothing else happens
-    rewind_margin = 100          # restart from the last checkpoint at or before spike_step - rewind_margin
-    skip_batches_before = 0      # and skip the data steps spike_step - before .. spike_step + after read
+    rewind_margin = 100          # restart from the last checkpoint at or before spike_step - rewind_margin (>= 1)
+    skip_batches_before = 0      # and skip the data steps spike_step - before .. spike_step + after read (< margin)
     skip_batches_after = 200
     max_rewinds = 1              # per supervisor run; past it a spike pages as with "page"
 
@@ -14,6 +14,14 @@ group only is that group's problem (its data shard), not the run's. The rewind r
 skip the data window exactly (`data.skip_steps`, see watchtower/trainer/data.py). PaLM's recipe
 restarts ~100 steps before a spike and skips 200-500 batches. Risks: the skipped data is not trained
 on in that epoch; a skip that misses the cause spikes again (max_rewinds bounds that, then pages).
+
+No committed checkpoint at or before `spike_step - rewind_margin` (checkpoint.keep_last x
+interval_steps shorter than the margin, or interval_steps = 0): the rewind is declined, and the spike
+pages with the reason. Setting every checkpoint aside would restart the run from step 0, throwing its
+whole progress away, and a checkpoint inside the margin may already hold the damage the margin is
+there to avoid; so neither is done on the person's behalf. `rewind_margin` must be >= 1 (the
+checkpoint of the spike step holds the spiked update) and `skip_batches_before` < `rewind_margin` (a
+skip can only leave unread data the checkpoint loaded has not trained on yet).
 """
 
 from __future__ import annotations
@@ -40,17 +48,25 @@ class RemediationConfig:
         require(self.loss_spike in ACTIONS, "loss_spike", self.loss_spike, f"must be one of {', '.join(ACTIONS)}")
         for name in ("rewind_margin", "skip_batches_before", "skip_batches_after", "max_rewinds"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+        if self.loss_spike == "rewind":
+            require(self.rewind_margin >= 1, "rewind_margin", self.rewind_margin,
+                    "must be >= 1 with loss_spike = \"rewind\": the checkpoint of the spike step holds the spiked update")
+            require(self.skip_batches_before < self.rewind_margin, "skip_batches_before", self.skip_batches_before,
+                    f"must be < rewind_margin ({self.rewind_margin}): the checkpoint loaded has already trained on "
+                    "the data of the steps up to spike_step - rewind_margin, so they cannot be skipped")
 
 
 @dataclass(frozen=True)
 class Rewind:
-    """Restart every group from the last checkpoint at or before `to_step`, skipping the data steps
-    `skip_first`..`skip_last` read (the shell retires the later checkpoints and adds the skip)."""
+    """Restart every group from the committed checkpoint of step `checkpoint_step`, the last at or
+    before `to_step`, skipping the data steps `skip_first`..`skip_last` read (the shell records the
+    skip, then retires the later checkpoints)."""
 
     spike_step: int
     to_step: int
     skip_first: int
     skip_last: int
+    checkpoint_step: int
 
 
 @dataclass(frozen=True)
@@ -70,17 +86,33 @@ def agreed_spike(steps: Iterable[int | None], active_groups: int) -> int | None:
     return steps[0] if len(steps) >= active_groups and steps[0] is not None and len(set(steps)) == 1 else None
 
 
-def remedy(spike: int, rewinds: int, cfg: RemediationConfig) -> Rewind | RewindDeclined:
-    """What to do about an agreed spike at `spike` after `rewinds` rewinds this run.
+def may_rewind(rewinds: int, cfg: RemediationConfig) -> bool:
+    """Whether a spike now could be rewound, so the committed checkpoints must be known to decide it."""
+    return cfg.loss_spike == "rewind" and rewinds < cfg.max_rewinds
 
-    >>> remedy(120, 0, RemediationConfig("rewind", rewind_margin=10, skip_batches_after=4))
-    Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124)
-    >>> remedy(120, 1, RemediationConfig("rewind")).why
+
+def remedy(spike: int, rewinds: int, cfg: RemediationConfig, checkpoints: Iterable[int]) -> Rewind | RewindDeclined:
+    """What to do about an agreed spike at `spike` after `rewinds` rewinds this run, given the steps
+    of the committed checkpoints (`checkpoints`). Declined when none is at or before
+    `spike - rewind_margin`: rewinding past every checkpoint would restart from step 0 (module docstring).
+
+    >>> remedy(120, 0, RemediationConfig("rewind", rewind_margin=10, skip_batches_after=4), [80, 100, 120])
+    Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)
+    >>> remedy(120, 1, RemediationConfig("rewind"), [20]).why
     'max_rewinds = 1 already spent: it pages'
+    >>> remedy(1000, 0, RemediationConfig("rewind"), [940, 960, 980]).why.split(";")[0]
+    'no committed checkpoint at or before step 900 (oldest kept: 940)'
     """
     if cfg.loss_spike != "rewind":
         return RewindDeclined(spike, 'remediation.loss_spike = "page"')
     if rewinds >= cfg.max_rewinds:
         return RewindDeclined(spike, f"max_rewinds = {cfg.max_rewinds} already spent: it pages")
-    return Rewind(spike, max(spike - cfg.rewind_margin, 0), max(spike - cfg.skip_batches_before, 1),
-                  spike + cfg.skip_batches_after)
+    to_step, kept = spike - cfg.rewind_margin, sorted(checkpoints)
+    old_enough = [step for step in kept if step <= to_step]
+    if not old_enough:
+        oldest = f"oldest kept: {kept[0]}" if kept else "none committed yet"
+        return RewindDeclined(spike, f"no committed checkpoint at or before step {to_step} ({oldest}); rewinding "
+                              "would restart from step 0, so it pages; raise checkpoint.keep_last or lower "
+                              "checkpoint.interval_steps / remediation.rewind_margin")
+    return Rewind(spike, to_step, max(spike - cfg.skip_batches_before, 1), spike + cfg.skip_batches_after,
+                  old_enough[-1])

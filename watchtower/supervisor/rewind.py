@@ -17,6 +17,24 @@ import fsspec
 STEP_ENTRY = re.compile(r"^step-(\d{8})\b")
 
 
+def committed_steps(url: str) -> tuple[int, ...]:
+    """The steps of the committed checkpoints under `url` (a `step-N[.sK]/` holding its manifest, the
+    commit marker), sorted, each once: what a restart can load. One glob (one listing on object stores).
+
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for name, done in (("step-00000100", True), ("step-00000100.s3", True), ("step-00000120", False)):
+    ...     (root / name).mkdir(); _ = done and (root / name / "manifest.json").write_text("{}")
+    >>> committed_steps(str(root)), committed_steps(str(root / "none"))
+    ((100,), ())
+    """
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    found = fs.glob(f"{root}/step-*/manifest.json") if fs.exists(root) else []
+    steps = {int(m.group(1)) for path in found if (m := STEP_ENTRY.match(path.rstrip("/").split("/")[-2]))}
+    return tuple(sorted(steps))
+
+
 def retire_checkpoints(url: str, after_step: int) -> tuple[str, list[str]]:
     """Move every entry of a step > `after_step` under `url`/rewound-<n>/; (that folder, the names moved).
 

@@ -47,8 +47,9 @@ from watchtower.supervisor.lock import JobDirLock
 from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, group_roles, node_counts,
                                            write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
-from watchtower.supervisor.policy import node_states
+from watchtower.supervisor.policy import node_states, spike_undecided
 from watchtower.supervisor.policy_types import EXIT_DONE, PolicyState, View
+from watchtower.supervisor.rewind import committed_steps
 from watchtower.validation import ConfigError
 
 if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only reads it
@@ -149,6 +150,9 @@ class Supervisor:
         now = time.time()
         view = self.observer.observe(list(self.groups.values()), self.lighthouse, self.launcher, now)
         view = replace(view, launch_failures=tuple(self.executor.launch_failures))
+        if spike_undecided(self.state, view, self.policy_cfg):  # a rewind picks among the committed checkpoints
+            with self.errors.guard("rewind"):
+                view = replace(view, checkpoints=committed_steps(self.executor.checkpoint_url))
         actions = []
         with self.errors.guard("decide"):
             decided = gated_decision(self.state, view, self.policy_cfg, self.health, lambda: self._signal is not None)

@@ -55,8 +55,11 @@ class DataConfig:
         supervised group is given its node's own in its launch config (`[replica] cache_dir`).
     skip_steps: data to leave unread, named by the steps that read it: "FIRST-LAST" (or "N") skips the
         global batches steps FIRST..LAST read, once, when the run reaches FIRST again (after a restart
-        from an earlier checkpoint), e.g. the batches behind a loss spike. The step numbers go on; the
-        data jumps. Exact when those steps had as many participating groups as the run has now.
+        from an earlier checkpoint), e.g. the batches behind a loss spike; a run resumed from a
+        checkpoint inside the range skips the part still ahead (its steps up to LAST). The step numbers
+        go on; the data jumps. Exact when those steps had as many participating groups as the run has
+        now. Ranges are applied in their order and may overlap: a later range counts the steps of the
+        run as it went after the earlier skips (each rewind adds one; see `due_skips`).
     """
 
     source: str = ""
@@ -68,9 +71,8 @@ class DataConfig:
     skip_steps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ranges = [parse_step_range(text, f"skip_steps[{i}]") for i, text in enumerate(self.skip_steps)]
-        for (a, b), (c, d) in zip(sorted(ranges), sorted(ranges)[1:]):
-            require(c > b, "skip_steps", self.skip_steps, f"ranges {a}-{b} and {c}-{d} overlap; merge them")
+        for i, text in enumerate(self.skip_steps):
+            parse_step_range(text, f"skip_steps[{i}]")
         require(self.max_bytes > 0, "max_bytes", self.max_bytes, "must be a positive number of bytes")
         require(self.shuffle_seed >= 0, "shuffle_seed", self.shuffle_seed, "must be >= 0")
         require(self.stage in STAGE_MODES, "stage", self.stage, f"must be one of {', '.join(STAGE_MODES)}")
@@ -91,6 +93,24 @@ def parse_step_range(text: str, key: str = "skip_steps") -> tuple[int, int]:
     a, b = (int(first), int(last or first)) if ok else (0, 0)
     require(ok and 1 <= a <= b, key, text, 'must be "FIRST-LAST" or "N": steps >= 1, FIRST <= LAST (e.g. "120-124")')
     return a, b
+
+
+def due_skips(skip_steps: list[str], step: int, applied: set[int]) -> list[tuple[int, int]]:
+    """The skip_steps ranges to apply before `step`, in their order, as (first, steps to skip): every
+    range holding `step` whose FIRST is not in `applied` (the data state's `skipped`). A range entered
+    at its FIRST skips all its steps; one entered later (a checkpoint inside it was loaded) skips the
+    steps still ahead, LAST - step + 1. Ranges are not merged: after a first rewind skipped 120-320, a
+    second spike at 300 counts steps of the run that already jumped, so "300-500" is its own skip,
+    applied at step 300 after the first (a merged "120-500" would read that spike's data at step 120).
+    Ranges sharing a FIRST are applied together (one key in `applied`).
+
+    >>> due_skips(["120-124"], 120, set()), due_skips(["120-124"], 121, {120}), due_skips(["18-24"], 21, set())
+    ([(120, 5)], [], [(18, 4)])
+    >>> due_skips(["120-320", "300-500"], 300, {120}), due_skips(["150-154", "150-160"], 150, set())
+    ([(300, 201)], [(150, 5), (150, 11)])
+    """
+    ranges = (parse_step_range(text) for text in skip_steps)
+    return [(first, last - step + 1) for first, last in ranges if first <= step <= last and first not in applied]
 
 
 def builtin_corpus_files() -> list[str]:

@@ -31,7 +31,7 @@ from watchtower.hooks.device_series import DeviceSeries
 from watchtower.supervisor.contract import EXIT_STOPPED, StopRequest, endpoint_file
 from watchtower.trainer import hang_dump
 from watchtower.trainer.checkpoint import Checkpointer
-from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, load_tokens, parse_step_range
+from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, due_skips, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
 from watchtower.trainer.model import Transformer, flops_per_token
 from watchtower.trainer.replication import SingleGroup, TorchFTGroup
@@ -192,23 +192,22 @@ class Trainer:
         return PoisonedBatches(data, bad, BYTE_VOCAB) if bad else data
 
     def _skip_data(self, step: int) -> None:
-        """At the first step of a data.skip_steps range, leave the global batches its steps read unread,
-        once (the data's state remembers it across heals and checkpoints); every group does it alike.
-        Counted in watchtower_skipped_batches_total, and rank 0 records the positions skipped in
-        skipped_data.jsonl. Costs nothing at other steps but a loop over the ranges."""
-        for text in self.cfg.data.skip_steps:
-            first, last = parse_step_range(text)
-            if first != step or first in self.data.skipped:
-                continue
+        """Before a step inside a data.skip_steps range not applied yet, leave the global batches of its
+        steps still ahead unread (data.due_skips: the whole range at its first step, the rest of it
+        after a resume from a checkpoint inside it), once (the data's state remembers it across heals
+        and checkpoints); every group does it alike. Counted in watchtower_skipped_batches_total, and
+        rank 0 records the steps and positions skipped in skipped_data.jsonl. Costs nothing at other
+        steps but a loop over the ranges."""
+        for first, steps in due_skips(self.cfg.data.skip_steps, step, self.data.skipped):
             participants = self.replication.participants()
-            ranges = self.data.skip(first, last - first + 1, participants)
-            self.monitor.count("watchtower_skipped_batches_total", last - first + 1)
+            ranges = self.data.skip(first, steps, participants)
+            self.monitor.count("watchtower_skipped_batches_total", steps)
             log.warning("skipped the data of steps %d-%d (%d global batches of %d groups): positions %s",
-                        first, last, last - first + 1, participants, ranges)
+                        step, step + steps - 1, steps, participants, ranges)
             if self.env.rank == 0:
                 with open(self.output / "skipped_data.jsonl", "a") as f:
-                    f.write(json.dumps({"time": time.time(), "steps": [first, last], "participants": participants,
-                                        "positions": [list(r) for r in ranges]}) + "\n")
+                    f.write(json.dumps({"time": time.time(), "steps": [step, step + steps - 1],
+                                        "participants": participants, "positions": [list(r) for r in ranges]}) + "\n")
 
     def progress(self) -> None:
         """Report a sign of life in a slow phase (before the first step: staging, init, resume,
