@@ -22,14 +22,14 @@ from watchtower.supervisor import capture as capture_module
 from watchtower.supervisor.capture import RankStacks, RankTarget, capture
 from watchtower.supervisor.contract import endpoint_file, flight_file, stack_file
 from watchtower.supervisor.forensics import rank_targets, verdict
-from watchtower.supervisor.stacks import Frame, Thread, culprit
+from watchtower.supervisor.stacks import PACKAGE_ROOT, Frame, Thread, culprit
 
 SITE = "/venv/lib/python3.11/site-packages"
-TRAIN = Frame("Trainer.train", "/repo/watchtower/trainer/train.py", 303)
-INJECTED = Frame("FaultPlan.before_step", "/repo/watchtower/trainer/faults.py", 125)
+TRAIN = Frame("Trainer.train", f"{PACKAGE_ROOT}/trainer/train.py", 303)
+INJECTED = Frame("FaultPlan.before_step", f"{PACKAGE_ROOT}/trainer/faults.py", 125)
 WAIT = Frame("wait_tensor", f"{SITE}/torch/distributed/_functional_collectives.py", 142)
-FORWARD = Frame("Block.forward", "/repo/watchtower/trainer/model.py", 163)
-MODULE = Frame("<module>", "/repo/watchtower/cli.py", 437)
+FORWARD = Frame("Block.forward", f"{PACKAGE_ROOT}/trainer/model.py", 163)
+MODULE = Frame("<module>", f"{PACKAGE_ROOT}/cli.py", 437)
 
 
 def main(*frames: Frame) -> Thread:
@@ -50,6 +50,39 @@ def main(*frames: Frame) -> Thread:
 def test_the_culprit_is_the_rank_outside_a_collective_at_its_innermost_user_frame(stacks, want):
     got = culprit(stacks)
     assert (got if got is None else (got[0], str(got[1]), got[2])) == want
+
+
+# review of issue 14, F5: any path holding "/watchtower/" counted as Watchtower's own code, so with a
+# venv inside a clone named watchtower (or an install under /opt/watchtower/) torch's frames were
+# "user code" and the page named torch's wait instead of the user's line
+CLONE_SITE = "/home/u/watchtower/.venv/lib/python3.11/site-packages"
+OPT_SITE = "/opt/watchtower/venv/lib/python3.11/site-packages"
+USER_STEP = Frame("train_step", "/home/u/watchtower/train.py", 77)  # a user's project under ~/watchtower/
+
+
+def _in(site: str, *frames: Frame) -> Thread:
+    """A user's script calling into torch installed under `site`: innermost first."""
+    return Thread("MainThread", (*frames, USER_STEP, Frame("<module>", "/home/u/watchtower/train.py", 90)))
+
+
+@pytest.mark.parametrize("site", [SITE, CLONE_SITE, OPT_SITE], ids=["venv", "venv_in_a_watchtower_clone", "opt_watchtower"])
+@pytest.mark.parametrize("stacks,want", [
+    # every rank waits in a collective: the lowest is named at the user's line, not at torch's wait
+    (lambda s: {0: [_in(s, Frame("wait_tensor", f"{s}/torch/distributed/_functional_collectives.py", 142))]},
+     (0, "train_step at train.py:77", False)),
+    # rank 1 stuck in a CUDA sync (outside a collective): named at the user's line that called it
+    (lambda s: {0: [_in(s, Frame("wait_tensor", f"{s}/torch/distributed/_functional_collectives.py", 142))],
+                1: [_in(s, Frame("synchronize", f"{s}/torch/cuda/__init__.py", 985))]},
+     (1, "train_step at train.py:77", True)),
+    # Watchtower installed in that venv: its trainer is user code, its fault injector is not
+    (lambda s: {0: [Thread("MainThread", (Frame("FaultPlan.before_step", f"{s}/watchtower/trainer/faults.py", 125),
+                                          Frame("Trainer.train", f"{s}/watchtower/trainer/train.py", 303),
+                                          Frame("<module>", f"{s}/watchtower/cli.py", 437)))]},
+     (0, "Trainer.train at train.py:303", True)),
+], ids=["every_rank_waits", "one_rank_in_a_cuda_sync", "watchtower_installed_there"])
+def test_a_venv_under_a_watchtower_directory_does_not_make_torchs_frames_user_code(site, stacks, want):
+    got = culprit(stacks(site))
+    assert (got[0], str(got[1]), got[2]) == want
 
 
 def flight(seq: int) -> str:

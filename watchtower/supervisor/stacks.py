@@ -8,7 +8,10 @@ frames of the Python runtime (stdlib, `<frozen ...>`), of installed packages (si
 dist-packages: torch, torchft) and of Watchtower's fault injector (`faults.py`: a fire drill's
 sleep, never the bug) are skipped, so a rank blocked in a collective is named by the line of the
 training code that called it, not by torch's `wait`. Watchtower's own trainer counts as user code,
-installed or not. A stack with no such frame is named by its innermost frame.
+installed or not: a file inside this package's own directory, or in a `watchtower/` package directly
+under a site-packages (a rank's installed copy). Never a path that merely holds "/watchtower/" (a venv
+inside a clone named watchtower made every torch frame "user code"; a user's project under
+~/watchtower/ is the user's, by the usual rule). A stack with no such frame is named by its innermost frame.
 
 Which rank is the culprit? The first rank, by rank number, whose main thread is not inside a
 collective (torch.distributed, torchft): the peers blocked in a collective are waiting on it.
@@ -23,11 +26,15 @@ import json
 import re
 import sysconfig
 from dataclasses import dataclass
+from pathlib import Path
 
 _RUNTIME = tuple(p for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]} if p)
 _PACKAGES = ("/site-packages/", "/dist-packages/")
-_OURS = ("/watchtower/",)  # the bundled trainer is the user's code even when installed as a package
-_INJECTOR = ("/watchtower/trainer/faults.py",)
+# the bundled trainer is the user's code even when installed as a package: this package's directory,
+# or a rank's installed copy (`.../site-packages/watchtower/`)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+_OURS_INSTALLED = tuple(f"{p}watchtower/" for p in _PACKAGES)
+_INJECTOR = "trainer/faults.py"
 _COLLECTIVE = ("/torch/distributed/", "/torchft/")
 _FAULTHANDLER_THREAD = re.compile(r"^(Current thread|Thread) (0x[0-9a-f]+)")
 _FAULTHANDLER_FRAME = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<func>.*)$')
@@ -95,6 +102,19 @@ def main_thread(threads: list[Thread]) -> Thread | None:
     return next((t for t in threads if t.is_main), threads[0] if threads else None)
 
 
+def our_module(path: str) -> str | None:
+    """The path of a file inside the Watchtower package ("trainer/train.py"), None outside it.
+
+    >>> our_module("/v/lib/python3.11/site-packages/watchtower/trainer/train.py")
+    'trainer/train.py'
+    >>> our_module("/home/u/watchtower/.venv/lib/python3.11/site-packages/torch/cuda/__init__.py") is None
+    True
+    """
+    if path.startswith(PACKAGE_ROOT + "/"):
+        return path[len(PACKAGE_ROOT) + 1:]
+    return next((path.split(m, 1)[1] for m in _OURS_INSTALLED if m in path), None)
+
+
 def is_user_code(frame: Frame) -> bool:
     """Not the runtime, not an installed package (except Watchtower), not the fault injector.
 
@@ -104,9 +124,10 @@ def is_user_code(frame: Frame) -> bool:
     False
     """
     path = frame.file
-    if path.startswith("<") or any(path.endswith(s) for s in _INJECTOR):
+    ours = our_module(path)
+    if path.startswith("<") or ours == _INJECTOR:
         return False
-    if any(p in path for p in _OURS):
+    if ours is not None:
         return True
     return not (any(p in path for p in _PACKAGES) or any(path.startswith(r + "/") for r in _RUNTIME))
 
