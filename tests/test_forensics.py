@@ -103,6 +103,33 @@ def test_when_every_rank_waits_in_a_collective_the_flight_records_name_the_one_b
     assert verdict(without)[0] == 0 and verdict(without)[2].endswith("(every rank waits in a collective)")
 
 
+class _PySpyInTheKernel:
+    """A py-spy stuck in an uninterruptible read of a rank's memory: SIGKILL does not end it yet."""
+
+    def __init__(self, *args, **kwargs):
+        self.killed = False
+
+    def wait(self, timeout=None):
+        if timeout is None:
+            raise AssertionError("py-spy waited for with no bound: the supervisor's loop would block with it")
+        raise subprocess.TimeoutExpired("py-spy", timeout)
+
+    def kill(self):
+        self.killed = True
+
+
+def test_a_py_spy_that_does_not_die_on_its_kill_is_left_behind_not_waited_for(tmp_path, monkeypatch):
+    """Review of issue 14, F10: a py-spy past its deadline was killed, then waited for without a bound;
+    one stuck in the kernel (reading a rank hung on NFS or a wedged driver) held the loop: no
+    detection, no page, no stop signal handled. Now the reap waits REAP_WAIT_S at most and says so."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setattr(capture_module, "pyspy_binary", lambda: "/bin/true")
+    monkeypatch.setattr(capture_module.subprocess, "Popen", _PySpyInTheKernel)
+    target = RankTarget(0, int(gone.stdout), tmp_path / "stacks-r0.txt", tmp_path / "flight-r0.json")
+    (found,) = capture([target], tmp_path / "work", budget_s=0.5)
+    assert found.source == "" and "killed, still not dead" in found.errors[0], found.errors
+
+
 def test_a_rank_on_another_host_is_never_read_or_signalled_by_its_pid(tmp_path):
     """On Slurm a rank's pid is a pid of its compute node: read or signalled on the head it would be
     some other process. Only ranks whose endpoint file names this host are targets; with a remote

@@ -31,6 +31,9 @@ from watchtower.supervisor.stacks import Thread, parse_faulthandler, parse_pyspy
 POLL_S = 0.02
 FALLBACK_SHARE = 0.4  # of the budget kept for the signal fallback when py-spy is slow
 FLIGHT_WAIT_S = 2.0  # for the flight records, after the signal (a rank holding the GIL sends none)
+# after SIGKILL: a py-spy in an uninterruptible read of a rank stuck in the kernel (hung NFS/Lustre,
+# a wedged driver: the very hangs captured) dies only when that read returns; it is left to the kernel
+REAP_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -84,9 +87,7 @@ def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks
         try:
             code = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            found[i].errors.append("py-spy: no answer before the deadline")
+            found[i].errors.append("py-spy: no answer before the deadline" + _kill(proc))
             continue
         text = out.read_text(errors="replace")
         try:
@@ -98,6 +99,17 @@ def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks
         finally:
             out.unlink(missing_ok=True)
             err.unlink(missing_ok=True)
+
+
+def _kill(proc: subprocess.Popen) -> str:
+    """SIGKILL a py-spy past its deadline and reap it, waiting REAP_WAIT_S at most: "" once it is
+    gone, else what the error should add (the capture goes on; subprocess reaps it at a later Popen)."""
+    proc.kill()
+    try:
+        proc.wait(timeout=REAP_WAIT_S)
+        return ""
+    except subprocess.TimeoutExpired:
+        return f"; killed, still not dead after {REAP_WAIT_S:g} s (stuck in the kernel reading the rank?): left behind"
 
 
 def _with_signal(targets: list[RankTarget], found: list[RankStacks], deadline: float) -> None:
