@@ -130,6 +130,29 @@ def test_a_py_spy_that_does_not_die_on_its_kill_is_left_behind_not_waited_for(tm
     assert found.source == "" and "killed, still not dead" in found.errors[0], found.errors
 
 
+def test_a_trainer_that_fails_to_build_leaves_no_signal_handler_or_wakeup_fd(tmp_path):
+    """Review of issue 14, F8: the hang dump was armed before Trainer._build and left armed when it
+    raised (an unreadable source, a refused resume): Python's wakeup fd kept the number of a socket
+    since closed, so in a process that went on (a notebook, a caller catching ConfigError) the next
+    handled signal wrote a byte into whatever file reused that number."""
+    import signal
+
+    from watchtower.config import load_config
+    from watchtower.supervisor.contract import STACK_SIGNAL
+    from watchtower.trainer.train import Trainer
+    from watchtower.validation import ConfigError
+
+    (tmp_path / "empty").mkdir()
+    cfg = load_config("tiny", [("run.output_dir", str(tmp_path / "out")), ("monitor.port", 0),
+                               ("data.source", str(tmp_path / "empty"))])
+    handler, wakeup = signal.getsignal(STACK_SIGNAL), signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    with pytest.raises(ConfigError, match="holds no text files"):
+        Trainer(cfg)
+    left = signal.set_wakeup_fd(wakeup)
+    assert (signal.getsignal(STACK_SIGNAL), left) == (handler, wakeup), "the hang dump is still armed"
+
+
 def test_a_rank_on_another_host_is_never_read_or_signalled_by_its_pid(tmp_path):
     """On Slurm a rank's pid is a pid of its compute node: read or signalled on the head it would be
     some other process. Only ranks whose endpoint file names this host are targets; with a remote

@@ -111,7 +111,10 @@ class Trainer:
         try:
             self._build()
         except BaseException:
-            self.monitor.close()  # a refused resume, an unreadable source: stop /metrics and the sampler
+            # a refused resume, an unreadable source: disarm the dumps (a wakeup fd left on the closed
+            # socket's number feeds the next signal into whatever file reuses it), stop /metrics and the sampler
+            self._disarm_dumps()
+            self.monitor.close()
             raise
 
     def _build(self) -> None:
