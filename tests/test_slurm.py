@@ -20,6 +20,7 @@ import pytest
 from watchtower import cli
 from watchtower.alerting_stack import AlertingStack
 from watchtower.supervisor.config import ClusterSection, JobConfig, JobSection
+from watchtower.supervisor.contract import EXIT_STOPPED
 from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.supervisor.sbatch import sbatch_options
 from watchtower.supervisor.shell import STOP_SIGNALS
@@ -31,6 +32,7 @@ from watchtower.supervisor.slurm import EXIT_STEP_LOST, SlurmError, SlurmLaunche
 from watchtower.supervisor.slurm_commands import (allocated_cluster, expand_cache_dir, is_down, parse_records, select_nodes,
                                                   srun_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
+from watchtower.supervisor.slurm_task import slurm_exit
 from watchtower.supervisor.slurm_testbed import SlurmTestbed, unavailable
 from watchtower.toml_dataclasses import build, dump_toml, read_toml
 from watchtower.validation import ConfigError
@@ -230,6 +232,32 @@ esac""")
     assert len(logged) == 1 and logged[0].exc_info is None, "a failed Slurm command is one line, not a traceback"
 
 
+@pytest.mark.parametrize("trainer, to_slurm", [(0, 0), (EXIT_STOPPED, 0), (1, 1), (-9, 137), (-15, 143)])
+def test_slurm_task_tells_slurm_a_stop_on_request_is_no_bad_exit(trainer, to_slurm):
+    """Review 13, M3: every group's srun has --kill-on-bad-exit=1, and a rank that stopped on request
+    exited 75, a bad exit to Slurm: the first TP rank to stop got its peers terminated while they
+    still wrote their events and fingerprint, and srun exited 143 instead of 75."""
+    assert slurm_exit(trainer) == to_slurm
+
+
+@pytest.mark.parametrize("ranks, code", [([EXIT_STOPPED] * 2, EXIT_STOPPED), ([0, 0], 0), ([EXIT_STOPPED, None], EXIT_STEP_LOST),
+                                         ([0, EXIT_STOPPED], EXIT_STEP_LOST)])
+def test_a_tp2_group_stopping_on_request_reads_as_stopped_on_slurm(tmp_path, monkeypatch, ranks, code):
+    """M3's other half: srun exits 0 for a group whose ranks stopped on request (slurm_task told Slurm
+    0), and the launcher reads their own exit files: every rank 75 is a stop on request, so the
+    graceful stop counts the group stopped, not killed (job_stopped said "0 stopped, 0 killed")."""
+    launcher = offline_launcher(tmp_path, monkeypatch)
+    launcher.tp = 2
+    spec = GroupSpec("g0000", 0, "n1", tmp_path / "g0000" / "trainer.toml", tmp_path / "g0000" / "group.log")
+    spec.config_path.parent.mkdir()
+    for rank, value in enumerate(ranks):
+        if value is not None:
+            (spec.config_path.parent / f"exit-r{rank}").write_text(f"{value}\n")
+    srun = subprocess.Popen(["true"])
+    srun.wait()
+    assert SlurmStep(spec, srun, "127.0.0.1", launcher).poll() == code
+
+
 # ---- a real Slurm -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -292,10 +320,11 @@ def processes_of(job_dir: Path, job_id: str) -> list[str]:
 
 
 @contextmanager
-def inside_allocation(slurm: SlurmTestbed, monkeypatch, nodes: int, name: str) -> Iterator[tuple[str, str]]:
+def inside_allocation(slurm: SlurmTestbed, monkeypatch, nodes: int, name: str,
+                      tasks_per_node: int = 1) -> Iterator[tuple[str, str]]:
     """An allocation as `salloc` gives a user (no shell), this process's environment inside it:
     (job id, node list); cancelled at the end."""
-    slurm.run("salloc", f"-N{nodes}", "--no-shell", "-J", name)
+    slurm.run("salloc", f"-N{nodes}", f"--ntasks-per-node={tasks_per_node}", "--no-shell", "-J", name)
     job_id = slurm.run("squeue", "-h", "-n", name, "-o", "%i").strip()
     try:
         nodelist = slurm.run("squeue", "-h", "-j", job_id, "-o", "%N").strip()
@@ -321,7 +350,7 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
     """srun exits 0 when its node dies under the step (Slurm 22.05): a group must not read as
     finished unless every rank recorded its own 0. A drain Slurm refuses comes back as text; a health
     check runs on the node as a step; a node the job does not hold is down."""
-    with inside_allocation(slurm, monkeypatch, 1, "lost") as (job_id, node):
+    with inside_allocation(slurm, monkeypatch, 1, "lost", tasks_per_node=2) as (job_id, node):
         job = JobConfig(JobSection(name="lost", trainer_config="tiny", output_dir=str(tmp_path / "job")),
                         ClusterSection(launcher="slurm"), slurm=SlurmSection(drain_failed_nodes=True))
         launcher = SlurmLauncher.from_allocation(job, tp=1, cache_template="")
@@ -342,6 +371,11 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
         assert launcher.run_on_node(node, ["sleep", "300"], 1.0)[0] is None
         wait_until(lambda: "watchtower-check" not in slurm.run("squeue", "-h", "-s", "-j", job_id, "-o", "%j"),
                    "the timed-out check's step to be cancelled", timeout=30)
+        # review 13, M3: a TP=2 group's step, rank 1 stopping on request first (slurm_task tells Slurm 0):
+        # --kill-on-bad-exit leaves rank 0 to finish writing (a 75 terminated it: srun exit 143)
+        script = f'[ "$SLURM_PROCID" = 1 ] && exit 0; sleep 2; touch {tmp_path}/rank0-finished'
+        tp2 = subprocess.run(srun_argv(job_id, node, 2, "watchtower-g0001", [], ["sh", "-c", script]), timeout=60)
+        assert tp2.returncode == 0 and (tmp_path / "rank0-finished").exists(), "Slurm terminated rank 0"
         # a node the job does not hold (it left the allocation) is down, for good
         other = next(n for n in slurm.nodes if n != node)
         both = SlurmLauncher(job_id, [node, other], {node: "127.0.0.1", other: "127.0.0.1"}, "127.0.0.1",
@@ -356,6 +390,7 @@ def test_scancel_stops_every_group_and_prometheus_scraped_every_rank_by_node_add
     job_id = sbatch(slurm, write_job(tmp_path, steps=5000, active=1, spares=1, tp=2))
     job_dir, targets_file = tmp_path / "job", tmp_path / "job" / "targets.json"
     records = {r["NodeName"]: r for r in parse_records(slurm.run("scontrol", "-o", "show", "node"))}
+    assert len({r["NodeAddr"] for r in records.values()}) == len(records), "a shared NodeAddr hides a leftover"
 
     def four_ranks() -> list[dict] | None:
         entries = json.loads(targets_file.read_text()) if targets_file.exists() else []
@@ -366,6 +401,9 @@ def test_scancel_stops_every_group_and_prometheus_scraped_every_rank_by_node_add
         assert e["targets"][0].rsplit(":", 1)[0] == records[e["labels"]["node"]]["NodeAddr"]
     nodes = {e["labels"]["node"] for e in entries}
     assert len(nodes) == 2 and nodes <= set(slurm.nodes)
+    batch_addr = records[slurm.run("squeue", "-h", "-j", job_id, "-o", "%B").strip()]["NodeAddr"]
+    started = next(e for e in events(tmp_path) if e["event"] == "job_started")
+    assert started["lighthouse"].startswith(f"http://{batch_addr}:"), started  # the Lighthouse by the batch node's
     with AlertingStack(tmp_path / "prom", targets_file=targets_file) as stack:
         def all_up() -> list | None:
             up = stack.prometheus_api("/api/v1/query", query='up{job="watchtower-ranks"}')["result"]

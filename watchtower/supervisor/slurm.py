@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from watchtower.orphan_guard import guarded
+from watchtower.supervisor.contract import EXIT_STOPPED
 from watchtower.supervisor.errors import CommandError
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
 from watchtower.supervisor.slurm_commands import (STEP_PREFIX, allocated_cluster, drain_argv, expand_cache_dir, is_down,
@@ -96,12 +97,18 @@ class SlurmStep(GroupProcess):
         self.launcher = launcher
 
     def poll(self) -> int | None:
-        """srun's exit code, except a 0 without every rank's own 0 (`slurm_task`): srun exits 0
-        when the node dies under the step, which must not read as "finished the last step"."""
+        """srun's exit code, except a 0, which is read from every rank's own exit (`slurm_task`):
+        all 0 is the last step finished, all EXIT_STOPPED a stop on request (told to Slurm as 0, so
+        --kill-on-bad-exit spares the peers), anything else EXIT_STEP_LOST (srun exits 0 when the
+        node dies under the step, which must not read as "finished")."""
         code = self.proc.poll()
-        if code == 0 and exit_status(self.spec.config_path.parent, self.launcher.tp) != [0] * self.launcher.tp:
-            return EXIT_STEP_LOST
-        return code
+        if code != 0:
+            return code
+        ranks = exit_status(self.spec.config_path.parent, self.launcher.tp)
+        for both in (0, EXIT_STOPPED):
+            if ranks == [both] * self.launcher.tp:
+                return both
+        return EXIT_STEP_LOST
 
     def kill(self) -> None:
         """Cancel the step, and kill the srun whatever Slurm answered: a controller that does not

@@ -115,7 +115,8 @@ def step_name(replica_id: str) -> str:
 
 def srun_argv(job_id: str, node: str, ntasks: int, name: str, extra: list[str], command: list[str]) -> list[str]:
     """One job step on one node of the allocation, started at once (`--overlap`: it may share the
-    node with the batch step); `--kill-on-bad-exit`: a TP group with a dead rank can only hang.
+    node with the batch step); `--kill-on-bad-exit`: a TP group with a dead rank can only hang (a rank
+    that stopped on request tells Slurm 0, `slurm_task.slurm_exit`, so its peers finish their writes).
 
     >>> srun_argv("12", "n3", 2, "watchtower-g0001", ["--cpu-bind=none"], ["python", "x.py"])
     ['srun', '--jobid=12', '--nodes=1', '--nodelist=n3', '--ntasks=2', '--overlap', '--kill-on-bad-exit=1', \

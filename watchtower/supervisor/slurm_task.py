@@ -9,7 +9,8 @@ WATCHTOWER_WORKER so the trainer does not spawn ranks again) and runs
 
 It stays the trainer's parent to write the rank's exit status to `GROUP_DIR/exit-r<RANK>`: `srun`
 exits 0 when a node dies under its step (seen with Slurm 22.05: "Node failure on n3", exit 0), so
-the launcher trusts a 0 only with every rank's own 0 beside it (`SlurmStep.poll`). The trainer dies
+the launcher trusts a 0 only with every rank's own 0 beside it (`SlurmStep.poll`). A stop on
+request (exit 75) is told to Slurm as 0 (`slurm_exit`) and read back from the exit files. The trainer dies
 with this process however the step is killed (`orphan_guard.die_with_parent`, set in the child
 before exec: no extra interpreter; this process is single-threaded, so `preexec_fn` is safe).
 
@@ -32,6 +33,7 @@ from typing import Mapping
 from watchtower.atomic_write import write_atomic
 from watchtower.launch import WORKER_ENV, free_port
 from watchtower.orphan_guard import die_with_parent
+from watchtower.supervisor.contract import EXIT_STOPPED
 
 PORT_FILE = "master-port"
 EXIT_FILE = "exit-r{rank}"
@@ -94,7 +96,22 @@ def main(argv: list[str] | None = None) -> int:
                                env={**env, **rank_env(env, args.master_addr, port)}, preexec_fn=die_with_parent)
     code = trainer.wait()
     write_atomic(group_dir / EXIT_FILE.format(rank=rank), f"{code}\n")
-    return code if code >= 0 else 128 - code  # killed by signal N: 128 + N, as a shell reports it
+    return slurm_exit(code)
+
+
+def slurm_exit(code: int) -> int:
+    """What this task tells Slurm of the trainer's exit `code`. A stop on request (EXIT_STOPPED) is
+    0: the step runs with --kill-on-bad-exit, and after the checkpoint's last gather the TP ranks
+    are not in step (each writes its events and fingerprint, closes torchft), so the first rank to
+    exit 75 would get its peers terminated mid-write. The exit file keeps the 75 (`SlurmStep.poll`
+    reads it). Killed by signal N: 128 + N, as a shell reports it.
+
+    >>> [slurm_exit(c) for c in (0, EXIT_STOPPED, 1, -9)]
+    [0, 0, 1, 137]
+    """
+    if code == EXIT_STOPPED:
+        return 0
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

@@ -59,6 +59,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def node_address(index: int) -> str:
+    """Node `index`'s own loopback address (127.0.0.11, .12, ...: all of 127/8 reaches this host on
+    Linux), so a 127.0.0.1 left anywhere on the Slurm path shows as the wrong node's address.
+
+    >>> [node_address(i) for i in range(3)]
+    ['127.0.0.11', '127.0.0.12', '127.0.0.13']
+    """
+    return f"127.0.0.{11 + index}"
+
+
 def slurm_conf(workdir: Path, nodes: list[str], ctld_port: int, node_ports: list[int], first_job_id: int,
                cpus: int) -> str:
     """The private slurm.conf (every path under `workdir`), as checked in shared OPS-NOTES."""
@@ -70,8 +80,8 @@ def slurm_conf(workdir: Path, nodes: list[str], ctld_port: int, node_ports: list
              "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "SelectType=select/cons_tres",
              "SelectTypeParameters=CR_Core", "ReturnToService=2", "SlurmdTimeout=10", "MpiDefault=none",
              "KillWait=10", f"FirstJobId={first_job_id}"]
-    lines += [f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={p} CPUs={cpus} RealMemory=1000"
-              for n, p in zip(nodes, node_ports)]
+    lines += [f"NodeName={n} NodeHostname=localhost NodeAddr={node_address(i)} Port={p} CPUs={cpus} RealMemory=1000"
+              for i, (n, p) in enumerate(zip(nodes, node_ports))]
     lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP "
                  f"OverSubscribe=FORCE:4")
     return "\n".join(lines) + "\n"
