@@ -91,6 +91,21 @@ def hang_victims(beat: float) -> tuple[GroupView, ...]:
     return tuple(replace(g, heartbeat=NOW - beat, in_collective=True) for g in pool())
 
 
+# a spike at 120 rewound to the checkpoint of step 100; the new groups spike at 120 again
+SAME_STEP_AGAIN = [
+    View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                   g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(100, 120)),
+    View(NOW + 1, (gone("g0", "a", -9), gone("g1", "b", -9), gone("g2", "c", -9))),
+    View(NOW + 60, (grp("g3", "a", at=NOW + 60, role=Role.ACTIVE, spike_step=120, launched=NOW + 1),
+                    grp("g4", "b", at=NOW + 60, role=Role.ACTIVE, spike_step=120, launched=NOW + 1),
+                    grp("g5", "c", at=NOW + 60, role=Role.SPARE, launched=NOW + 1)), checkpoints=(100,))]
+REWOUND_AND_RESTARTED = [
+    [("kill", "g0", "rewind"), ("failed", "g0", "rewind", "free", "-"), ("kill", "g1", "rewind"),
+     ("failed", "g1", "rewind", "free", "-"), ("kill", "g2", "rewind"), ("failed", "g2", "rewind", "free", "-"),
+     ("rewind", 120, 100, 120, 124)],
+    [("restart", 40, ()), ("launch", "a", "active", "restart"), ("launch", "b", "active", "restart"),
+     ("launch", "c", "spare", "restart")]]
+
 CASES = [
     Case("initial_launch_fills_actives_then_spares", [View(NOW)],
          [[("launch", "a", "active", "initial"), ("launch", "b", "active", "initial"),
@@ -444,6 +459,17 @@ CASES = [
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
                          g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(112, 116, 120))] * 2,
          [[("declined", 120, "no committed checkpoint at or before step 110 (oldest kept")], []], cfg=REWIND),
+    # review of issue 14, F7: after a rewind the run goes through the same step numbers again; a
+    # spike there (a skip too short) was dropped as "seen": no second rewind, no record
+    Case("a_spike_at_the_same_step_after_a_rewind_rewinds_again",
+         SAME_STEP_AGAIN, [*REWOUND_AND_RESTARTED, [
+             ("kill", "g3", "rewind"), ("failed", "g3", "rewind", "free", "-"), ("kill", "g4", "rewind"),
+             ("failed", "g4", "rewind", "free", "-"), ("kill", "g5", "rewind"), ("failed", "g5", "rewind", "free", "-"),
+             ("rewind", 120, 100, 120, 124)]],
+         cfg=replace(REWIND, nodes=("a", "b", "c"), remediation=replace(REWIND.remediation, max_rewinds=2))),
+    Case("a_spike_at_the_same_step_after_the_last_rewind_allowed_is_recorded",
+         SAME_STEP_AGAIN, [*REWOUND_AND_RESTARTED, [("declined", 120, "max_rewinds = 1 already spent")]],
+         cfg=replace(REWIND, nodes=("a", "b", "c"))),
     Case("a_rewind_waits_for_the_checkpoint_listing_and_kills_nothing_before_it",
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
                          g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))],

@@ -216,7 +216,9 @@ def _remedy_loss_spike(state: PolicyState, view: View, cfg: PolicyConfig, out: l
     if may_rewind(state.rewinds, cfg.remediation) and view.checkpoints is None:
         return state
     action = remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or ())
-    state = replace(state, spikes_seen=state.spikes_seen | {spike})
+    # a rewind restarts every group: the spikes the new ones report are new, even at a step number seen
+    # before (the skip was too short); remembered by step alone, such a spike got nothing, not even a record
+    state = replace(state, spikes_seen=frozenset() if isinstance(action, Rewind) else state.spikes_seen | {spike})
     for g in running_groups(state, view) if isinstance(action, Rewind) else ():
         state = _fail(state, g, FailureKind.REWIND, view.now, out)
     out.append(action)  # before the pool's restart, which launches from the checkpoint it leaves

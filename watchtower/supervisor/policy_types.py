@@ -143,7 +143,7 @@ class PolicyState:
     live_state: bool = False  # at the last poll a running group had finished a step: progress lived in memory
     lighthouse_outage: Outage | None = None  # the Lighthouse is down: since when, restarts tried
     rewinds: int = 0  # loss-spike rewinds ordered
-    spikes_seen: frozenset[int] = frozenset()  # agreed spike steps already remedied (or declined)
+    spikes_seen: frozenset[int] = frozenset()  # agreed spike steps declined since the last rewind
 
     @classmethod
     def initial(cls, cfg: PolicyConfig) -> PolicyState:
