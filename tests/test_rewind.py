@@ -55,6 +55,22 @@ def test_a_rewind_with_no_checkpoint_old_enough_is_declined_and_keeps_every_chec
     assert _brief(remedy(spike, 0, cfg, checkpoints)) == want
 
 
+@pytest.mark.parametrize("patience", [1, 3, 5])
+def test_with_loss_spike_patience_the_skip_starts_at_the_first_spiking_step_not_the_reported_one(patience):
+    """Review of issue 14, F6: the detector reports a spike at the last step of a `patience`-long
+    streak; taken as the spike step, the first patience - 1 poisoned steps (bad_data@120:5) were
+    neither skipped nor spiking enough to be seen again after the rewind."""
+    from watchtower.hooks.detectors.loss_spike import LossSpikeConfig, LossSpikeDetector
+
+    poison = range(120, 125)
+    detector = LossSpikeDetector(LossSpikeConfig(patience=patience))
+    events = [e for step in range(1, 150) for e in detector.update(step, 8.0 if step in poison else 2.0 + 0.01 * (step % 3))]
+    reported = events[0].step
+    action = remedy(reported, 0, NEAR, (80, 100, 110, 120), patience=patience)
+    assert (reported, action.skip_first, action.checkpoint_step) == (119 + patience, 120, 110)
+    assert all(action.skip_first <= step <= action.skip_last for step in poison), action
+
+
 def test_the_committed_checkpoints_a_rewind_picks_among_are_those_with_a_manifest(tmp_path):
     """A step directory without its manifest is an interrupted save a restart never loads: a rewind
     that picked it would restart from an older one than it said (or from step 0)."""

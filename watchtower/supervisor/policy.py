@@ -215,7 +215,7 @@ def _remedy_loss_spike(state: PolicyState, view: View, cfg: PolicyConfig, out: l
         return state
     if may_rewind(state.rewinds, cfg.remediation) and view.checkpoints is None:
         return state
-    action = remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or ())
+    action = remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or (), cfg.spike_patience)
     # a rewind restarts every group: the spikes the new ones report are new, even at a step number seen
     # before (the skip was too short); remembered by step alone, such a spike got nothing, not even a record
     state = replace(state, spikes_seen=frozenset() if isinstance(action, Rewind) else state.spikes_seen | {spike})

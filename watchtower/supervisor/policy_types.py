@@ -85,6 +85,7 @@ class PolicyConfig:
     lighthouse_restart_timeout_s: float = 300.0
     budget: FailureBudget = field(default_factory=FailureBudget)
     remediation: RemediationConfig = field(default_factory=RemediationConfig)
+    spike_patience: int = 1  # the trainers' monitor.loss_spike.patience: a spike is reported at its streak's end
 
     def __post_init__(self) -> None:
         for i, node in enumerate(self.nodes):

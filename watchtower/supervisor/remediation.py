@@ -91,10 +91,14 @@ def may_rewind(rewinds: int, cfg: RemediationConfig) -> bool:
     return cfg.loss_spike == "rewind" and rewinds < cfg.max_rewinds
 
 
-def remedy(spike: int, rewinds: int, cfg: RemediationConfig, checkpoints: Iterable[int]) -> Rewind | RewindDeclined:
-    """What to do about an agreed spike at `spike` after `rewinds` rewinds this run, given the steps
-    of the committed checkpoints (`checkpoints`). Declined when none is at or before
+def remedy(spike: int, rewinds: int, cfg: RemediationConfig, checkpoints: Iterable[int],
+           patience: int = 1) -> Rewind | RewindDeclined:
+    """What to do about an agreed spike reported at `spike` after `rewinds` rewinds this run, given the
+    steps of the committed checkpoints (`checkpoints`). Declined when none is at or before
     `spike - rewind_margin`: rewinding past every checkpoint would restart from step 0 (module docstring).
+    `patience`: the trainers' monitor.loss_spike.patience. The detector reports the last step of a
+    streak that long, so the spike began `patience - 1` steps earlier: margin and skip count from
+    there (else those poisoned steps were trained on again after the rewind, and too few to spike).
 
     >>> remedy(120, 0, RemediationConfig("rewind", rewind_margin=10, skip_batches_after=4), [80, 100, 120])
     Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)
@@ -102,17 +106,20 @@ def remedy(spike: int, rewinds: int, cfg: RemediationConfig, checkpoints: Iterab
     'max_rewinds = 1 already spent: it pages'
     >>> remedy(1000, 0, RemediationConfig("rewind"), [940, 960, 980]).why.split(";")[0]
     'no committed checkpoint at or before step 900 (oldest kept: 940)'
+    >>> remedy(122, 0, RemediationConfig("rewind", rewind_margin=10, skip_batches_after=4), [100, 110], patience=3)
+    Rewind(spike_step=122, to_step=110, skip_first=120, skip_last=124, checkpoint_step=110)
     """
     if cfg.loss_spike != "rewind":
         return RewindDeclined(spike, 'remediation.loss_spike = "page"')
     if rewinds >= cfg.max_rewinds:
         return RewindDeclined(spike, f"max_rewinds = {cfg.max_rewinds} already spent: it pages")
-    to_step, kept = spike - cfg.rewind_margin, sorted(checkpoints)
+    onset = max(spike - (patience - 1), 1)
+    to_step, kept = onset - cfg.rewind_margin, sorted(checkpoints)
     old_enough = [step for step in kept if step <= to_step]
     if not old_enough:
         oldest = f"oldest kept: {kept[0]}" if kept else "none committed yet"
         return RewindDeclined(spike, f"no committed checkpoint at or before step {to_step} ({oldest}); rewinding "
                               "would restart from step 0, so it pages; raise checkpoint.keep_last or lower "
                               "checkpoint.interval_steps / remediation.rewind_margin")
-    return Rewind(spike, to_step, max(spike - cfg.skip_batches_before, 1), spike + cfg.skip_batches_after,
+    return Rewind(spike, to_step, max(onset - cfg.skip_batches_before, 1), max(onset + cfg.skip_batches_after, spike),
                   old_enough[-1])

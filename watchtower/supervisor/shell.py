@@ -76,7 +76,7 @@ class Supervisor:
         stop_request_file(self.out).unlink(missing_ok=True)  # a stop request of an earlier run stops no group of ours
         (self.out / "drain").mkdir(exist_ok=True)
         self.run_name = job.job.name
-        self.policy_cfg = job.policy()
+        self.policy_cfg = replace(job.policy(), spike_patience=trainer.monitor.loss_spike.patience)
         self.state = PolicyState.initial(self.policy_cfg)
         self.errors = StageErrors()
         self.events = EventLog(self.out / "events.jsonl", self.errors.record)
