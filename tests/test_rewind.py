@@ -22,7 +22,8 @@ from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined, remedy
-from watchtower.supervisor.rewind import committed_steps
+from watchtower.supervisor.jobfile import job_toml
+from watchtower.supervisor.rewind import RECORD_FILE, committed_steps
 from watchtower.toml_dataclasses import build
 from watchtower.trainer.data import DataConfig, PackedBatches, due_skips
 from watchtower.validation import ConfigError
@@ -187,3 +188,32 @@ def test_a_rewind_whose_checkpoint_move_fails_still_records_the_skip_and_the_job
     assert ex.errors.snapshot()["rewind"] == 1
     (event,) = [json.loads(line) for line in Path(tmp_path / "events.jsonl").read_text().splitlines()]
     assert event["event"] == "rewind" and "No space left" in event["error"] and event["checkpoint_step"] == 100, event
+
+
+def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_count(tmp_path):
+    """Review of issue 14, F9: the skip ranges and the rewinds spent lived in the supervisor's memory.
+    A supervisor restarted (a graceful stop, a requeue, a crash) before a checkpoint past the skip
+    resumed before it with no skip, read the poison again and rewound again, max_rewinds anew each time.
+    Now a rewind writes remediation.json first; the next supervisor on the directory starts with both."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.shell import Supervisor
+
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n0", "n1"], "active_groups": 1}, {},
+                             remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
+    job, trainer = load_job(str(path))
+    first = Supervisor(job, trainer)
+    try:
+        assert first.executor.run([Rewind(120, 110, 120, 124, checkpoint_step=100)], 0.0) is None
+    finally:
+        first.lock.release()
+    again = Supervisor(job, trainer)
+    try:
+        assert again.executor.trainer["data"]["skip_steps"] == ["120-124"]
+        assert again.state.rewinds == 1
+    finally:
+        again.lock.release()
+    (tmp_path / "job" / RECORD_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match="delete it"):
+        Supervisor(job, trainer)

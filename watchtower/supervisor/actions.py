@@ -27,7 +27,7 @@ from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
     GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
     RestartLighthouse, Rewind, RewindDeclined, SparesExhausted, Stop)
-from watchtower.supervisor.rewind import retire_checkpoints
+from watchtower.supervisor.rewind import RewindRecord, retire_checkpoints
 
 log = logging.getLogger("watchtower.supervisor")
 
@@ -68,6 +68,9 @@ class Executor:
                                    local=job.cluster.launcher == "local")
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
         self._captures: list[Capture] = []
+        # the rewinds of earlier supervisors of this run (rewind.py): their skips go on with every launch
+        self.rewound = RewindRecord.load(self.out)
+        self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), *self.rewound.skip_steps]
         self.pages = SupervisorPages(job.job.name, job.cluster.spare_groups,
                                      direct_alerts(job.supervisor.alertmanager_url, errors.record))
         self._do = {Launch: ("launch", self.launch), Capture: ("capture", self.capture), Kill: ("kill", self.kill),
@@ -204,12 +207,15 @@ class Executor:
     def rewind(self, a: Rewind, now: float) -> None:
         """Make every later launch skip the data window, then set aside every checkpoint after
         `a.checkpoint_step` (rewind.py); the pool's restart, ordered in this same poll, loads that one.
-        The skip is recorded first: a move that fails part-way (counted under stage "rewind") leaves
-        a restart from the newest checkpoint left that still skips the window, never one without it."""
+        The skip is recorded first, in memory and in remediation.json: a move that fails part-way
+        (counted under stage "rewind") leaves a restart from the newest checkpoint left that still
+        skips the window, never one without it."""
         window = f"{a.skip_first}-{a.skip_last}"
         # appended, never merged: each range counts the steps of the run as it went when that spike
         # was seen (after the earlier skips), and the trainer applies them in this order (data.py)
         self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), window]
+        self.rewound = self.rewound.add(window)
+        self.rewound.save(self.out)  # for a supervisor restarted on this directory
         self.stats.remediations["rewind"] += 1
         said = (f"critical loss spike at step {a.spike_step} in every contributing group: restarting from the "
                 f"checkpoint of step {a.checkpoint_step} (the last at or before step {a.to_step}) and skipping the "

@@ -5,7 +5,7 @@
     rewind_margin = 100          # restart from the last checkpoint at or before spike_step - rewind_margin (>= 1)
     skip_batches_before = 0      # and skip the data steps spike_step - before .. spike_step + after read (< margin)
     skip_batches_after = 200
-    max_rewinds = 1              # per supervisor run; past it a spike pages as with "page"
+    max_rewinds = 1              # per run (kept in <output_dir>/remediation.json); past it a spike pages
 
 A rewind needs every group that contributes gradients to report a critical loss spike (the
 detector's own verdict) at the same step: one rank's opinion is not enough, and a spike seen by one

@@ -10,11 +10,57 @@ write to. Cost: one listing and one move per entry.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 
+from watchtower.atomic_write import write_atomic
+from watchtower.validation import ConfigError
+
 STEP_ENTRY = re.compile(r"^step-(\d{8})\b")
+RECORD_FILE = "remediation.json"
+
+
+@dataclass(frozen=True)
+class RewindRecord:
+    """What the rewinds of this run did, kept in `<output_dir>/remediation.json` so a supervisor
+    restarted on the same directory (a graceful stop, a Slurm requeue, a crash) goes on with it: the
+    skip ranges every later launch carries (else a resume from a checkpoint before a skip read the
+    poison again) and the rewinds spent (`max_rewinds` is per run, not per supervisor process).
+    Written before the checkpoints are moved; delete the file to start the count over. Cost: one small
+    atomic write per rewind, one read at start.
+
+    >>> import tempfile; out = Path(tempfile.mkdtemp())
+    >>> RewindRecord().add("120-124").save(out)
+    >>> RewindRecord.load(out)
+    RewindRecord(skip_steps=('120-124',), rewinds=1)
+    """
+
+    skip_steps: tuple[str, ...] = ()
+    rewinds: int = 0
+
+    def add(self, window: str) -> RewindRecord:
+        return RewindRecord((*self.skip_steps, window), self.rewinds + 1)
+
+    def save(self, out: Path) -> None:
+        write_atomic(Path(out) / RECORD_FILE, json.dumps({"skip_steps": list(self.skip_steps),
+                                                          "rewinds": self.rewinds}) + "\n")
+
+    @classmethod
+    def load(cls, out: Path) -> RewindRecord:
+        path = Path(out) / RECORD_FILE
+        if not path.exists():
+            return cls()
+        try:
+            data = json.loads(path.read_text())
+            record = cls(tuple(str(s) for s in data["skip_steps"]), int(data["rewinds"]))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(str(path), type(err).__name__, 'must be {"skip_steps": [...], "rewinds": N} as '
+                              "the last rewind wrote it; delete it to forget this run's rewinds") from None
+        return record
 
 
 def committed_steps(url: str) -> tuple[int, ...]:

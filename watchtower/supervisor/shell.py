@@ -90,6 +90,7 @@ class Supervisor:
                                      self.stats, trainer.checkpoint_url, SLEEP_SLICE_S)
         self.executor = Executor(job, trainer.to_dict(), trainer.checkpoint_url, self.launcher,
                                  lambda: self.lighthouse, self.groups, self.events, self.stats, self.errors)
+        self.state = replace(self.state, rewinds=self.executor.rewound.rewinds)  # max_rewinds is per run
         self.collector = SupervisorCollector(Snapshot(self.run_name, time.time()))
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
