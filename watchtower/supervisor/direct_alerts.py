@@ -7,7 +7,11 @@ nothing; each failed post is counted in `watchtower_supervisor_errors_total{stag
 
 Each alert carries the labels and annotations of the Prometheus rule that raises the same alert
 (`alert_contract.py`), so Alertmanager merges the two paths into one page. Ends:
-  - an alert for an event (a group failed) ends when the rule's window would: `ends_at` is given;
+  - an alert for an event (a group failed) ends when the rule's window would: `ends_at` is given,
+    posted once (again only on a failed post), and left to expire there by itself. Never posted
+    resolved at that end: the rule still fires for a scrape and an evaluation after it, and
+    Alertmanager's merge takes a younger resolved update's end, so the page resolved and, at
+    Prometheus's next resend, fired again (a second notification);
   - an alert for a condition (spares exhausted, crash loop) is posted with endsAt TTL_S ahead and
     again every RESEND_S while it holds; `resolve` posts it ended now. If the supervisor dies, the
     alert ends by itself TTL_S later (as Prometheus's do).
@@ -92,14 +96,15 @@ class DirectAlerts(NoAlerts):
             starts = old["alert"]["startsAt"] if ongoing else rfc3339(now)
             annotations = {**spec.annotations(full), **({"description": description} if description else {})}
             self._alerts[key] = {"alert": {"labels": full, "annotations": annotations, "startsAt": starts,
-                                           "generatorURL": self.generator_url}, "ends_at": ends_at, "next": 0.0}
+                                           "generatorURL": self.generator_url}, "ends_at": ends_at, "next": 0.0,
+                                 "expires": ends_at is not None}  # ends by itself: never posted resolved
         self.poll(now)
 
     def resolve(self, spec: AlertSpec, now: float, labels: dict[str, str]) -> None:
         key = tuple(sorted(spec.labels(**labels).items()))
         with self._lock:
             if key in self._alerts:
-                self._alerts[key].update(ends_at=now, next=0.0)
+                self._alerts[key].update(ends_at=now, next=0.0, expires=False)
         self.poll(now)
 
     def active(self, spec: AlertSpec, labels: dict[str, str]) -> bool:
@@ -113,6 +118,9 @@ class DirectAlerts(NoAlerts):
         due = []
         with self._lock:
             for key, entry in list(self._alerts.items()):
+                if entry["expires"] and entry["ends_at"] <= now:
+                    del self._alerts[key]  # Alertmanager ends it at the endsAt it was posted with
+                    continue
                 if now < entry["next"]:
                     continue
                 ends = entry["ends_at"] if entry["ends_at"] is not None else now + TTL_S

@@ -1,0 +1,54 @@
+"""The supervisor's own pages, below the HTTP post: what is posted, and when (in-process, no server).
+
+The posts themselves, through a real Alertmanager merging with the rule, are in tests/test_alerts.py.
+Here every post is taken off the queue the posting thread would read, with the clock given.
+"""
+
+from __future__ import annotations
+
+import queue
+
+from watchtower.supervisor.alert_contract import CRASH_LOOP, GROUP_FAILED
+from watchtower.supervisor.direct_alerts import DirectAlerts
+from watchtower.supervisor.errors import StageErrors
+
+
+def _posts_kept() -> tuple[DirectAlerts, queue.Queue]:
+    """DirectAlerts whose posts stay on a queue the test reads (its posting thread is let go)."""
+    alerts = DirectAlerts("http://127.0.0.1:9", StageErrors().record)
+    posting, alerts._queue = alerts._queue, queue.Queue()
+    posting.put(None)  # the thread ends: nothing is posted for real
+    return alerts, alerts._queue
+
+
+def _taken(posts: queue.Queue) -> list[tuple[str, str]]:
+    out = []
+    while not posts.empty():
+        out += [(a["labels"]["alertname"], a["endsAt"]) for a in posts.get_nowait()]
+    return out
+
+
+def test_a_direct_group_failed_page_expires_at_its_end_and_is_never_posted_resolved():
+    """Review of issue 14, F11: the GroupFailed the supervisor posts was posted again at its end,
+    resolved (endsAt = now). The rule still fires for a scrape and an evaluation after that, and
+    Alertmanager's merge takes a younger resolved update's end: the page resolved, then fired again
+    at Prometheus's next resend (a second notification). Now it is posted once and left to expire."""
+    alerts, posts = _posts_kept()
+    labels = {"run": "r", "reason": "exit"}
+    alerts.fire(GROUP_FAILED, 1000.0, labels, "g0 failed", ends_at=1300.0)
+    assert _taken(posts) == [("WatchtowerGroupFailed", "1970-01-01T00:21:40.000Z")]  # endsAt = 1300
+    for now in (1100.0, 1299.0, 1300.0, 1301.0, 2000.0):
+        alerts.poll(now)
+    assert _taken(posts) == [], "posted again at its end: resolved while the rule still fires"
+    assert not alerts.active(GROUP_FAILED, labels)
+
+
+def test_a_condition_page_is_still_posted_resolved_when_it_clears():
+    """The other kind of direct page (a crash loop, spares exhausted) has no end of its own: it is
+    refreshed while it holds and posted resolved when the supervisor says it cleared."""
+    alerts, posts = _posts_kept()
+    alerts.fire(CRASH_LOOP, 1000.0, {"run": "r"}, "stopped")
+    alerts.poll(1031.0)  # past RESEND_S: refreshed, endsAt TTL_S ahead
+    assert [name for name, _ in _taken(posts)] == ["WatchtowerCrashLoop"] * 2
+    alerts.resolve(CRASH_LOOP, 1040.0, {"run": "r"})
+    assert _taken(posts) == [("WatchtowerCrashLoop", "1970-01-01T00:17:20.000Z")]  # endsAt = 1040: resolved
