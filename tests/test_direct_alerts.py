@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import queue
 
+from watchtower.supervisor.actions import Executor
 from watchtower.supervisor.alert_contract import CRASH_LOOP, GROUP_FAILED
+from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.direct_alerts import DirectAlerts
 from watchtower.supervisor.errors import StageErrors
+from watchtower.supervisor.events import EventLog
+from watchtower.supervisor.metrics import JobStats
+from watchtower.supervisor.remediation import Rewind
+from watchtower.toml_dataclasses import build
 
 
 def _posts_kept() -> tuple[DirectAlerts, queue.Queue]:
@@ -52,3 +58,21 @@ def test_a_condition_page_is_still_posted_resolved_when_it_clears():
     assert [name for name, _ in _taken(posts)] == ["WatchtowerCrashLoop"] * 2
     alerts.resolve(CRASH_LOOP, 1040.0, {"run": "r"})
     assert _taken(posts) == [("WatchtowerCrashLoop", "1970-01-01T00:17:20.000Z")]  # endsAt = 1040: resolved
+
+
+def test_a_rewind_pages_directly_with_its_event_as_description(tmp_path):
+    """Review of issue 14, A1: the supervisor posts its own pages for node failures, spares exhausted,
+    a crash loop, and (item 4) a rewind; no alert was posted for a rewind, and no rule raised one.
+    Now the rewind posts WatchtowerRewind (alerts/rules.yml raises the same from the remediation
+    counter; tests/test_alerts.py holds the two to one contract)."""
+    job = build(JobConfig, {"job": {"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                            "cluster": {"nodes": ["a", "b"]}})
+    ex = Executor(job, {"train": {"tp": 1}, "data": {"skip_steps": []}}, str(tmp_path / "checkpoints"),
+                  launcher=None, lighthouse=lambda: None, groups={}, events=EventLog(tmp_path / "events.jsonl"),
+                  stats=JobStats(0.0, 1, 200), errors=StageErrors())
+    ex.pages.alerts, posts = _posts_kept()
+    ex.run([Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)], 0.0)
+    (page,) = posts.get_nowait()
+    assert page["labels"] == {"alertname": "WatchtowerRewind", "severity": "page", "run": "rw"}, page
+    assert "restarting from the checkpoint of step 100" in page["annotations"]["description"], page
+    assert page["annotations"]["runbook_url"] == "docs/runbooks.md#rewind"

@@ -228,8 +228,9 @@ class Executor:
             self.events.emit("rewind", f"{said}; setting the later checkpoints aside FAILED ({one_line(err)}): the "
                              "restart loads the newest one left", **fields, set_aside=None, error=one_line(err))
             raise
-        self.events.emit("rewind", f"{said}; {len(moved)} later checkpoint entries set aside in {folder}",
-                         **fields, set_aside=moved)
+        record = self.events.emit("rewind", f"{said}; {len(moved)} later checkpoint entries set aside in {folder}",
+                                  **fields, set_aside=moved)
+        self.pages.rewound(time.time(), record["message"])
 
     def rewind_declined(self, a: RewindDeclined, now: float) -> None:
         self.stats.remediations["page"] += 1

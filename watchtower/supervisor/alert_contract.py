@@ -65,4 +65,11 @@ SPARES_EXHAUSTED = AlertSpec(
     "Run {{ $labels.run }} has no hot spare and no free node: the next failure costs a replica group",
     "docs/runbooks.md#spares-exhausted")
 
-DIRECT_ALERTS = (GROUP_FAILED, CRASH_LOOP, SPARES_EXHAUSTED)
+REWOUND = AlertSpec(
+    "WatchtowerRewind", "page", ("run",),
+    "Run {{ $labels.run }} was rewound after a critical loss spike in every group: restarted from an earlier "
+    "checkpoint, skipping the data window",
+    "docs/runbooks.md#rewind")
+REWIND_WINDOW_S = 300.0  # the rule's increase(...[5m])
+
+DIRECT_ALERTS = (GROUP_FAILED, CRASH_LOOP, SPARES_EXHAUSTED, REWOUND)
