@@ -130,6 +130,19 @@ def test_a_py_spy_that_does_not_die_on_its_kill_is_left_behind_not_waited_for(tm
     assert found.source == "" and "killed, still not dead" in found.errors[0], found.errors
 
 
+def test_a_py_spy_dump_of_another_shape_is_that_ranks_error_not_the_whole_capture(tmp_path, monkeypatch):
+    """A frame without its `filename` raised KeyError out of the capture (only ValueError was caught):
+    every incident of that poll was lost, not just that rank's stack."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pyspy = tmp_path / "py-spy"
+    pyspy.write_text("#!/bin/sh\necho '[{\"thread_name\": \"MainThread\", \"frames\": [{\"name\": \"f\", \"line\": 3}]}]'\n")
+    pyspy.chmod(0o755)
+    monkeypatch.setattr(capture_module, "pyspy_binary", lambda: str(pyspy))
+    target = RankTarget(0, int(gone.stdout), tmp_path / "stacks-r0.txt", tmp_path / "flight-r0.json")
+    (found,) = capture([target], tmp_path / "work", budget_s=2.0)
+    assert found.errors[0].startswith("py-spy: not py-spy's dump --json shape"), found.errors
+
+
 def test_a_trainer_that_fails_to_build_leaves_no_signal_handler_or_wakeup_fd(tmp_path):
     """Review of issue 14, F8: the hang dump was armed before Trainer._build and left armed when it
     raised (an unreadable source, a refused resume): Python's wakeup fd kept the number of a socket

@@ -63,15 +63,22 @@ class Thread:
 
 
 def parse_pyspy(text: str) -> list[Thread]:
-    """Threads from `py-spy dump --json` (one process).
+    """Threads from `py-spy dump --json` (one process); a ValueError for any other shape (a frame
+    without its file, say), so the capture records it for that rank and goes on with the others.
 
     >>> t = parse_pyspy('[{"thread_name": "MainThread", "frames": [{"name": "f", "filename": "/a/x.py", "line": 3}]}]')
     >>> t[0].name, str(t[0].frames[0])
     ('MainThread', 'f at x.py:3')
+    >>> parse_pyspy('[{"thread_name": "MainThread", "frames": [{"name": "f", "line": 3}]}]')
+    Traceback (most recent call last):
+    ValueError: not py-spy's dump --json shape: KeyError('filename')
     """
-    return [Thread(t.get("thread_name") or str(t.get("thread_id", "?")),
-                   tuple(Frame(f["name"], f["filename"], int(f["line"])) for f in t["frames"]))
-            for t in json.loads(text)]
+    try:
+        return [Thread(t.get("thread_name") or str(t.get("thread_id", "?")),
+                       tuple(Frame(f["name"], f["filename"], int(f["line"])) for f in t["frames"]))
+                for t in json.loads(text)]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"not py-spy's dump --json shape: {err!r}") from None
 
 
 def parse_faulthandler(text: str) -> list[Thread]:
