@@ -21,7 +21,7 @@ from watchtower.supervisor.config import JobConfig
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.metrics import JobStats
-from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined, remedy
+from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined, checkpoints_problem, remedy
 from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.rewind import RECORD_FILE, committed_steps
 from watchtower.toml_dataclasses import build
@@ -70,6 +70,32 @@ def test_with_loss_spike_patience_the_skip_starts_at_the_first_spiking_step_not_
     action = remedy(reported, 0, NEAR, (80, 100, 110, 120), patience=patience)
     assert (reported, action.skip_first, action.checkpoint_step) == (119 + patience, 120, 110)
     assert all(action.skip_first <= step <= action.skip_last for step in poison), action
+
+
+@pytest.mark.parametrize("cfg,interval,keep,refused", [
+    (DEFAULT, 0, 3, "checkpoint.interval_steps = 0 saves only at the end"),  # the trainer's default
+    (DEFAULT, 20, 3, "checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back"),  # the review's case
+    (DEFAULT, 20, 6, None),
+    (NEAR, 20, 3, None),
+    (RemediationConfig("page"), 0, 1, None),  # only paging: checkpoints are the trainer's business
+])
+def test_a_job_whose_checkpoints_never_reach_back_past_the_rewind_margin_is_refused_when_read(cfg, interval, keep,
+                                                                                              refused, tmp_path):
+    """F2 caught before the run: with such checkpoints every spike could only be declined (or, before,
+    restarted the run from step 0)."""
+    problem = checkpoints_problem(cfg, interval, keep)
+    assert (problem if problem is None else problem.split(":")[0].split(",")[0]) == refused
+    if cfg is not DEFAULT or refused is None:
+        return
+    from watchtower.supervisor.config import load_job
+
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
+                              "train_overrides": [f"checkpoint.interval_steps={interval}", f"checkpoint.keep_last={keep}"]},
+                             {"nodes": ["n0"], "active_groups": 1}, {}, remediation={"loss_spike": "rewind"}))
+    with pytest.raises(ConfigError) as err:
+        load_job(str(path))
+    assert err.value.field == "remediation.loss_spike" and refused in str(err.value) and "\n" not in str(err.value)
 
 
 def test_the_committed_checkpoints_a_rewind_picks_among_are_those_with_a_manifest(tmp_path):
@@ -199,7 +225,8 @@ def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_cou
     from watchtower.supervisor.shell import Supervisor
 
     path = tmp_path / "job.toml"
-    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
+                              "train_overrides": ["checkpoint.interval_steps=20"]},
                              {"nodes": ["n0", "n1"], "active_groups": 1}, {},
                              remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
     job, trainer = load_job(str(path))

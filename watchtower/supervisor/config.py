@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from watchtower.supervisor.policy_types import PolicyConfig, RemediationConfig, node_name_problem
+from watchtower.supervisor.remediation import checkpoints_problem
 from watchtower.supervisor.slurm_section import STOP_KILL_MARGIN_S, SlurmSection
 from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
@@ -177,4 +178,7 @@ def load_job(path: str, overrides: list[tuple[str, Any]] = ()) -> tuple[JobConfi
         set_dotted(data, key, value)
     job = build(JobConfig, data)
     trainer = job.trainer()
+    problem = checkpoints_problem(job.remediation, trainer.checkpoint.interval_steps, trainer.checkpoint.keep_last)
+    if problem:
+        raise ConfigError("remediation.loss_spike", job.remediation.loss_spike, problem)
     return job, trainer

@@ -75,6 +75,31 @@ class RewindDeclined:  # a record: the spike pages as usual
     why: str
 
 
+def checkpoints_problem(cfg: RemediationConfig, interval_steps: int, keep_last: int) -> str | None:
+    """Why the trainer's checkpoints can never hold one old enough for a rewind (None: they can), so a
+    job that asks for rewinds is refused when it is read instead of only paging at its first spike.
+    The kept checkpoints reach (keep_last - 1) x interval_steps behind the newest, which may be the
+    spike's own step: that must cover rewind_margin.
+
+    >>> checkpoints_problem(RemediationConfig("rewind", rewind_margin=10), 20, 3) is None
+    True
+    >>> checkpoints_problem(RemediationConfig("rewind"), 20, 3).split(":")[0]
+    'checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back, less than rewind_margin = 100'
+    """
+    if cfg.loss_spike != "rewind":
+        return None
+    if interval_steps == 0:
+        return ("checkpoint.interval_steps = 0 saves only at the end: a rewind has nothing to go back to; set "
+                'checkpoint.interval_steps (job.train_overrides) or use loss_spike = "page"')
+    depth = (keep_last - 1) * interval_steps
+    if depth < cfg.rewind_margin:
+        need = -(-cfg.rewind_margin // interval_steps) + 1
+        return (f"checkpoint.keep_last = {keep_last} saves every {interval_steps} steps reach {depth} steps back, "
+                f"less than rewind_margin = {cfg.rewind_margin}: raise checkpoint.keep_last to {need} or lower "
+                "remediation.rewind_margin")
+    return None
+
+
 def agreed_spike(steps: Iterable[int | None], active_groups: int) -> int | None:
     """The step of a critical loss spike every contributing group reports, if they all report the
     same one and there are enough of them for a full quorum; else None.
