@@ -5,7 +5,9 @@ A checkpoint directory holds `step-NNNNNNNN/` (and later saves `step-NNNNNNNN.sK
 so is not imported here). Every entry of a step after the rewind's target is moved, not deleted,
 under `rewound-<n>/` in the same directory: a trainer resumes only from top-level `step-*` entries,
 and a person can still look at the weights that spiked. Works on any fsspec URL the trainer can
-write to. Cost: one listing and one move per entry.
+write to. Cost: one listing and one move per entry: a rename on a local or shared filesystem, but a
+copy of every shard on an object store, done in the supervisor's loop (minutes for a large model,
+during which it neither detects nor pages).
 """
 
 from __future__ import annotations
