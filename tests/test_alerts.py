@@ -256,8 +256,11 @@ def test_a_killed_group_pages_directly_through_a_real_alertmanager_and_merges_wi
     from watchtower.supervisor.shell import Supervisor
 
     job_dir = tmp_path / "job"
-    with AlertingStack(tmp_path / "stack", interval="1s", supervisor_targets_file=job_dir / "supervisor_targets.json") \
-            as stack:
+    # Rules run every 5 s, scrapes every second: the rule fires up to ~5 s after the kill, the direct
+    # page within the poll that sees it. With rules every second too, a loaded machine could let the
+    # rule's page go out first (the later direct post then merges silently: no page with a description).
+    with AlertingStack(tmp_path / "stack", interval="1s", evaluation_interval="5s",
+                       supervisor_targets_file=job_dir / "supervisor_targets.json") as stack:
         path = tmp_path / "job.toml"
         path.write_text(job_toml({"name": "direct", "trainer_config": "tiny", "output_dir": str(job_dir)},
                                  {"nodes": ["n0", "n1", "n2"], "active_groups": 1, "spare_groups": 1},

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import free_port_pair, value, wait_for_metrics, watchtower_cmd
+from conftest import Processes, free_port_pair, value, wait_for_metrics, watchtower_cmd
 from test_metrics import assert_promtool_clean
 
 DETECTORS = ("loss_spike", "nonfinite", "data_stall", "data_wait_rising", "throughput_drop",
@@ -27,6 +27,7 @@ def events(scraped, rank: str) -> dict[str, float]:
 
 
 def start_run(processes, tmp_path, steps: int, *flags: str):
+    """`processes`: the registry (a Processes) that stops the run."""
     port = free_port_pair()
     proc = processes.start(watchtower_cmd(
         "train", "--config", "tiny", "--tp", "2", "--steps", str(steps), "--port", str(port), "--run", "live",
@@ -61,10 +62,28 @@ def test_clean_run_exports_every_rank_and_fires_nothing(processes, tmp_path):
         assert hook_errors and not any(hook_errors), "every hook's error counter exists, at 0"
 
 
-def test_injected_faults_move_exactly_their_counters(processes, tmp_path):
-    port, proc, final = start_run(processes, tmp_path, 60, "--inject", "loss_spike@40",
-                                  "--inject", "nonfinite@50", "--inject", "stall@30:2s")
-    s = wait_for_metrics(port, final, proc=proc)
+FAULTED_STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def faulted_run(tmp_path_factory):
+    """One TP=2 run with a stall, a loss spike and a NaN step (skipped: tiny's nonfinite_action), shared by
+    the tests that read its final scrape: each of them used to start a run of its own (~12 s each on 2
+    cores). Yields the ports of ranks 0 and 1, each scraped to its final step; the run lingers 30 s."""
+    registry = Processes()
+    try:
+        port, proc, final = start_run(registry, tmp_path_factory.mktemp("faulted"), FAULTED_STEPS,
+                                      "--inject", "loss_spike@40", "--inject", "nonfinite@50",
+                                      "--inject", "stall@30:2s")
+        finals = {rank: wait_for_metrics(p, final, proc=proc) for rank, p in (("0", port), ("1", port + 1))}
+        yield {"0": port, "1": port + 1}, finals
+    finally:
+        registry.stop_all()
+
+
+def test_injected_faults_move_exactly_their_counters(faulted_run):
+    _, finals = faulted_run
+    s = finals["0"]
     fired = events(s, "0")
     assert fired == {**dict.fromkeys(DETECTORS, 0), "loss_spike": 1, "nonfinite": 1, "data_stall": 1}
     assert value(s, "watchtower_detector_events_total", detector="loss_spike", severity="critical") == 1
@@ -74,6 +93,23 @@ def test_injected_faults_move_exactly_their_counters(processes, tmp_path):
     assert value(s, "watchtower_data_wait_seconds_total") >= 2.0
     # the NaN step was skipped, so training went on with finite numbers
     assert value(s, "watchtower_loss") < 5.0
+
+
+def test_skipped_nonfinite_step_counts_as_skipped_not_as_a_step(faulted_run):
+    _, finals = faulted_run
+    for rank, s in finals.items():
+        assert value(s, "watchtower_skipped_steps_total", rank=rank) == 1
+        assert value(s, "watchtower_steps_total", rank=rank) == FAULTED_STEPS - 1
+        assert value(s, "watchtower_tokens_total", rank=rank) == (FAULTED_STEPS - 1) * 8 * 128
+        assert value(s, "watchtower_train_step", rank=rank) == FAULTED_STEPS, "the skipped step still counts as done"
+
+
+def test_live_rank_scrape_is_promtool_clean_in_text_and_openmetrics(faulted_run):
+    """Both TP ranks, with detector events exported, asked for each format the way Prometheus asks
+    (OpenMetrics first)."""
+    ports, _ = faulted_run
+    for p in ports.values():
+        assert_promtool_clean(p)
 
 
 def test_slow_data_raises_the_wait_trend(processes, tmp_path):
@@ -98,23 +134,3 @@ def test_tp_seed_bug_is_flagged_at_the_first_check(processes, tmp_path):
         assert value(s, "watchtower_parallel_check_ok", check="tp_replicated") == 1
         assert value(s, "watchtower_detector_last_event_step", detector="tp_identical_shards") == 1
         assert events(s, rank)["tp_identical_shards"] == 1
-
-
-def test_live_rank_scrape_is_promtool_clean_in_text_and_openmetrics(processes, tmp_path):
-    """Both TP ranks, asked for each format the way Prometheus asks (OpenMetrics first)."""
-    port, proc, final = start_run(processes, tmp_path, 20, "--inject", "loss_spike@15", "--inject", "nonfinite@12")
-    for p in (port, port + 1):
-        wait_for_metrics(p, final, proc=proc)
-        assert_promtool_clean(p)
-
-
-def test_skipped_nonfinite_step_counts_as_skipped_not_as_a_step(processes, tmp_path):
-    steps = 10
-    port, proc, final = start_run(processes, tmp_path, steps, "--inject", "nonfinite@5",
-                                  "--monitor.nonfinite_action", "skip_step")
-    for rank, p in (("0", port), ("1", port + 1)):
-        s = wait_for_metrics(p, final, proc=proc)
-        assert value(s, "watchtower_skipped_steps_total", rank=rank) == 1
-        assert value(s, "watchtower_steps_total", rank=rank) == steps - 1
-        assert value(s, "watchtower_tokens_total", rank=rank) == (steps - 1) * 8 * 128
-        assert value(s, "watchtower_train_step", rank=rank) == steps, "the skipped step still counts as done"

@@ -119,11 +119,21 @@ def supervise(path: Path, timeout: float = 280, env: dict[str, str] | None = Non
 DEAD_PROXY = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
-def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp_path):
-    """Also with an http_proxy in the environment (the supervisor's scrapes and torchft's heals
-    must go direct)."""
-    result = supervise(job_file(tmp_path, steps=150, inject=["crash@60:group=0"],
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One supervised run (2 active + 1 spare, 150 steps) with a NaN at step 30 (skipped: tiny's
+    nonfinite_action) and group 0 SIGKILLed at step 60, shared by the tests that read it: a real
+    supervised run costs ~25 s of both cores, so each behaviour it shows is a test of its own on one run.
+    Also with an http_proxy in the environment (the supervisor's scrapes and torchft's heals must go
+    direct)."""
+    tmp_path = tmp_path_factory.mktemp("killed")
+    result = supervise(job_file(tmp_path, steps=150, inject=["nonfinite@30", "crash@60:group=0"],
                                 train_overrides=["data.stage=always", "train.log_interval=1"]), env=DEAD_PROXY)
+    return tmp_path, result
+
+
+def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(killed_run):
+    tmp_path, result = killed_run
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     kinds = [e["event"] for e in ev]
@@ -169,21 +179,23 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(tmp
     assert_every_window_read_once(tmp_path, 150)
 
 
-def test_spare_skips_the_nonfinite_step_with_the_participants(tmp_path):
+def test_spare_skips_the_nonfinite_step_with_the_participants(killed_run):
     """With skip_step, a spare (no loss of its own) used to apply the NaN gradient the participants
-    skipped. The skip verdict is agreed by every group: all end with the same finite weights."""
-    result = supervise(job_file(tmp_path, steps=34, active=2, spares=1, nodes=3, inject=["nonfinite@30"],
-                                train_overrides=["monitor.nonfinite_action=skip_step"]))
+    skipped, and carried NaN weights into the quorum when promoted. The skip verdict is agreed by every
+    group: the spare at step 30, promoted at step 60, ends with the same finite weights as the rest."""
+    tmp_path, result = killed_run
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     prints = final_prints(tmp_path)
-    assert set(prints) == {"g0000", "g0001", "g0002"}
-    at_fault = {g: [r for r in logged_rows(tmp_path, g) if r["step"] == 30] for g in prints}
+    assert set(prints) == {"g0001", "g0002", "g0003"}
+    at_fault = {g: [r for r in logged_rows(tmp_path, g) if r["step"] == 30] for g in ("g0000", "g0001", "g0002")}
     assert sorted(len(rows) for rows in at_fault.values()) == [0, 1, 1], "step 30 needs 2 participants and a spare"
     assert all(math.isnan(rows[0]["loss"]) for rows in at_fault.values() if rows), "the fault did not fire"
+    (spare_at_fault,) = [g for g, rows in at_fault.items() if not rows]
+    assert spare_at_fault in prints, "the spare at step 30 was not the one promoted at step 60"
     flat = {g: [v for values in p["fingerprint"] for v in values] for g, p in prints.items()}
     for name, p in prints.items():
-        assert p["step"] == 34 and all(map(math.isfinite, flat[name])), f"{name} ended with non-finite weights"
-        assert flat[name] == pytest.approx(flat["g0000"], rel=1e-6, abs=1e-9), name
+        assert p["step"] == 150 and all(map(math.isfinite, flat[name])), f"{name} ended with non-finite weights"
+        assert flat[name] == pytest.approx(flat["g0001"], rel=1e-6, abs=1e-9), name
 
 
 def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):

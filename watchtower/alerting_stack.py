@@ -85,11 +85,14 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 class AlertingStack:
     def __init__(self, workdir: Path, interval: str = "1s", group_wait: str = "1s",
                  alertmanager_config: dict | None = None, targets_file: Path | None = None,
-                 supervisor_targets_file: Path | None = None):
+                 supervisor_targets_file: Path | None = None, evaluation_interval: str | None = None):
         """targets_file / supervisor_targets_file: file_sd files to scrape, e.g. the ones a supervisor
-        writes; by default an empty targets file of our own that set_targets() fills."""
+        writes; by default an empty targets file of our own that set_targets() fills.
+        evaluation_interval: how often rules run (default: the scrape `interval`); a longer one keeps
+        a rule from racing a path that should win (a direct page)."""
         self.workdir = Path(workdir)
         self.interval, self.group_wait = interval, group_wait
+        self.evaluation_interval = evaluation_interval or interval
         self.pager = Pager()
         self.alertmanager_config = alertmanager_config
         self.procs: list[subprocess.Popen] = []
@@ -133,7 +136,7 @@ class AlertingStack:
                 write_file_sd(path, [])  # Prometheus must find the file; the supervisor fills it later
         prom_config = self.workdir / "prometheus.yml"
         prom_config.write_text(render_prometheus_config(
-            str(self.targets_file), f"127.0.0.1:{am_port}", None, self.interval, self.interval,
+            str(self.targets_file), f"127.0.0.1:{am_port}", None, self.interval, self.evaluation_interval,
             str(self.supervisor_targets_file) if self.supervisor_targets_file else None))
         self.procs.append(subprocess.Popen(
             [self._binary("prometheus"), f"--config.file={prom_config}", f"--web.listen-address=127.0.0.1:{prom_port}",
