@@ -224,7 +224,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
 def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     """Also issue 14, item 3: the steps run again after the restart are counted as recompute."""
     port = free_port()
-    path = job_file(tmp_path, steps=200, active=2, spares=0, interval=20, metrics_port=port)
+    path = job_file(tmp_path, steps=100, active=2, spares=0, interval=20, metrics_port=port)
     proc = subprocess.Popen(watchtower_cmd("supervise", str(path)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
