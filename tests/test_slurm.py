@@ -140,6 +140,23 @@ def test_cluster_exclude_on_slurm_is_passed_to_sbatch_and_not_refused_after_the_
     assert select_nodes(["n1", "n2"], listed.cluster.nodes, 2, "7", listed.cluster.exclude) == ["n1", "n2"]
 
 
+@pytest.mark.parametrize("exclude, says", [(["n3\ntouch pwned"], "whitespace"), ([""], "is empty"),
+                                           (["n3 "], "whitespace"), (["n[3-4]"], '"n3", "n4"'),
+                                           (["n3,n4"], '"n3", "n4"'), (["n3", "n3"], "repeat")])
+def test_a_cluster_exclude_item_sbatch_would_misread_is_refused_without_cluster_nodes(exclude, says):
+    """Review 13b, F5: with launcher = "slurm" and no cluster.nodes (the usual case) cluster.exclude
+    was never checked: a newline ended the #SBATCH block (partition, time, extra silently dropped) and
+    ran the rest as a shell line; "" wrote `--exclude=`; a hostlist `n[3-4]` reached sbatch but the
+    launcher compared it literally, so inside salloc the excluded nodes were used. Hostlist ranges are
+    refused (list each node): the launcher and sbatch then read the same names."""
+    data = {"job": {"trainer_config": "tiny"}, "cluster": {"launcher": "slurm", "exclude": exclude}}
+    with pytest.raises(ConfigError) as err:
+        build(JobConfig, data)
+    assert err.value.field.startswith("cluster.exclude") and says in str(err.value), err.value
+    assert "\n" not in str(err.value).replace(repr(exclude[0]), ""), err.value
+    build(JobConfig, {**data, "cluster": {"launcher": "slurm", "exclude": ["n3", "gpu-07.rack2"]}})  # names pass
+
+
 def test_sbatch_dry_run_prints_the_script_and_a_local_job_is_refused(tmp_path, capsys):
     job = write_job(tmp_path, steps=40, active=2, spares=1, tp=2,
                     slurm_table={"partition": "debug", "time": "01:00:00", "reserve_nodes": 1})

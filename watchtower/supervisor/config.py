@@ -65,16 +65,38 @@ class JobSection:
         return Path(self.output_dir.replace("{name}", self.name))
 
 
+def listed_node_problem(name: str, slurm: bool) -> str | None:
+    """Why `name` cannot be an item of cluster.nodes / cluster.exclude, or None. Every name becomes a
+    directory name; on Slurm (and in exclude, which sbatch reads) it is also written into the batch
+    script and compared with Slurm's names: whitespace would end the #SBATCH block, and a hostlist
+    would be expanded by sbatch but not by the launcher.
+
+    >>> [listed_node_problem(n, slurm=True) for n in ("gpu-07", "n1 ")]
+    [None, 'contains whitespace: one node name per item, as Slurm writes it']
+    """
+    problem = node_name_problem(name)
+    if problem is not None:
+        return f"{problem}: node names become directory names"
+    if slurm and any(c.isspace() for c in name):
+        return "contains whitespace: one node name per item, as Slurm writes it"
+    if slurm and set(name) & set("[],"):
+        return 'is a Slurm hostlist, which watchtower does not expand: list each node, like ["n3", "n4"]'
+    return None
+
+
 @dataclass
 class ClusterSection:
     """nodes: the machines (with the local launcher: slots on this machine) the job may use; with
         launcher = "slurm", Slurm node names of the allocation, or empty: every allocated node.
     active_groups: replica groups that contribute gradients; spare_groups: hot spares on top.
     launcher: "local" (slots on this machine) or "slurm" (one job step per group inside the Slurm
-        allocation the supervisor runs in; see `watchtower sbatch` and `[slurm]`)."""
+        allocation the supervisor runs in; see `watchtower sbatch` and `[slurm]`).
+    exclude: known-bad nodes, drained from the start (slurm: `sbatch --exclude`, and dropped from the
+        allocation). Node names only: a Slurm hostlist (`n[3-4]`, `n3,n4`) is refused, so sbatch and
+        the launcher read the same names (list each node: ["n3", "n4"])."""
 
     nodes: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)  # known-bad nodes, drained from the start (slurm: sbatch --exclude)
+    exclude: list[str] = field(default_factory=list)
     active_groups: int = 1
     spare_groups: int = 0
     launcher: str = "local"
@@ -94,10 +116,12 @@ class ClusterSection:
                 "must be local (slots on this machine) or slurm (job steps in a Slurm allocation)")
         require(len(self.nodes) > 0 or self.launcher == "slurm", "nodes", self.nodes,
                 "must list at least one node (with launcher = slurm, leave it empty for the allocation's nodes)")
-        for i, node in enumerate(self.nodes):
-            problem = node_name_problem(node)
-            require(problem is None, f"nodes[{i}]", node, f"{problem}: node names become directory names")
-        require(len(set(self.nodes)) == len(self.nodes), "nodes", self.nodes, "must not repeat a node")
+        for key in ("nodes", "exclude"):  # exclude even without nodes: on Slurm it is written into the batch script
+            names = getattr(self, key)
+            for i, node in enumerate(names):
+                problem = listed_node_problem(node, slurm=self.launcher == "slurm" or key == "exclude")
+                require(problem is None, f"{key}[{i}]", node, problem)
+            require(len(set(names)) == len(names), key, names, "must not repeat a node")
         require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
         require(self.spare_groups >= 0, "spare_groups", self.spare_groups, "must be >= 0")
         require(self.health_check is None or bool(self.health_check.strip()), "health_check", self.health_check,
