@@ -227,6 +227,45 @@ def test_a_step_kill_with_the_controller_unreachable_still_kills_srun_and_drains
     assert "nodename=n1 state=drain reason=watchtower: exit at step 7" in (tmp_path / "scontrol.log").read_text()
 
 
+def test_a_step_kill_whose_squeue_fails_still_ends_the_group_and_empties_its_targets(tmp_path, monkeypatch):
+    """Review 13b, F1: `SlurmStep.kill` kills the srun, then raises the failed squeue; both callers
+    skipped their bookkeeping, so the dead group read "running": shutdown killed it again (one more
+    squeue timeout per group), targets.json kept its ranks after exit (WatchtowerRankDown would page
+    for a job stopped on purpose), and a policy Kill recorded no kill time."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.jobfile import job_toml
+    from watchtower.supervisor.observe import Group
+    from watchtower.supervisor.policy_types import FailureKind, Kill
+    from watchtower.supervisor.shell import Supervisor
+
+    fake_command(tmp_path / "bin", "squeue", f'echo squeue >> {tmp_path}/calls.log; '
+                 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    launcher = offline_launcher(tmp_path, monkeypatch)
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "j", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n1", "n2", "n3"], "active_groups": 1}, {"base_port": free_port()}))
+    sup = Supervisor(*load_job(str(path)), launcher)
+    sruns = [subprocess.Popen(["sleep", "600"], start_new_session=True) for _ in range(2)]  # srun stand-ins
+    try:
+        for i, srun in enumerate(sruns):
+            spec = GroupSpec(f"g000{i}", i, f"n{i + 1}", tmp_path / f"g000{i}" / "trainer.toml", tmp_path / f"g{i}.log")
+            sup.groups[spec.replica_id] = Group(SlurmStep(spec, srun, "127.0.0.1", launcher), time.time(), ports=[40001 + i])
+        sup.executor.run([Kill("g0000", "n1", FailureKind.HANG)], time.time())
+        assert "g0000" in sup.stats.timeline._kills, "the policy's kill left no kill time"
+        sup.request_stop(signal.SIGTERM)
+        assert sup.run() == 143
+        assert all(srun.poll() is not None for srun in sruns)
+        assert not any(g.running for g in sup.groups.values()), "a killed group still reads as running"
+        assert json.loads((tmp_path / "job" / "targets.json").read_text()) == [], "dead ranks left in targets.json"
+        # the policy's kill, then one per group at the signal's stop; none again at shutdown
+        assert (tmp_path / "calls.log").read_text().count("squeue") == 3, "a dead group was killed again"
+        assert sup.errors.snapshot()["kill"] == 3, "each failed cancel is still counted"
+    finally:
+        for srun in sruns:
+            srun.kill()
+            srun.wait()
+
+
 def test_a_failed_slurm_query_keeps_down_nodes_down(tmp_path, monkeypatch, caplog):
     """Review 13, M2: a failed `scontrol` query made that poll's view list no DOWN node (the policy
     keeps no memory of them), so a dead node read FREE for a poll and could be picked for a launch;

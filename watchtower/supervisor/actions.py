@@ -119,8 +119,12 @@ class Executor:
         self.incidents.update(self.forensics.capture(orders, now))
 
     def kill(self, a: Kill, now: float) -> None:
-        self.groups[a.replica_id].process.kill()
-        self.stats.timeline.killed(a.replica_id, time.time())
+        """The kill time is recorded even when the kill raises: a Slurm step's srun is dead by then
+        (slurm.py: only the cancel's squeue failed), and the incident needs it."""
+        try:
+            self.groups[a.replica_id].process.kill()
+        finally:
+            self.stats.timeline.killed(a.replica_id, time.time())
 
     def restart_lighthouse(self, a: RestartLighthouse, now: float) -> None:
         """The outage's first attempt counts its one failure; a restart that raises is counted under

@@ -231,8 +231,10 @@ class Supervisor:
         for g in self.groups.values():
             if g.running:
                 with self.errors.guard("kill"):
-                    g.process.kill()
-                    g.exit_code = g.process.poll()
+                    try:
+                        g.process.kill()
+                    finally:  # a kill that raises has still killed the group (a Slurm step: its srun), so
+                        g.exit_code = g.process.poll()  # it is not killed again nor left in targets.json
         if self.lighthouse is not None:
             with self.errors.guard("lighthouse"):
                 self.lighthouse.stop()
