@@ -30,6 +30,8 @@ from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.launcher import GroupProcess, GroupSpec, LocalLauncher
 from watchtower.supervisor.observe import Observer
 from watchtower.supervisor.policy_types import GroupState, Role
+from watchtower.supervisor import shell
+from watchtower.supervisor.health import gated_decision
 from watchtower.supervisor.shell import STOP_SIGNALS, Supervisor
 
 
@@ -382,8 +384,8 @@ def test_a_stop_signal_during_a_hung_health_check_stops_within_a_second_and_is_n
     """Review 13, S2: the health gate blocked the loop, so a SIGUSR1 (Slurm's time-limit warning)
     arriving during a hung site check waited for it (60 s by default, per node: past the time limit),
     and when that poll ended in a policy Stop (no healthy node) the signal was dropped: exit 4, no
-    graceful stop. Now the check is killed within a slice and the signal is acted on; and a signal
-    that lands in a poll ending in a policy Stop still wins."""
+    graceful stop. Now the check is killed within a slice and the signal is acted on (a signal around
+    a policy Stop: test_a_signal_around_a_policy_stop_leaves_one_job_stopped_and_the_first_decided_code)."""
     hung = 700 + os.getpid() % 1000 * 2  # a sleep unique to this run
     marker = tmp_path / "check-running"
 
@@ -411,17 +413,46 @@ def test_a_stop_signal_during_a_hung_health_check_stops_within_a_second_and_is_n
     wait_until(lambda: not [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(int(p)) == f"sleep {hung}"],
                "the cut check killed", timeout=30)
 
-    sup = supervisor("failing", "exit 1")  # both nodes fail their check: the policy stops (no nodes)
-    execute = sup.executor.run
 
-    def signalled_during_the_poll(actions, now):
+def test_a_signal_around_a_policy_stop_leaves_one_job_stopped_and_the_first_decided_code(tmp_path, monkeypatch):
+    """Review 13b, F4: a stop signal that landed while a poll ended in a policy Stop (both nodes fail
+    their check: no node for the job) was acted on after the executor had carried the Stop out: two
+    contradictory job_stopped events (exit 4, then 138 with the signal), a crash-loop page possible
+    for a process that exits 138. Now the first stop decided is the one: a signal seen before the
+    poll's actions run drops them and stops by signal; one after the Stop ran changes nothing."""
+    def supervisor(name: str) -> Supervisor:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(job_toml({"name": name, "trainer_config": "tiny", "output_dir": str(tmp_path / name)},
+                                 {"nodes": ["n0", "n1"], "active_groups": 1, "health_check": "exit 1"},
+                                 {"metrics_port": 0, "base_port": free_port(), "linger_s": 0}))
+        job, trainer = load_job(str(path))
+        return Supervisor(job, trainer, FinishingLauncher(tmp_path / name / "nodes"))
+
+    def stops(sup: Supervisor) -> list[tuple]:
+        return [(e["exit_code"], e.get("signal")) for e in sup.events.events if e["event"] == "job_stopped"]
+
+    before = supervisor("before")  # the signal lands once the poll has decided, before the Stop is carried out
+
+    def signalled_after_deciding(*args):
+        decided = gated_decision(*args)
+        before.request_stop(signal.SIGUSR1)
+        return decided
+
+    monkeypatch.setattr(shell, "gated_decision", signalled_after_deciding)
+    assert before.run() == 138
+    assert stops(before) == [(138, "SIGUSR1")]
+    after = supervisor("after")  # the signal lands once the Stop has been carried out
+    execute = after.executor.run
+
+    def signalled_after_the_stop(actions, now):
         code = execute(actions, now)
-        sup.request_stop(signal.SIGUSR1)
+        after.request_stop(signal.SIGUSR1)
         return code
 
-    sup.executor.run = signalled_during_the_poll
-    assert sup.run() == 138
-    assert sup.events.events[-1]["signal"] == "SIGUSR1"
+    monkeypatch.undo()
+    after.executor.run = signalled_after_the_stop
+    assert after.run() == 4
+    assert stops(after) == [(4, None)]
 
 
 def _cmdline(pid: int) -> str:

@@ -48,7 +48,7 @@ from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollect
                                            write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
 from watchtower.supervisor.policy import node_states, spike_undecided
-from watchtower.supervisor.policy_types import EXIT_DONE, PolicyState, View
+from watchtower.supervisor.policy_types import PolicyState, View
 from watchtower.supervisor.rewind import committed_steps
 from watchtower.validation import ConfigError
 
@@ -141,7 +141,7 @@ class Supervisor:
     def _loop(self) -> int:
         while self._signal is None:
             code = self.poll_once()
-            if code == EXIT_DONE or (code is not None and self._signal is None):  # a signal beats a failure stop
+            if code is not None:  # a Stop carried out (its job_stopped written): a signal after it changes nothing
                 return self._stopped_by_policy(code)
             self._sleep(self.cfg.poll_interval_s)
         return self._stopped_by_signal()
@@ -157,7 +157,9 @@ class Supervisor:
         actions = []
         with self.errors.guard("decide"):
             decided = gated_decision(self.state, view, self.policy_cfg, self.health, lambda: self._signal is not None)
-            if decided is None:  # a stop signal cut the health gate short: the loop stops now, nothing decided
+            # a stop signal cut the health gate short, or came while deciding: the loop stops by it now and
+            # nothing decided is carried out (one stop, one job_stopped: the first decided)
+            if decided is None or self._signal is not None:
                 return None
             self.state, actions = decided
             for g in self.groups.values():  # the policy has now seen each exit once
