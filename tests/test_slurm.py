@@ -222,9 +222,41 @@ def test_a_step_kill_with_the_controller_unreachable_still_kills_srun_and_drains
     finally:
         srun.kill()
         srun.wait()
-    warning = launcher.node_failed("n1", "exit", 7)
-    assert warning and "Unable to contact" in warning and "\n" not in warning, warning
+    left = launcher.node_failed("n1", "exit", 7)
+    assert left.drain_error is None and "Unable to contact" in left.cancel_error and "\n" not in left.cancel_error
     assert "nodename=n1 state=drain reason=watchtower: exit at step 7" in (tmp_path / "scontrol.log").read_text()
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_a_failed_step_cancel_is_not_reported_as_a_refused_drain(tmp_path, monkeypatch, drain):
+    """Review 13b, F2: `node_failed` returned a failed step cancel as the drain's refusal, so the
+    executor emitted node_drain_refused ("could not drain it") when scontrol had drained the node,
+    and also with drain_failed_nodes = false, when no drain was asked for; the real problem (steps of
+    ours may still run there) was hidden in it. Each outcome is now reported as what it is."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.jobfile import job_toml
+    from watchtower.supervisor.policy_types import DrainNode
+    from watchtower.supervisor.shell import Supervisor
+
+    fake_command(tmp_path / "bin", "squeue", 'echo "squeue: error: Unable to contact slurm controller" >&2; exit 1')
+    fake_command(tmp_path / "bin", "scontrol", f'echo "$*" >> {tmp_path}/scontrol.log')
+    launcher = offline_launcher(tmp_path, monkeypatch, drain_failed_nodes=drain)
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "j", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n1", "n2", "n3"], "active_groups": 1}, {"base_port": free_port()}))
+    sup = Supervisor(*load_job(str(path)), launcher)
+    try:
+        sup.executor.run([DrainNode("n1", "exit")], time.time())
+    finally:
+        sup.lock.release()
+    said = {e["event"]: e for e in sup.events.events}
+    assert (tmp_path / "scontrol.log").exists() is drain
+    assert "node_drain_refused" not in said, said["node_drain_refused"]["message"]
+    left = said["node_steps_not_cancelled"]
+    assert left["node"] == "n1" and "Unable to contact" in left["error"] and "may still run" in left["message"]
+    fake_command(tmp_path / "bin", "scontrol", 'echo "scontrol: error: Invalid user for SlurmUser" >&2; exit 1')
+    refused = launcher.node_failed("n1", "exit", 7)  # a drain asked for and refused is still that
+    assert ("Invalid user" in (refused.drain_error or "")) is drain and "Unable to contact" in refused.cancel_error
 
 
 def test_a_step_kill_whose_squeue_fails_still_ends_the_group_and_empties_its_targets(tmp_path, monkeypatch):
@@ -420,7 +452,7 @@ def test_srun_exit_0_without_each_ranks_own_0_reads_as_a_lost_node_and_a_refused
         (group_dir / "exit-r0").write_text("0\n")  # what slurm_task writes when the trainer exits 0
         assert step.poll() == 0
         refused = launcher.node_failed("nosuchnode", "exit", 3)
-        assert refused and "scontrol" in refused
+        assert refused.drain_error and "scontrol" in refused.drain_error and refused.cancel_error is None
         # the health gate's command runs on the node, told which; one past its timeout leaves no step
         code, out = launcher.run_on_node(node, ["sh", "-c", 'echo "$WATCHTOWER_NODE $SLURMD_NODENAME"; exit 3'], 60)
         assert code == 3 and f"{node} {node}" in out.splitlines(), out  # beside srun's own "exit code 3" lines

@@ -173,11 +173,17 @@ class Executor:
     def drained(self, a: DrainNode, now: float) -> None:
         self.events.emit("node_drained", f"{a.node} drained ({a.reason}): no new group starts there",
                          node=a.node, reason=a.reason)
-        refused = self.launcher.node_failed(a.node, a.reason, self.stats.job_step)
-        if refused:  # excluded by the policy all the same: a warning, never a crash
-            log.warning("%s: the launcher could not drain it: %s", a.node, refused)
+        left = self.launcher.node_failed(a.node, a.reason, self.stats.job_step)
+        # excluded by the policy all the same: each part the launcher could not do is a warning, never a crash
+        if left.cancel_error:
+            log.warning("%s: our steps there could not be cancelled: %s", a.node, left.cancel_error)
+            self.events.emit("node_steps_not_cancelled", f"{a.node}: steps of this job there may still run (they "
+                             f"end with the job, or at their next quorum): {left.cancel_error}", node=a.node,
+                             error=left.cancel_error)
+        if left.drain_error:  # only a drain asked for ([slurm] drain_failed_nodes) and refused
+            log.warning("%s: the launcher could not drain it: %s", a.node, left.drain_error)
             self.events.emit("node_drain_refused", f"{a.node} stays excluded, but the launcher could not drain "
-                             f"it: {refused}", node=a.node, error=refused)
+                             f"it: {left.drain_error}", node=a.node, error=left.drain_error)
 
     def restart_from_checkpoint(self, a: RestartFromCheckpoint, now: float) -> None:
         self.stats.restarts["checkpoint"] += 1

@@ -135,6 +135,16 @@ def _kill_session(pid: int) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class NodeCleanup:
+    """What the launcher's part of draining a node left undone; None: done, or nothing to do.
+    cancel_error: our steps there could not be cancelled (they may still run there);
+    drain_error: a drain the job asked for (`[slurm] drain_failed_nodes`) was refused."""
+
+    cancel_error: str | None = None
+    drain_error: str | None = None
+
+
 class Launcher(Protocol):
     # where groups and Prometheus reach this process (the Lighthouse, the supervisor's /metrics);
     # None: where it binds (this machine's slots reach it on loopback)
@@ -154,9 +164,9 @@ class Launcher(Protocol):
         command behind."""
         ...
 
-    def node_failed(self, node: str, cause: str, step: int) -> str | None:
+    def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
         """The policy drained `node` after `cause` at job step `step`: the launcher's own part (Slurm:
-        cancel our steps there, drain it in Slurm). Returns a warning when that part failed."""
+        cancel our steps there, drain it in Slurm). Returns what of that part failed, each on its own."""
         ...
 
 
@@ -175,8 +185,8 @@ class LocalLauncher:
     def down_nodes(self) -> frozenset[str]:
         return frozenset()  # slots of this machine: never unreachable while the supervisor runs
 
-    def node_failed(self, node: str, cause: str, step: int) -> str | None:
-        return None  # a slot has nothing to cancel or drain beyond what the policy does
+    def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
+        return NodeCleanup()  # a slot has nothing to cancel or drain beyond what the policy does
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:

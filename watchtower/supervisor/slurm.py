@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Callable, Mapping
 from watchtower.orphan_guard import guarded
 from watchtower.supervisor.contract import EXIT_STOPPED
 from watchtower.supervisor.errors import CommandError
-from watchtower.supervisor.launcher import GroupProcess, GroupSpec, direct_peers, node_env, run_bounded
+from watchtower.supervisor.launcher import GroupProcess, GroupSpec, NodeCleanup, direct_peers, node_env, run_bounded
 from watchtower.supervisor.slurm_commands import (STEP_PREFIX, allocated_cluster, drain_argv, expand_cache_dir, is_down,
                                                   parse_records, select_nodes, srun_argv, step_name, steps, task_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
@@ -201,21 +201,21 @@ class SlurmLauncher:
             self.cancel_step(name)
         return code, out
 
-    def node_failed(self, node: str, cause: str, step: int) -> str | None:
+    def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
         """A node the policy drained: cancel every step of ours still there (a group whose `srun`
         died may have left its tasks) and, with `drain_failed_nodes`, drain it in Slurm. Returns why
-        Slurm refused the cancel or the drain, else None (a failed cancel does not skip the drain)."""
-        refused = []
+        Slurm refused each, apart (a failed cancel does not skip the drain, nor reads as its refusal)."""
+        cancel_error = drain_error = None
         try:
             self._cancel(lambda name, where: where == node and name.startswith(STEP_PREFIX))
         except SlurmError as err:
-            refused.append(f"cancelling our steps there: {err}")
+            cancel_error = str(err)
         if self.cfg.drain_failed_nodes:
             try:
                 slurm(drain_argv(node, cause, step), self.cfg.command_timeout_s)
             except SlurmError as err:
-                refused.append(str(err))
-        return "; ".join(refused) or None
+                drain_error = str(err)
+        return NodeCleanup(cancel_error, drain_error)
 
     def cancel_step(self, name: str) -> None:
         """Cancel every step of ours named `name` (one squeue, one scancel; nothing if none runs)."""
