@@ -123,6 +123,25 @@ def test_a_stop_warning_shorter_than_the_grace_is_refused_naming_its_minimum(tmp
               SupervisorSection(stop_grace_s=grace), SlurmSection(stop_warning_s=grace + 10))
 
 
+def test_no_graceful_stop_and_no_warning_is_valid_and_the_minimum_is_an_integer(tmp_path):
+    """Review 13b, F6: M5's bound refused stop_grace_s = 0 with stop_warning_s = 0 (no graceful stop
+    wanted, valid before), advising "or lower supervisor.stop_grace_s" when it was already 0; and for
+    a fractional grace it asked for stop_warning_s >= 55.5, which the integer key cannot hold."""
+    none = JobConfig(JobSection(name="x", trainer_config="tiny", output_dir="/runs/x"), ClusterSection(launcher="slurm"),
+                     SupervisorSection(stop_grace_s=0), SlurmSection(stop_warning_s=0))
+    assert not [o for o in sbatch_options(none, tp=1) if o.startswith("--signal")], "a warning at the limit itself"
+    with pytest.raises(ConfigError) as err:
+        JobConfig(JobSection(trainer_config="tiny"), ClusterSection(launcher="slurm"),
+                  SupervisorSection(stop_grace_s=0), SlurmSection(stop_warning_s=5))
+    assert "lower supervisor.stop_grace_s" not in str(err.value) and "= 10" in str(err.value), err.value
+    with pytest.raises(ConfigError) as err:
+        JobConfig(JobSection(trainer_config="tiny"), ClusterSection(launcher="slurm"),
+                  SupervisorSection(stop_grace_s=45.5), SlurmSection(stop_warning_s=55))
+    assert "= 56" in str(err.value) and "55.5" not in str(err.value), err.value
+    JobConfig(JobSection(trainer_config="tiny"), ClusterSection(launcher="slurm"),  # and 56 is accepted
+              SupervisorSection(stop_grace_s=45.5), SlurmSection(stop_warning_s=56))
+
+
 def test_cluster_exclude_on_slurm_is_passed_to_sbatch_and_not_refused_after_the_queue():
     """Review 13, S1: `cluster.exclude` with the Slurm launcher wrote no --exclude, so Slurm could
     allocate the bad node, and after the queue wait the job was refused (exit 2) whatever Slurm

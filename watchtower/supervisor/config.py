@@ -28,6 +28,7 @@ torch) only when called.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -149,14 +150,17 @@ class JobConfig:
     remediation: RemediationConfig = field(default_factory=RemediationConfig)  # remediation.py: loss spikes
 
     def __post_init__(self) -> None:
-        """On Slurm the graceful stop must end before the time limit's SIGKILL (see stop_grace_s)."""
+        """On Slurm the graceful stop must end before the time limit's SIGKILL (see stop_grace_s).
+        stop_grace_s = 0 with stop_warning_s = 0 asks for neither (no --signal: the limit kills)."""
         warning, grace = self.slurm.stop_warning_s, self.supervisor.stop_grace_s
-        if self.cluster.launcher != "slurm" or grace + STOP_KILL_MARGIN_S <= warning:
+        if self.cluster.launcher != "slurm" or grace + STOP_KILL_MARGIN_S <= warning or grace == warning == 0:
             return
-        least = f"slurm.stop_warning_s >= supervisor.stop_grace_s + {STOP_KILL_MARGIN_S:g} = {grace + STOP_KILL_MARGIN_S:g}"
+        least = (f"slurm.stop_warning_s >= supervisor.stop_grace_s + {STOP_KILL_MARGIN_S:g} = "
+                 f"{math.ceil(grace + STOP_KILL_MARGIN_S)}")  # the key is an integer
         if warning < STOP_KILL_MARGIN_S:  # no grace fits: the warning is what is wrong (0: at the limit itself)
+            other = "or 0: no warning and no graceful stop" if grace == 0 else "or lower supervisor.stop_grace_s"
             raise ConfigError("slurm.stop_warning_s", warning, f"must leave time to stop every group before Slurm's "
-                              f"time limit: {least} (or lower supervisor.stop_grace_s)")
+                              f"time limit: {least} ({other})")
         raise ConfigError("supervisor.stop_grace_s", grace, f"must end {STOP_KILL_MARGIN_S:g} s before Slurm's time "
                           f"limit: at most slurm.stop_warning_s - {STOP_KILL_MARGIN_S:g} = "
                           f"{warning - STOP_KILL_MARGIN_S:g} (or raise {least})")

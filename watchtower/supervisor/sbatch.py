@@ -48,8 +48,9 @@ def usable_nodes(job: JobConfig) -> list[str]:
 def sbatch_options(job: JobConfig, tp: int) -> list[str]:
     """The #SBATCH options, in the order they are written."""
     c, s, out = job.cluster, job.slurm, job.job.output_path.absolute()
-    options = [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill",
-               f"--signal=B:USR1@{s.stop_warning_s}", f"--output={out / 'slurm-%j.out'}"]
+    options = [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill"]
+    options += [f"--signal=B:USR1@{s.stop_warning_s}"] if s.stop_warning_s else []  # 0: no warning asked for
+    options += [f"--output={out / 'slurm-%j.out'}"]
     options += [f"--nodelist={','.join(usable_nodes(job))}"] if c.nodes else []
     options += [f"--exclude={','.join(c.exclude)}"] if c.exclude else []  # known-bad: never allocated
     options += [f"--{key}={value}" for key, value in (("partition", s.partition), ("account", s.account),

@@ -31,7 +31,8 @@ class SlurmSection:
         usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
     stop_warning_s: Slurm signals the supervisor (USR1) this long before the time limit, so every group
         saves at one agreed step and exits before the SIGKILL; it must cover `supervisor.stop_grace_s`
-        plus 10 s to kill what remains (checked when the job is read).
+        plus 10 s to kill what remains (checked when the job is read); 0 with stop_grace_s = 0: no warning
+        and no graceful stop (the time limit kills the job; it resumes from its last periodic checkpoint).
     command_timeout_s: the longest an scontrol / squeue / scancel call may take (a slow controller);
         at most an hour.
     """
