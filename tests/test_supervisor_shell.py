@@ -455,6 +455,21 @@ def test_a_signal_around_a_policy_stop_leaves_one_job_stopped_and_the_first_deci
     assert stops(after) == [(4, None)]
 
 
+def test_sigusr1_before_any_group_finished_a_step_says_nothing_to_save_not_a_lost_checkpoint(supervisor):
+    """Review 13b, F7: SIGUSR1 before any group had finished a step (the first health gate, or groups
+    still starting) asked for a save no group could make, then reported "checkpoint of step 2 NOT
+    saved": a loss that did not happen (on a resumed run, step 2 is long behind). Nothing holds state
+    to save: no stop request, and the job_stopped event says so."""
+    supervisor.poll_once()  # the groups start: sleeping processes that never report a step
+    assert [g for g in supervisor.groups.values() if g.running]
+    supervisor.request_stop(signal.SIGUSR1)
+    assert supervisor._loop() == 138
+    said = [e for e in supervisor.events.events if e["event"] in ("stop_requested", "job_stopped")]
+    assert [e["event"] for e in said] == ["job_stopped"], said
+    assert "NOT saved" not in said[0]["message"] and "nothing to save" in said[0]["message"], said[0]["message"]
+    assert said[0].get("checkpoint_saved") is None
+
+
 def _cmdline(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()

@@ -56,7 +56,7 @@ class GracefulStop:
         """Wait until each group holding state (one that has finished a step) has exited, the
         deadline, or `interrupted()` (a second stop signal); then withdraw the request. Returns what
         the job_stopped event records."""
-        while self._holding_state() and time.monotonic() < deadline and not interrupted():
+        while self.holding_state() and time.monotonic() < deadline and not interrupted():
             time.sleep(self.slice_s)
         stop_request_file(self.out).unlink(missing_ok=True)
         saved = False
@@ -80,10 +80,11 @@ class GracefulStop:
             job_step = max(job_step, g.step)
         return stop_step(job_step, step_s, self.cfg.stop_lead_s + time.monotonic() - began), step_s
 
-    def _holding_state(self) -> bool:
+    def holding_state(self) -> bool:
         """A group that has finished a step still runs (one that never did holds nothing to save, and
         would wait in a quorum the others have left). Before saying no, the groups left are scraped
-        once more: one may have finished its first step since the last scrape."""
+        once more: one may have finished its first step since the last scrape. The loop asks first:
+        with none, there is nothing to request (a signal during the first health gate)."""
         if self._state_holder_running():
             return True
         for g in (g for g in self.groups.values() if g.running):

@@ -213,12 +213,13 @@ class Supervisor:
     def _stopped_by_signal(self) -> int:
         signum = self._signal
         name = signal.Signals(signum).name
-        saved = self._stop_gracefully(name) if signum == signal.SIGUSR1 and self.cfg.stop_grace_s > 0 else {}
+        graceful = signum == signal.SIGUSR1 and self.cfg.stop_grace_s > 0
+        saved = self._stop_gracefully(name) if graceful and self.graceful.holding_state() else {}
         self._stop_groups()
         code = 128 + signum
         said = (f"checkpoint of step {saved['stop_after_step']} {'saved' if saved['checkpoint_saved'] else 'NOT saved'}"
                 f", {len(saved['groups_stopped'])} groups stopped on request, {len(saved['groups_killed'])} killed; "
-                if saved else "")
+                if saved else "no group had finished a step, nothing to save; " if graceful else "")
         self.events.emit("job_stopped", f"stopped by {name}: {said}every group and the Lighthouse stopped",
                          exit_code=code, signal=name, **saved)
         return code
