@@ -317,6 +317,31 @@ def test_a_step_kill_whose_squeue_fails_still_ends_the_group_and_empties_its_tar
             srun.wait()
 
 
+def test_a_stop_signal_during_a_slurm_health_check_does_not_wait_for_squeue(tmp_path, monkeypatch):
+    """Review 13b, F3: a check cut by a stop signal had its step cancelled (squeue, then scancel) in
+    the check's thread, and the gate joins that thread: with a slow controller the stop waited up to
+    2 x command_timeout_s (20 s by default), eating into the graceful stop's time before the limit.
+    The srun is killed at once (Slurm ends its step with it) and the cancel goes on in the background."""
+    from watchtower.supervisor.health import HealthCheck, HealthGate
+
+    started, calls = tmp_path / "check-started", tmp_path / "calls.log"
+    fake_command(tmp_path / "bin", "srun", f"touch {started}; exec sleep 600")  # the site check hangs
+    fake_command(tmp_path / "bin", "squeue", f'sleep 3; echo "123.0 watchtower-check-n1 n1"')  # a slow controller
+    fake_command(tmp_path / "bin", "scancel", f'echo "scancel $*" >> {calls}')
+    gate = HealthGate(HealthCheck(timeout_s=60), offline_launcher(tmp_path, monkeypatch), StageErrors())
+    signalled: list[float] = []
+
+    def interrupted() -> bool:
+        if not signalled and started.exists():
+            signalled.append(time.monotonic())
+        return bool(signalled)
+
+    assert gate.unhealthy(["n1"], interrupted) is None
+    assert time.monotonic() - signalled[0] < 2, "the stop waited for the cancel's squeue"
+    wait_until(lambda: calls.exists() and "scancel --quiet 123.0" in calls.read_text(),
+               "the cut check's step cancelled all the same", timeout=30)
+
+
 def test_a_failed_slurm_query_keeps_down_nodes_down(tmp_path, monkeypatch, caplog):
     """Review 13, M2: a failed `scontrol` query made that poll's view list no DOWN node (the policy
     keeps no memory of them), so a dead node read FREE for a poll and could be picked for a launch;

@@ -25,8 +25,9 @@ this poll, so one poll waits at most (unhealthy nodes found + 1) timeouts. Meanw
 observed, but nothing is lost: running groups train on (torchft needs no supervisor), hangs are
 judged at the next poll from the groups' own heartbeat timestamps (the wait makes no false hang).
 A stop signal does not wait for the checks: the loop waits in WAIT_SLICE_S slices, and on a signal
-every running check is killed (on Slurm its step cancelled), the poll decides nothing and the loop
-stops at once; a check cut short says nothing of its node. Polls that launch nothing run no check.
+every running check is killed (on Slurm its srun; the step's cancel, one squeue and one scancel, goes
+on in the background so a slow controller does not delay the stop), the poll decides nothing and the
+loop stops at once; a check cut short says nothing of its node. Polls that launch nothing run no check.
 """
 
 from __future__ import annotations
@@ -87,12 +88,13 @@ class HealthGate:
 
     def unhealthy(self, nodes: list[str], interrupted: Callable[[], bool] = lambda: False) -> dict[str, str] | None:
         """Check `nodes` at once, one thread each (the loop waits for the slowest node, not the sum);
-        None when `interrupted()` turned true first: every check still running is killed (its Slurm
-        step cancelled) within WAIT_SLICE_S, and a check cut short says nothing of its node."""
+        None when `interrupted()` turned true first: every check still running is killed within
+        WAIT_SLICE_S (its Slurm step cancelled in the background), and a check cut short says nothing
+        of its node."""
         cancel, found = threading.Event(), {}
         threads = [threading.Thread(target=lambda n=n: found.update({n: self.verdict(n, cancel)}),
                                     name=f"health-{n}", daemon=True) for n in nodes]
-        for t in threads:  # each check's process is tied to its thread (orphan guard): it lives as long
+        for t in threads:  # joined below before returning: no check (nor its process) outlives the gate
             t.start()
         for t in threads:
             while t.is_alive():

@@ -30,6 +30,7 @@ kill adds one `squeue` and one `scancel`.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -51,6 +52,8 @@ from watchtower.validation import ConfigError, require
 
 if TYPE_CHECKING:
     from watchtower.supervisor.config import JobConfig
+
+log = logging.getLogger("watchtower.supervisor")
 
 DOWN_CHECK_INTERVAL_S = 3.0  # how often Slurm is asked which nodes are down or gone (the rest is cached)
 EXIT_STEP_LOST = 255  # srun ended "successfully" but a rank never reported its exit: its node was lost
@@ -193,13 +196,24 @@ class SlurmLauncher:
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:
-        """`argv` as a one-task step on `node`; on a timeout or a cancel the step is cancelled as well."""
+        """`argv` as a one-task step on `node`; on a timeout or a cancel the step is cancelled as well.
+        After a cancel (a stop signal) that runs on its own daemon thread: its squeue and scancel may
+        take 2 x command_timeout_s on a slow controller, time the stop must not lose; the srun is dead
+        already, and Slurm ends the step with it (or the batch step's end does, if we exit first)."""
         name = f"{STEP_PREFIX}check-{node}"
         code, out = run_bounded(srun_argv(self.job_id, node, 1, name, [], argv),
                                 {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s, cancel)
-        if code is None:
+        if code is None and cancel is not None and cancel.is_set():
+            threading.Thread(target=self._cancel_quietly, args=(name,), name=f"cancel-{name}", daemon=True).start()
+        elif code is None:
             self.cancel_step(name)
         return code, out
+
+    def _cancel_quietly(self, name: str) -> None:
+        try:
+            self.cancel_step(name)
+        except SlurmError as err:  # the step ends with its dead srun all the same: one line, no traceback
+            log.warning("cancelling the cut health check's step %s: %s", name, err)
 
     def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
         """A node the policy drained: cancel every step of ours still there (a group whose `srun`
