@@ -107,6 +107,19 @@ def test_bad_slurm_table_is_refused(key, value):
     assert err.value.field.split("[")[0] == key
 
 
+@pytest.mark.parametrize("item, key", [("--exclude=n9", "cluster.exclude"), ("-x n9", "cluster.exclude"),
+                                       ("--nodelist=n1", "cluster.nodes"), ("--signal=B:USR1@5", "slurm.stop_warning_s"),
+                                       ("-pgpu", "slurm.partition")])
+def test_an_option_watchtower_writes_is_refused_in_slurm_extra(item, key):
+    """Review 13b, note b: `[slurm] extra` lines come after the ones watchtower writes, and a later
+    #SBATCH line wins, so `extra = ["--exclude=..."]` silently undid `cluster.exclude` (S1 again), and
+    `--signal` the stop_warning_s the graceful stop was checked against."""
+    with pytest.raises(ConfigError) as err:
+        SlurmSection(extra=[item])
+    assert err.value.field == "extra[0]" and f"set {key} instead" in str(err.value), err.value
+    SlurmSection(extra=["--qos=high", "--exclusive", "-C h100"])  # options watchtower does not write pass
+
+
 @pytest.mark.parametrize("warning, grace, field", [(0, 45, "slurm.stop_warning_s"), (5, 0, "slurm.stop_warning_s"),
                                                    (30, 45, "supervisor.stop_grace_s"), (54, 45, "supervisor.stop_grace_s")])
 def test_a_stop_warning_shorter_than_the_grace_is_refused_naming_its_minimum(tmp_path, warning, grace, field):

@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from watchtower.validation import require
 
 STOP_KILL_MARGIN_S = 10.0  # after stop_grace_s: kill what remains (a step's scancel), stop the Lighthouse, exit
+# sbatch options `watchtower sbatch` writes from the job file (sbatch.py): in `extra` one would override
+# ours (a later #SBATCH line wins), so an `--exclude` there would undo `cluster.exclude`; the key to use
+WRITTEN_OPTIONS = {"--job-name": "job.name", "-J": "job.name", "--nodes": "cluster.nodes or the group counts",
+                   "-N": "cluster.nodes or the group counts", "--nodelist": "cluster.nodes", "-w": "cluster.nodes",
+                   "--exclude": "cluster.exclude", "-x": "cluster.exclude", "--ntasks-per-node": "train.tp",
+                   "--signal": "slurm.stop_warning_s", "--output": "job.output_dir", "-o": "job.output_dir",
+                   "--partition": "slurm.partition", "-p": "slurm.partition", "--account": "slurm.account",
+                   "-A": "slurm.account", "--time": "slurm.time", "-t": "slurm.time",
+                   "--gpus-per-node": "slurm.gpus_per_node", "--no-kill": "(always written)", "-k": "(always written)"}
 MAX_COMMAND_TIMEOUT_S = 3600.0  # beyond this a client call is hung (and ~9.2e9 s overflows subprocess's clock)
 
 
@@ -25,7 +34,8 @@ class SlurmSection:
     gpus_per_node: --gpus-per-node (0: none asked for; CPU jobs).
     reserve_nodes: nodes asked for beyond active + spare groups: replacements for the spare pool
         after failures, without a wait in the queue.
-    extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100".
+    extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100"; not an option watchtower
+        writes itself (WRITTEN_OPTIONS: --exclude, --signal, ...), which would override its key.
     srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
     drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
         usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
@@ -59,7 +69,23 @@ class SlurmSection:
             for i, item in enumerate(getattr(self, key)):
                 require(item.startswith("-") and "\n" not in item, f"{key}[{i}]", item,
                         "must be one option, like --qos=high")
+        for i, item in enumerate(self.extra):
+            name = written_option(item)
+            require(name is None, f"extra[{i}]", item,
+                    f"{name} is written by watchtower sbatch from the job file: set {WRITTEN_OPTIONS.get(name)} instead")
         require(self.stop_warning_s >= 0, "stop_warning_s", self.stop_warning_s,
                 "must be >= 0 seconds (its minimum, stop_grace_s + 10, is checked with [supervisor])")
         require(0 < self.command_timeout_s <= MAX_COMMAND_TIMEOUT_S, "command_timeout_s", self.command_timeout_s,
                 f"must be > 0 and <= {MAX_COMMAND_TIMEOUT_S:g} seconds (a Slurm client call that takes longer is hung)")
+
+
+def written_option(item: str) -> str | None:
+    """The option of WRITTEN_OPTIONS that an `extra` item sets (`--exclude=n3`, `-x n3`, `-xn3`), or None.
+
+    >>> [written_option(o) for o in ("--exclude=n3", "-x n3", "-xn3", "--qos=high", "--exclusive")]
+    ['--exclude', '-x', '-x', None, None]
+    """
+    long = item.split("=", 1)[0].split()[0] if item.startswith("--") else None
+    if long is not None:
+        return long if long in WRITTEN_OPTIONS else None
+    return item[:2] if item[:2] in WRITTEN_OPTIONS else None
