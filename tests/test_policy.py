@@ -449,6 +449,13 @@ CASES = [
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
                          g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)))] * 2,
          [[("declined", 120, 'remediation.loss_spike = "page"')], []]),
+    # review 14b, N1: remediation.json could not be written (the shell says why): declined, nothing
+    # killed, no rewind spent (the old policy never heard of it and killed every group)
+    Case("a_rewind_the_shell_could_not_record_is_declined_and_kills_nothing",
+         [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=120),
+                         g1=grp("g1", "b", role=Role.ACTIVE, spike_step=120)), checkpoints=(80, 100, 120),
+               rewind_refused="remediation.json could not be written: no space")],
+         [[("declined", 120, "remediation.json could not be written")]], cfg=REWIND),
     Case("past_max_rewinds_a_new_spike_only_pages",
          [View(NOW, pool(g0=grp("g0", "a", role=Role.ACTIVE, spike_step=180),
                          g1=grp("g1", "b", role=Role.ACTIVE, spike_step=180)))],

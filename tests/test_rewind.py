@@ -10,6 +10,7 @@ order of work when a checkpoint move fails.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import fsspec.implementations.local as local
@@ -23,7 +24,8 @@ from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined, checkpoints_problem, remedy
 from watchtower.supervisor.jobfile import job_toml
-from watchtower.supervisor.rewind import RECORD_FILE, committed_steps
+from watchtower.supervisor.policy_types import (EXIT_REWIND_FAILED, Launch, LaunchReason, Role, View)
+from watchtower.supervisor.rewind import RECORD_FILE, RewindRecord, committed_steps
 from watchtower.toml_dataclasses import build
 from watchtower.trainer.data import DataConfig, PackedBatches, due_skips
 from watchtower.validation import ConfigError
@@ -188,32 +190,149 @@ def test_overlapping_skip_ranges_of_a_second_rewind_are_accepted_and_skip_the_se
         assert [third_run[s] for s in range(checkpoint + 1, 300)] == [second_run[s] for s in range(checkpoint + 1, 300)]
 
 
-def test_a_rewind_whose_checkpoint_move_fails_still_records_the_skip_and_the_job_goes_on(tmp_path, monkeypatch):
-    """F1's second half: the moves ran before the skip was added, so a move failing part-way (EACCES,
-    a full disk while an object store copies) left a restart with no skip at all. Now the skip comes
-    first; the failure is counted under stage "rewind" and said in the rewind event."""
-    root = tmp_path / "checkpoints"
-    for step in (100, 120, 140):
+def _checkpoints(root: Path, *steps: int) -> None:
+    for step in steps:
         (root / f"step-{step:08d}").mkdir(parents=True)
         (root / f"step-{step:08d}" / "manifest.json").write_text("{}")
+
+
+def _executor(tmp_path: Path, root: Path, name: str = "rw") -> tuple[Executor, dict]:
+    job = build(JobConfig, {"job": {"name": name, "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                            "cluster": {"nodes": ["a", "b"]}})
+    (tmp_path / "job").mkdir(exist_ok=True)
+    trainer = {"train": {"tp": 1}, "data": {"skip_steps": []}}
+    ex = Executor(job, trainer, str(root), launcher=None, lighthouse=lambda: None, groups={},
+                  events=EventLog(tmp_path / "events.jsonl"), stats=JobStats(0.0, 1, 200), errors=StageErrors())
+    return ex, trainer
+
+
+def _events(tmp_path: Path) -> list[dict]:
+    path = tmp_path / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _top(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+
+
+def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_checkpoint(tmp_path, monkeypatch):
+    """Review 14b, N1 (case A): a move failing part-way (a full disk while an object store copies) left
+    the newest checkpoints, past the spike, at the top; the pool's restart in the same poll loaded one
+    with no skip due, and a rewind was counted. Now the moves are undone, remediation.json goes back,
+    no launch follows (the job stops, exit EXIT_REWIND_FAILED, paged) and no rewind is counted."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100, 120, 140)
     real_mv = local.LocalFileSystem.mv
 
     def mv(self, path1, path2, **kw):  # the second move fails, as a copy to a full disk would
-        if path1.endswith("step-00000140"):
+        if path1.endswith("step-00000120") and "rewound" in path2:
             raise OSError(28, "No space left on device")
         return real_mv(self, path1, path2, **kw)
 
     monkeypatch.setattr(local.LocalFileSystem, "mv", mv)
-    job = build(JobConfig, {"job": {"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
-                            "cluster": {"nodes": ["a", "b"]}})
-    trainer = {"train": {"tp": 1}, "data": {"skip_steps": []}}
-    ex = Executor(job, trainer, str(root), launcher=None, lighthouse=lambda: None, groups={},
-                  events=EventLog(tmp_path / "events.jsonl"), stats=JobStats(0.0, 1, 200), errors=StageErrors())
-    assert ex.run([Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)], 0.0) is None
-    assert trainer["data"]["skip_steps"] == ["120-124"]
-    assert ex.errors.snapshot()["rewind"] == 1
-    (event,) = [json.loads(line) for line in Path(tmp_path / "events.jsonl").read_text().splitlines()]
-    assert event["event"] == "rewind" and "No space left" in event["error"] and event["checkpoint_step"] == 100, event
+    ex, trainer = _executor(tmp_path, root)
+    launch = Launch("b", Role.ACTIVE, LaunchReason.RESTART)
+    code = ex.run([Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100), launch], 0.0)
+    assert code == EXIT_REWIND_FAILED
+    assert _top(root) == ["step-00000100", "step-00000120", "step-00000140"]  # all back: a person decides
+    assert trainer["data"]["skip_steps"] == [] and not (tmp_path / "job" / RECORD_FILE).exists()
+    assert ex.errors.snapshot()["launch"] == 0 and ex.errors.snapshot()["rewind"] == 1
+    assert ex.stats.remediations["rewind"] == 0 and ex.stats.remediations["page"] == 1
+    failed, stopped = _events(tmp_path)
+    assert failed["event"] == "rewind_failed" and "No space left" in failed["error"], failed
+    assert stopped["event"] == "job_stopped" and stopped["exit_code"] == EXIT_REWIND_FAILED
+
+
+def _spiking_supervisor(tmp_path: Path, monkeypatch):
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.policy_view import GroupView
+    from watchtower.supervisor.shell import Supervisor
+
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
+                              "train_overrides": ["checkpoint.interval_steps=20"]},
+                             {"nodes": ["n0", "n1"], "active_groups": 1}, {},
+                             remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
+    job, trainer = load_job(str(path))
+    sup = Supervisor(job, trainer)
+
+    class AllHealthy:
+        def unhealthy(self, nodes, interrupted):
+            return {}
+
+    sup.health = AllHealthy()
+    sup.state = replace(sup.state, started=True)
+    view = View(1000.0, (GroupView("g0", "n0", 0.0, heartbeat=999.0, step=120, role=Role.ACTIVE, spike_step=120),),
+                checkpoints=(100, 120))
+    return sup, view
+
+
+def test_a_rewind_whose_remediation_json_cannot_be_written_is_declined_and_kills_nothing(tmp_path, monkeypatch):
+    """Review 14b, N1 (case B): remediation.json failing to write (ENOSPC, EACCES) escaped before any
+    event or count, and every group was still killed and restarted from the spiked checkpoint, a
+    rewind spent. Now the record is written before anything is carried out; if it fails, the policy
+    decides again with the rewind refused: a declined rewind (it pages), no kill, no rewind spent."""
+    sup, view = _spiking_supervisor(tmp_path, monkeypatch)
+    try:
+        def full(self, out):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(RewindRecord, "save", full)
+        state, actions = sup._decide(view)
+        assert [type(a).__name__ for a in actions] == ["RewindDeclined"], actions
+        assert "could not be written" in actions[0].why and "No space left" in actions[0].why
+        assert state.rewinds == 0 and sup.errors.snapshot()["rewind"] == 1
+    finally:
+        sup.lock.release()
+
+
+def test_a_rewind_writes_its_record_before_any_group_is_killed(tmp_path, monkeypatch):
+    """Review 14b, N1: the counterpart: a record that writes lets the rewind's kills go ahead."""
+    sup, view = _spiking_supervisor(tmp_path, monkeypatch)
+    try:
+        state, actions = sup._decide(view)
+        assert "Kill" in [type(a).__name__ for a in actions] and state.rewinds == 1
+        assert json.loads((tmp_path / "job" / RECORD_FILE).read_text())["skip_steps"] == ["120-124"]
+    finally:
+        sup.lock.release()
+
+
+def test_a_checkpoint_saved_or_pruned_between_the_listing_and_the_move_is_seen_before_the_launch(tmp_path,
+                                                                                                  monkeypatch):
+    """Review 14b, N2: the checkpoint was picked from a listing taken before the health gate and the
+    kills. A save committing (and pruning the pick) in that window had every entry moved and the run
+    restart from step 0; one committing after the move was loaded, past the spike. Now the executor
+    lists again after the kills, re-picks the newest at or before to_step, moves the later ones,
+    and checks that the loaded one is the newest committed before any launch."""
+    rewind = Rewind(spike_step=121, to_step=81, skip_first=121, skip_last=141, checkpoint_step=80)
+    # a save of 140 committed and pruned the pick (80) after the listing (80, 100, 120): nothing old
+    # enough is left, so the job stops, every checkpoint in place (the old code moved them all)
+    root = tmp_path / "a" / "checkpoints"
+    _checkpoints(root, 100, 120, 140)
+    ex, _ = _executor(tmp_path / "a", root)
+    assert ex.run([rewind], 0.0) == EXIT_REWIND_FAILED
+    assert _top(root) == ["step-00000100", "step-00000120", "step-00000140"]
+    # the pick was pruned but an older one is kept: that one is loaded (it replays more, skips the same)
+    root = tmp_path / "b" / "checkpoints"
+    _checkpoints(root, 60, 100, 120, 140)
+    ex, trainer = _executor(tmp_path / "b", root)
+    assert ex.run([rewind], 0.0) is None and committed_steps(str(root)) == (60,)
+    assert _events(tmp_path / "b")[-1]["checkpoint_step"] == 60 and trainer["data"]["skip_steps"] == ["121-141"]
+    # a save commits while the later checkpoints are being moved (Slurm's kill is asynchronous): it
+    # is set aside too, so the restart loads the pick
+    root = tmp_path / "c" / "checkpoints"
+    _checkpoints(root, 80, 100, 120)
+    real_mv = local.LocalFileSystem.mv
+
+    def mv(self, path1, path2, **kw):
+        real_mv(self, path1, path2, **kw)
+        if not (root / "step-00000140").exists() and "rewound-1" in path2:
+            _checkpoints(root, 140)
+
+    monkeypatch.setattr(local.LocalFileSystem, "mv", mv)
+    ex, _ = _executor(tmp_path / "c", root)
+    assert ex.run([rewind], 0.0) is None
+    assert committed_steps(str(root)) == (80,), _top(root)
 
 
 def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_count(tmp_path):
@@ -230,6 +349,7 @@ def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_cou
                              {"nodes": ["n0", "n1"], "active_groups": 1}, {},
                              remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
     job, trainer = load_job(str(path))
+    _checkpoints(tmp_path / "job" / "checkpoints", 100, 120)
     first = Supervisor(job, trainer)
     try:
         assert first.executor.run([Rewind(120, 110, 120, 124, checkpoint_step=100)], 0.0) is None
@@ -244,3 +364,93 @@ def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_cou
     (tmp_path / "job" / RECORD_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="delete it"):
         Supervisor(job, trainer)
+
+
+def test_a_remediation_json_of_another_run_is_refused_at_start_naming_the_file(tmp_path):
+    """Review 14b, N3: remediation.json named no run. A new run in the same output dir (another
+    checkpoint.dir, or the old checkpoints deleted to start over) silently skipped its clean data and
+    started with its rewinds spent. Now the record names its job and checkpoint URL, and one of
+    another run (or with no committed checkpoint left to belong to) is refused in one line naming the
+    file and the fix; the same run's record is carried, said in an event."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100)
+    RewindRecord("rw", str(root)).add("120-320").save(tmp_path / "job")
+    ex, trainer = _executor(tmp_path, root)  # the same run: carried, and said
+    assert trainer["data"]["skip_steps"] == ["120-320"] and ex.rewound.rewinds == 1
+    assert [e["event"] for e in _events(tmp_path)] == ["rewinds_carried"]
+    for name, url in (("other", root), ("rw", tmp_path / "fresh"), ("rw", tmp_path / "empty")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(ConfigError) as err:
+            _executor(tmp_path, url, name)
+        said = str(err.value)
+        assert RECORD_FILE in said and "another run" in said and "delete the file" in said and "\n" not in said
+
+
+@pytest.mark.parametrize("text", [
+    '{"job": "rw", "checkpoint_url": "%s", "skip_steps": "120-124", "rewinds": 1}',
+    '{"job": "rw", "checkpoint_url": "%s", "skip_steps": ["124-120"], "rewinds": 1}',
+    '{"job": "rw", "checkpoint_url": "%s", "skip_steps": ["120-124"], "rewinds": "1"}',
+])
+def test_a_malformed_remediation_json_is_refused_at_start_not_by_every_launched_trainer(tmp_path, text):
+    """Review 14b, N3: `"skip_steps": "120-124"` became seven one-character ranges, and every trainer
+    launched with them exited 2. Now each entry is checked when the supervisor starts."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / RECORD_FILE).write_text(text % root)
+    with pytest.raises(ConfigError, match="delete it"):
+        _executor(tmp_path, root)
+
+
+def test_a_supervisor_refused_for_its_remediation_json_releases_the_directory_lock(tmp_path):
+    """Review 14b, N8 (a): the refusal came after the JobDirLock was claimed, so an in-process caller
+    (the demo, a test) was refused at its next start as "supervised by a live supervisor" (itself)."""
+    from watchtower.supervisor.config import load_job
+    from watchtower.supervisor.shell import Supervisor
+
+    path = tmp_path / "job.toml"
+    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                             {"nodes": ["n0", "n1"], "active_groups": 1}, {}))
+    job, trainer = load_job(str(path))
+    (tmp_path / "job").mkdir(exist_ok=True)
+    (tmp_path / "job" / RECORD_FILE).write_text("{not json")
+    with pytest.raises(ConfigError, match="delete it"):
+        Supervisor(job, trainer)
+    (tmp_path / "job" / RECORD_FILE).unlink()
+    Supervisor(job, trainer).lock.release()  # refused as "being supervised" before
+
+
+def test_a_window_both_in_the_config_and_in_remediation_json_is_warned_about(tmp_path):
+    """Review 14b, N8 (b): a window copied from the rewind event into train_overrides while
+    remediation.json still lists it was skipped twice, unsaid. Not merged (two rewinds may leave equal
+    windows), but said at start."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100)
+    RewindRecord("rw", str(root)).add("120-320").save(tmp_path / "job")
+    job = build(JobConfig, {"job": {"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
+                            "cluster": {"nodes": ["a", "b"]}})
+    trainer = {"train": {"tp": 1}, "data": {"skip_steps": ["120-320"]}}
+    Executor(job, trainer, str(root), launcher=None, lighthouse=lambda: None, groups={},
+             events=EventLog(tmp_path / "events.jsonl"), stats=JobStats(0.0, 1, 200), errors=StageErrors())
+    (event,) = _events(tmp_path)
+    assert event["duplicated"] == ["120-320"] and "skipped twice" in event["message"]
+
+
+def test_a_checkpoint_dir_with_glob_characters_lists_its_checkpoints(tmp_path):
+    """Review 14b, N4: the listing globbed an unescaped path; `runs/exp[1]/checkpoints` matched
+    nothing, and every spike was declined as "none committed yet" while the trainer resumed fine."""
+    root = tmp_path / "exp[1]" / "checkpoints"
+    _checkpoints(root, 80, 100)
+    assert committed_steps(str(root)) == (80, 100)
+
+
+def test_remediation_json_is_fsynced_with_its_directory_before_it_counts(tmp_path, monkeypatch):
+    """Review 14b, N9: written by rename without fsync, remediation.json could be empty after a node
+    crash, and the advised fix (delete it) forgot the skip that keeps the poison unread."""
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    RewindRecord("rw", "ckpt").add("120-124").save(tmp_path)
+    assert any(p.startswith(str(tmp_path / ".remediation.json")) for p in synced) and str(tmp_path) in synced

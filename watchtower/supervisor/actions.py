@@ -24,10 +24,11 @@ from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
+    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, EXIT_REWIND_FAILED, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
     GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
     RestartLighthouse, Rewind, RewindDeclined, SparesExhausted, Stop)
-from watchtower.supervisor.rewind import RewindRecord, retire_checkpoints
+from watchtower.supervisor.rewind import (RECORD_FILE, RewindRecord, committed_steps, restore_checkpoints,
+                                         retire_checkpoints)
 
 log = logging.getLogger("watchtower.supervisor")
 
@@ -69,8 +70,10 @@ class Executor:
         self.incidents: dict[str, Incident] = {}  # replica_id → its incident, until its group_failed event
         self._captures: list[Capture] = []
         # the rewinds of earlier supervisors of this run (rewind.py): their skips go on with every launch
-        self.rewound = RewindRecord.load(self.out)
-        self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), *self.rewound.skip_steps]
+        self.rewound = RewindRecord.load(self.out, job.job.name, checkpoint_url)
+        self._carry_rewinds()
+        self._halt: Stop | None = None  # a rewind that failed after its kills: the rest of the poll is not run
+        self._recorded: Rewind | None = None  # the rewind `record_rewind` wrote to remediation.json
         self.pages = SupervisorPages(job.job.name, job.cluster.spare_groups,
                                      direct_alerts(job.supervisor.alertmanager_url, errors.record))
         self._do = {Launch: ("launch", self.launch), Capture: ("capture", self.capture), Kill: ("kill", self.kill),
@@ -92,7 +95,27 @@ class Executor:
             stage, do = self._do[type(action)]
             with self.errors.guard(stage):
                 do(action, now)
+            if self._halt is not None:  # no launch may follow a rewind that did not happen
+                self.stop(self._halt)
+                return self._halt.code
         return None
+
+    def _carry_rewinds(self) -> None:
+        """Apply the record's skips to every launch, said in an event (a person must be able to see
+        why data is skipped); a window also in the config's own skip_steps is warned about, not merged
+        (two equal windows from two rewinds are legitimate, and are both applied)."""
+        if not self.rewound.rewinds:
+            return
+        own = list(self.trainer["data"].get("skip_steps", []))
+        self.trainer["data"]["skip_steps"] = [*own, *self.rewound.skip_steps]
+        twice = sorted(set(own) & set(self.rewound.skip_steps))
+        also = (f"; {', '.join(twice)} is also in the config's data.skip_steps, so it is skipped twice: drop it "
+                "from job.train_overrides" if twice else "")
+        if twice:
+            log.warning("remediation.json skip(s) %s also in data.skip_steps: skipped twice", twice)
+        self.events.emit("rewinds_carried", f"{self.rewound.rewinds} rewind(s) of this run carried from "
+                         f"{self.out / RECORD_FILE}: every launch skips {', '.join(self.rewound.skip_steps)}{also}",
+                         rewinds=self.rewound.rewinds, skip_steps=list(self.rewound.skip_steps), duplicated=twice)
 
     # ---- actions --------------------------------------------------------------------------------
 
@@ -214,33 +237,111 @@ class Executor:
 
     # ---- loss-spike remediation (remediation.py) -------------------------------------------------------
 
+    def record_rewind(self, actions: list[Action]) -> str:
+        """Before any action of a poll that rewinds: write the rewind to remediation.json (durably), so a
+        supervisor restarted at any later point goes on with its skip. "" when written (or no rewind);
+        else why not, and the shell has the policy decide again with the rewind refused (a declined
+        rewind: it pages, no group is killed, no rewind spent). Cost: one small write, two fsyncs."""
+        a = next((x for x in actions if isinstance(x, Rewind)), None)
+        if a is None:
+            return ""
+        try:
+            self.rewound.add(f"{a.skip_first}-{a.skip_last}").save(self.out)
+        except Exception as err:
+            self.errors.record("rewind", err)
+            return (f"{self.out / RECORD_FILE} could not be written ({one_line(err)}), so it was not rewound: "
+                    "free space or fix the permissions of the job's output_dir")
+        self._recorded = a
+        return ""
+
     def rewind(self, a: Rewind, now: float) -> None:
-        """Make every later launch skip the data window, then set aside every checkpoint after
-        `a.checkpoint_step` (rewind.py); the pool's restart, ordered in this same poll, loads that one.
-        The skip is recorded first, in memory and in remediation.json: a move that fails part-way
-        (counted under stage "rewind") leaves a restart from the newest checkpoint left that still
-        skips the window, never one without it."""
+        """After the kills (remediation.json already written by `record_rewind`): set aside every
+        checkpoint after the one to load (rewind.py), then make every later launch skip the data
+        window; the pool's restart, ordered in this same poll, loads that checkpoint. All or nothing,
+        from the restart's point of view: the checkpoints are listed again now (a save may have
+        committed or pruned since the poll listed them), and after the move the one loaded must be
+        the newest committed (a late save, Slurm's kill being asynchronous, is set aside too). If that
+        cannot be had, the moves are undone, the record put back, and the job stops (exit
+        EXIT_REWIND_FAILED, paged): a restart now would load the spiked weights with no skip due."""
         window = f"{a.skip_first}-{a.skip_last}"
+        try:
+            if self._recorded is not a:  # an executor driven without the shell's `record_rewind`
+                self.rewound.add(window).save(self.out)
+            step, folder, moved = self._set_aside(a)
+        except Exception as err:
+            self._rewind_failed(a, window, err)
+            raise
         # appended, never merged: each range counts the steps of the run as it went when that spike
         # was seen (after the earlier skips), and the trainer applies them in this order (data.py)
         self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), window]
-        self.rewound = self.rewound.add(window)
-        self.rewound.save(self.out)  # for a supervisor restarted on this directory
+        self.rewound, self._recorded = self.rewound.add(window), None
         self.stats.remediations["rewind"] += 1
-        said = (f"critical loss spike at step {a.spike_step} in every contributing group: restarting from the "
-                f"checkpoint of step {a.checkpoint_step} (the last at or before step {a.to_step}) and skipping the "
-                f"data of steps {window} ({a.skip_last - a.skip_first + 1} global batches)")
-        fields = dict(spike_step=a.spike_step, to_step=a.to_step, checkpoint_step=a.checkpoint_step,
-                      skip_steps=[a.skip_first, a.skip_last], batches=a.skip_last - a.skip_first + 1)
-        try:
-            folder, moved = retire_checkpoints(self.checkpoint_url, a.checkpoint_step)
-        except Exception as err:
-            self.events.emit("rewind", f"{said}; setting the later checkpoints aside FAILED ({one_line(err)}): the "
-                             "restart loads the newest one left", **fields, set_aside=None, error=one_line(err))
-            raise
-        record = self.events.emit("rewind", f"{said}; {len(moved)} later checkpoint entries set aside in {folder}",
-                                  **fields, set_aside=moved)
+        record = self.events.emit("rewind", f"critical loss spike at step {a.spike_step} in every contributing group: "
+                                  f"restarting from the checkpoint of step {step} (the last at or before step "
+                                  f"{a.to_step}) and skipping the data of steps {window} "
+                                  f"({a.skip_last - a.skip_first + 1} global batches); {len(moved)} later checkpoint "
+                                  f"entries set aside in {folder}", spike_step=a.spike_step, to_step=a.to_step,
+                                  checkpoint_step=step, skip_steps=[a.skip_first, a.skip_last],
+                                  batches=a.skip_last - a.skip_first + 1, set_aside=moved)
         self.pages.rewound(time.time(), record["message"])
+
+    def _set_aside(self, a: Rewind) -> tuple[int, str, list[str]]:
+        """(the checkpoint step loaded, the folder(s), the entries moved). Listed again after the kills:
+        the newest committed at or before `a.to_step` (the policy's pick, or an older one if a save
+        pruned it since; older only replays more steps, the skip still lies after it). Two rounds of
+        moves at most (the second catches a save that committed during the first), then a last
+        listing must show the loaded checkpoint as the newest committed; else every move is undone."""
+        url, rounds = self.checkpoint_url, []
+        try:
+            for attempt in range(3):
+                steps = committed_steps(url)
+                old_enough = [s for s in steps if s <= a.to_step]
+                if not old_enough:
+                    raise RuntimeError(f"no committed checkpoint at or before step {a.to_step} is left "
+                                       f"(after the kills: {list(steps) or 'none'})")
+                if steps[-1] == old_enough[-1]:
+                    return steps[-1], ", ".join(f for f, _ in rounds), [n for _, names in rounds for n in names]
+                if attempt < 2:
+                    rounds.append(retire_checkpoints(url, old_enough[-1]))
+            raise RuntimeError(f"checkpoints after step {old_enough[-1]} kept committing while being set aside "
+                               f"(newest: {steps[-1]})")
+        except Exception as err:
+            self._undo(rounds, err)
+            raise
+
+    def _undo(self, rounds: list[tuple[str, list[str]]], err: Exception) -> None:
+        """Put back every entry moved (last round first); an undo that fails is added to `err`'s words."""
+        try:
+            for folder, names in reversed(rounds):
+                restore_checkpoints(self.checkpoint_url, folder, names)
+        except Exception as undo:
+            err.args = (f"{one_line(err)}; putting the moved checkpoints back FAILED too ({one_line(undo)})",)
+
+    def _rewind_failed(self, a: Rewind, window: str, err: BaseException) -> None:
+        """The groups are dead and no checkpoint before the spike can be loaded: the record goes back
+        to what it was (this rewind did not happen, no rewind is spent), and the job stops, paged
+        (WatchtowerRewind's direct page, this message as its description; counted as a page), instead
+        of restarting from the spiked weights."""
+        self._recorded = None
+        try:
+            if self.rewound.rewinds:
+                self.rewound.save(self.out)
+            else:
+                (self.out / RECORD_FILE).unlink(missing_ok=True)
+            undone = ""
+        except Exception as undo:
+            undone = f"; remediation.json still lists the skip {window} ({one_line(undo)}): delete that entry"
+        message = (f"critical loss spike at step {a.spike_step} in every contributing group: the rewind to the "
+                   f"checkpoint of step {a.checkpoint_step} FAILED ({one_line(err)}); every group was stopped and "
+                   f"the job stops rather than restart from the spiked weights: look at {self.checkpoint_url}, "
+                   f"then resume with data.skip_steps = [\"{window}\"] from a checkpoint before step {a.skip_first}"
+                   f"{undone}")
+        self.stats.remediations["page"] += 1
+        self.events.emit("rewind_failed", message, spike_step=a.spike_step, to_step=a.to_step,
+                         checkpoint_step=a.checkpoint_step, skip_steps=[a.skip_first, a.skip_last],
+                         error=one_line(err))
+        self.pages.rewound(time.time(), message)
+        self._halt = Stop(EXIT_REWIND_FAILED, message)
 
     def rewind_declined(self, a: RewindDeclined, now: float) -> None:
         self.stats.remediations["page"] += 1

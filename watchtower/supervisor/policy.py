@@ -44,7 +44,7 @@ from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_LIGHTHOUSE, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind, GroupFailed,
     GroupFinished, GroupState, GroupView, Kill, LighthouseHealth, NodeUnhealthy, Outage, PolicyConfig, PolicyState,
     RestartLighthouse, Role, Stop, View, node_name_problem)
-from watchtower.supervisor.remediation import Rewind, agreed_spike, may_rewind, remedy
+from watchtower.supervisor.remediation import Rewind, RewindDeclined, agreed_spike, may_rewind, remedy
 from watchtower.validation import EXIT_CONFIG
 
 _PLANNED = (FailureKind.DRAINED, FailureKind.REWIND)  # never counted toward the failure budget
@@ -215,7 +215,8 @@ def _remedy_loss_spike(state: PolicyState, view: View, cfg: PolicyConfig, out: l
         return state
     if may_rewind(state.rewinds, cfg.remediation) and view.checkpoints is None:
         return state
-    action = remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or (), cfg.spike_patience)
+    action = (RewindDeclined(spike, view.rewind_refused) if view.rewind_refused else
+              remedy(spike, state.rewinds, cfg.remediation, view.checkpoints or (), cfg.spike_patience))
     # a rewind restarts every group: the spikes the new ones report are new, even at a step number seen
     # before (the skip was too short); remembered by step alone, such a spike got nothing, not even a record
     state = replace(state, spikes_seen=frozenset() if isinstance(action, Rewind) else state.spikes_seen | {spike})

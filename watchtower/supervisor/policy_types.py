@@ -20,6 +20,7 @@ from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindD
 from watchtower.validation import require
 
 EXIT_DONE, EXIT_CRASH_LOOP, EXIT_NO_NODES, EXIT_LIGHTHOUSE = 0, 3, 4, 5  # EXIT_CONFIG (2) is watchtower.validation's
+EXIT_REWIND_FAILED = 6  # a rewind's groups were killed, but its checkpoints could not be set aside (actions.py)
 
 
 class NodeState(Enum):

@@ -75,3 +75,5 @@ class View:
     # steps of the committed checkpoints, listed only while a loss spike may be rewound (rewind.py's
     # committed_steps: one listing); None: not listed this poll
     checkpoints: tuple[int, ...] | None = None
+    # why the shell cannot rewind this poll (remediation.json not written): the policy declines instead
+    rewind_refused: str = ""

@@ -88,8 +88,13 @@ class Supervisor:
         self.observer = Observer(self.out, trainer.train.tp, trainer.train.steps, self.errors)
         self.graceful = GracefulStop(self.out, self.cfg, self.groups, self.observer, self.errors, self.events,
                                      self.stats, trainer.checkpoint_url, SLEEP_SLICE_S)
-        self.executor = Executor(job, trainer.to_dict(), trainer.checkpoint_url, self.launcher,
-                                 lambda: self.lighthouse, self.groups, self.events, self.stats, self.errors)
+        try:  # a remediation.json refused: an in-process caller (the demo, a test) must be able to start again
+            self.executor = Executor(job, trainer.to_dict(), trainer.checkpoint_url, self.launcher,
+                                     lambda: self.lighthouse, self.groups, self.events, self.stats, self.errors)
+        except BaseException:
+            if lock is None:
+                self.lock.release()
+            raise
         self.state = replace(self.state, rewinds=self.executor.rewound.rewinds)  # max_rewinds is per run
         self.collector = SupervisorCollector(Snapshot(self.run_name, time.time()))
         self.registry = CollectorRegistry(auto_describe=False)
@@ -156,7 +161,7 @@ class Supervisor:
                 view = replace(view, checkpoints=committed_steps(self.executor.checkpoint_url))
         actions = []
         with self.errors.guard("decide"):
-            decided = gated_decision(self.state, view, self.policy_cfg, self.health, lambda: self._signal is not None)
+            decided = self._decide(view)
             # a stop signal cut the health gate short, or came while deciding: the loop stops by it now and
             # nothing decided is carried out (one stop, one job_stopped: the first decided)
             if decided is None or self._signal is not None:
@@ -173,6 +178,18 @@ class Supervisor:
             self.stats.track(time.time(), self.groups, self.stats.job_step, self.events)
         self._emit(view)
         return code
+
+    def _decide(self, view: View):
+        """`gated_decision`; a rewind decided is written to remediation.json before anything is carried
+        out, and if that fails the policy decides again with the rewind refused (it declines: pages,
+        kills nothing, spends no rewind). None: a stop signal cut the health gate short."""
+        stopping = lambda: self._signal is not None  # noqa: E731
+        decided = gated_decision(self.state, view, self.policy_cfg, self.health, stopping)
+        refused = self.executor.record_rewind(decided[1]) if decided is not None else ""
+        if refused:
+            decided = gated_decision(self.state, replace(view, rewind_refused=refused), self.policy_cfg,
+                                     self.health, stopping)
+        return decided
 
     def _emit(self, view: View) -> None:
         with self.errors.guard("file_sd"):

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import fsspec
 import torch
 
+from watchtower.step_ranges import parse_step_range
 from watchtower.trainer.staging import require_fsspec_backend, stage
 from watchtower.validation import ConfigError, require
 
@@ -80,19 +81,6 @@ class DataConfig:
             require(Path(self.source).exists(), "source", self.source,
                     "no such file or directory (give a local path, a glob, or an fsspec URL)")
         require_fsspec_backend(self.source)  # s3:// without s3fs: refused here, not as a traceback later
-
-
-def parse_step_range(text: str, key: str = "skip_steps") -> tuple[int, int]:
-    """"FIRST-LAST" or "N" as (first, last); a ConfigError naming `key` otherwise.
-
-    >>> parse_step_range("120-124"), parse_step_range("7")
-    ((120, 124), (7, 7))
-    """
-    first, _, last = str(text).partition("-")
-    ok = first.strip().isdigit() and (not last or last.strip().isdigit())
-    a, b = (int(first), int(last or first)) if ok else (0, 0)
-    require(ok and 1 <= a <= b, key, text, 'must be "FIRST-LAST" or "N": steps >= 1, FIRST <= LAST (e.g. "120-124")')
-    return a, b
 
 
 def due_skips(skip_steps: list[str], step: int, applied: set[int]) -> list[tuple[int, int]]:
