@@ -130,6 +130,43 @@ def test_a_py_spy_that_does_not_die_on_its_kill_is_left_behind_not_waited_for(tm
     assert found.source == "" and "killed, still not dead" in found.errors[0], found.errors
 
 
+class _Clock:
+    """time.monotonic / time.sleep for capture.py on a clock of its own: a wait costs no real time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+def test_stuck_py_spys_are_reaped_in_parallel_within_one_reap_wait(tmp_path, monkeypatch):
+    """Review 14b, N6: each py-spy past its deadline was killed and then waited for REAP_WAIT_S in
+    turn, so 16 stuck ranks (a hang on NFS stalls every rank's py-spy) held the loop 16 s past
+    capture_timeout_s. Now every overdue one is killed, then all are reaped against one shared
+    REAP_WAIT_S: the capture ends within budget + REAP_WAIT_S, and their output files are removed."""
+    clock = _Clock()
+
+    class Stuck(_PySpyInTheKernel):
+        def wait(self, timeout=None):
+            clock.sleep(timeout)  # a D-state child runs every wait out
+            return super().wait(timeout)
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setattr(capture_module, "pyspy_binary", lambda: "/bin/true")
+    monkeypatch.setattr(capture_module.subprocess, "Popen", Stuck)
+    monkeypatch.setattr(capture_module, "time", clock)
+    targets = [RankTarget(r, int(gone.stdout), tmp_path / f"stacks-r{r}.txt", tmp_path / f"flight-r{r}.json")
+               for r in range(16)]
+    found = capture(targets, tmp_path / "work", budget_s=2.0)
+    assert clock.now <= 2.0 + capture_module.REAP_WAIT_S, f"capture took {clock.now:g} s of a 2 s budget"
+    assert all("killed, still not dead" in f.errors[0] for f in found)
+    assert not list((tmp_path / "work").glob("pyspy-*")), "the killed py-spys' output files were left"
+
+
 def test_a_py_spy_dump_of_another_shape_is_that_ranks_error_not_the_whole_capture(tmp_path, monkeypatch):
     """A frame without its `filename` raised KeyError out of the capture (only ValueError was caught):
     every incident of that poll was lost, not just that rank's stack."""

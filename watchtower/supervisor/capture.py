@@ -83,11 +83,13 @@ def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             running[i] = (subprocess.Popen([binary, "dump", "--pid", str(t.pid), "--json"], stdout=stdout,
                                           stderr=stderr, stdin=subprocess.DEVNULL), out, err)
+    overdue = []
     for i, (proc, out, err) in running.items():
         try:
             code = proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
-            found[i].errors.append("py-spy: no answer before the deadline" + _kill(proc))
+            proc.kill()  # reaped below, all together
+            overdue.append(i)
             continue
         text = out.read_text(errors="replace")
         try:
@@ -99,14 +101,20 @@ def _with_pyspy(targets: list[RankTarget], workdir: Path, found: list[RankStacks
         finally:
             out.unlink(missing_ok=True)
             err.unlink(missing_ok=True)
+    reap_deadline = time.monotonic() + REAP_WAIT_S  # one wait for all: 16 stuck ranks cost 1 s, not 16
+    for i in overdue:
+        proc, out, err = running[i]
+        found[i].errors.append("py-spy: no answer before the deadline" + _reap(proc, reap_deadline))
+        out.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
 
 
-def _kill(proc: subprocess.Popen) -> str:
-    """SIGKILL a py-spy past its deadline and reap it, waiting REAP_WAIT_S at most: "" once it is
-    gone, else what the error should add (the capture goes on; subprocess reaps it at a later Popen)."""
-    proc.kill()
+def _reap(proc: subprocess.Popen, deadline: float) -> str:
+    """Reap a py-spy killed past its deadline, waiting until `deadline` at most (shared by every killed
+    py-spy, REAP_WAIT_S after the capture's py-spy deadline): "" once it is gone, else what the error
+    should add (the capture goes on; subprocess reaps it at a later Popen)."""
     try:
-        proc.wait(timeout=REAP_WAIT_S)
+        proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
         return ""
     except subprocess.TimeoutExpired:
         return f"; killed, still not dead after {REAP_WAIT_S:g} s (stuck in the kernel reading the rank?): left behind"
