@@ -9,6 +9,7 @@ order of work when a checkpoint move fails.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -77,7 +78,8 @@ def test_with_loss_spike_patience_the_skip_starts_at_the_first_spiking_step_not_
 @pytest.mark.parametrize("cfg,interval,keep,refused", [
     (DEFAULT, 0, 3, "checkpoint.interval_steps = 0 saves only at the end"),  # the trainer's default
     (DEFAULT, 20, 3, "checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back"),  # the review's case
-    (DEFAULT, 20, 6, None),
+    (DEFAULT, 20, 6, "checkpoint.keep_last = 6 saves every 20 steps reach 100 steps back"),  # 14b N5: + a save of lag
+    (DEFAULT, 20, 7, None),
     (NEAR, 20, 3, None),
     (RemediationConfig("page"), 0, 1, None),  # only paging: checkpoints are the trainer's business
 ])
@@ -98,6 +100,25 @@ def test_a_job_whose_checkpoints_never_reach_back_past_the_rewind_margin_is_refu
     with pytest.raises(ConfigError) as err:
         load_job(str(path))
     assert err.value.field == "remediation.loss_spike" and refused in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_config_accepted_when_read_does_not_decline_spikes_for_patience_or_one_save_of_lag():
+    """Review 14b, N5: the load-time check asked only (keep_last - 1) x interval >= rewind_margin, but
+    the rewind needs a checkpoint at or before spike - (patience - 1) - margin while the newest kept
+    one may be a save past the spike: configs it accepted declined most spikes at run time. Now every
+    accepted config rewinds every spike whose newest checkpoint is at most one save past it."""
+    accepted = 0
+    for interval, keep, margin, patience in itertools.product((10, 20), range(2, 9), (10, 40, 100), (1, 3, 5)):
+        cfg = RemediationConfig("rewind", rewind_margin=margin, skip_batches_after=20)
+        if checkpoints_problem(cfg, interval, keep, patience) is not None:
+            continue
+        accepted += 1
+        for spike in range(500, 500 + interval):
+            newest = (spike + interval) // interval * interval  # one save past the spike at most
+            kept = [newest - k * interval for k in range(keep)]
+            action = remedy(spike, 0, cfg, kept, patience)
+            assert isinstance(action, Rewind), (interval, keep, margin, patience, spike, kept, action)
+    assert accepted > 20
 
 
 def test_the_committed_checkpoints_a_rewind_picks_among_are_those_with_a_manifest(tmp_path):

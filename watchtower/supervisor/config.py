@@ -206,7 +206,8 @@ def load_job(path: str, overrides: list[tuple[str, Any]] = ()) -> tuple[JobConfi
         set_dotted(data, key, value)
     job = build(JobConfig, data)
     trainer = job.trainer()
-    problem = checkpoints_problem(job.remediation, trainer.checkpoint.interval_steps, trainer.checkpoint.keep_last)
+    problem = checkpoints_problem(job.remediation, trainer.checkpoint.interval_steps, trainer.checkpoint.keep_last,
+                                  trainer.monitor.loss_spike.patience)
     if problem:
         raise ConfigError("remediation.loss_spike", job.remediation.loss_spike, problem)
     return job, trainer

@@ -15,8 +15,9 @@ skip the data window exactly (`data.skip_steps`, see watchtower/trainer/data.py)
 restarts ~100 steps before a spike and skips 200-500 batches. Risks: the skipped data is not trained
 on in that epoch; a skip that misses the cause spikes again (max_rewinds bounds that, then pages).
 
-No committed checkpoint at or before `spike_step - rewind_margin` (checkpoint.keep_last x
-interval_steps shorter than the margin, or interval_steps = 0): the rewind is declined, and the spike
+No committed checkpoint at or before `spike_step - rewind_margin` (a supervisor that saw the spike
+late, or interval_steps = 0; a config whose checkpoints never reach back that far is refused when
+read, `checkpoints_problem`): the rewind is declined, and the spike
 pages with the reason. Setting every checkpoint aside would restart the run from step 0, throwing its
 whole progress away, and a checkpoint inside the margin may already hold the damage the margin is
 there to avoid; so neither is done on the person's behalf. `rewind_margin` must be >= 1 (the
@@ -75,28 +76,33 @@ class RewindDeclined:  # a record: the spike pages as usual
     why: str
 
 
-def checkpoints_problem(cfg: RemediationConfig, interval_steps: int, keep_last: int) -> str | None:
+def checkpoints_problem(cfg: RemediationConfig, interval_steps: int, keep_last: int, patience: int = 1) -> str | None:
     """Why the trainer's checkpoints can never hold one old enough for a rewind (None: they can), so a
-    job that asks for rewinds is refused when it is read instead of only paging at its first spike.
-    The kept checkpoints reach (keep_last - 1) x interval_steps behind the newest, which may be the
-    spike's own step: that must cover rewind_margin.
+    job that asks for rewinds is refused when it is read instead of only paging at its spikes. The
+    kept checkpoints reach (keep_last - 1) x interval_steps behind the newest, and the newest may be
+    one save past the reported spike (saves go on while the detector's streak ends and the supervisor
+    scrapes it); the rewind needs one at or before spike - (patience - 1) - rewind_margin. So the
+    reach must cover rewind_margin + patience - 1 + interval_steps (`patience`: the trainers'
+    monitor.loss_spike.patience). A floor for one save of lag: a supervisor that sees a spike later
+    than that can still decline it, with the reason.
 
     >>> checkpoints_problem(RemediationConfig("rewind", rewind_margin=10), 20, 3) is None
     True
     >>> checkpoints_problem(RemediationConfig("rewind"), 20, 3).split(":")[0]
-    'checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back, less than rewind_margin = 100'
+    'checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back, less than the 120 a rewind needs (rewind_margin 100 + patience - 1 = 0 + one interval of saves past the spike 20)'
     """
     if cfg.loss_spike != "rewind":
         return None
     if interval_steps == 0:
         return ("checkpoint.interval_steps = 0 saves only at the end: a rewind has nothing to go back to; set "
                 'checkpoint.interval_steps (job.train_overrides) or use loss_spike = "page"')
-    depth = (keep_last - 1) * interval_steps
-    if depth < cfg.rewind_margin:
-        need = -(-cfg.rewind_margin // interval_steps) + 1
+    depth, needed = (keep_last - 1) * interval_steps, cfg.rewind_margin + patience - 1 + interval_steps
+    if depth < needed:
+        need = -(-needed // interval_steps) + 1
         return (f"checkpoint.keep_last = {keep_last} saves every {interval_steps} steps reach {depth} steps back, "
-                f"less than rewind_margin = {cfg.rewind_margin}: raise checkpoint.keep_last to {need} or lower "
-                "remediation.rewind_margin")
+                f"less than the {needed} a rewind needs (rewind_margin {cfg.rewind_margin} + patience - 1 = "
+                f"{patience - 1} + one interval of saves past the spike {interval_steps}): raise "
+                f"checkpoint.keep_last to {need} or lower remediation.rewind_margin")
     return None
 
 
