@@ -103,6 +103,18 @@ def test_when_every_rank_waits_in_a_collective_the_flight_records_name_the_one_b
     assert verdict(without)[0] == 0 and verdict(without)[2].endswith("(every rank waits in a collective)")
 
 
+def test_the_fault_injectors_frames_are_set_aside_when_the_rank_imported_through_a_symlink():
+    """Review 14b, N7: PACKAGE_ROOT is the resolved path, a rank's frames carry the path it imported
+    through (a clone under a symlinked project dir, an automount path): faults.py counted as the
+    user's code, and a fire drill's hang was pinned on the injector's own sleep."""
+    from watchtower.supervisor.stacks import is_user_code
+
+    drill = Frame("_sleep", "/home/u/proj-link/watchtower/trainer/faults.py", 40)
+    user = Frame("train_step", "/home/u/proj-link/my_train.py", 12)
+    assert not is_user_code(drill)
+    assert culprit({0: [Thread("MainThread", (drill, user))]})[1] == user
+
+
 class _PySpyInTheKernel:
     """A py-spy stuck in an uninterruptible read of a rank's memory: SIGKILL does not end it yet."""
 

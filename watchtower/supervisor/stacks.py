@@ -33,6 +33,9 @@ _PACKAGES = ("/site-packages/", "/dist-packages/")
 # the bundled trainer is the user's code even when installed as a package: this package's directory,
 # or a rank's installed copy (`.../site-packages/watchtower/`)
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+# a rank's frames carry the path it imported through (a symlinked clone, an automount path), not the
+# resolved one: both spellings of this package's root count
+_PACKAGE_ROOTS = tuple(dict.fromkeys((PACKAGE_ROOT, str(Path(__file__).absolute().parents[1]))))
 _OURS_INSTALLED = tuple(f"{p}watchtower/" for p in _PACKAGES)
 _INJECTOR = "trainer/faults.py"
 _COLLECTIVE = ("/torch/distributed/", "/torchft/")
@@ -117,8 +120,9 @@ def our_module(path: str) -> str | None:
     >>> our_module("/home/u/watchtower/.venv/lib/python3.11/site-packages/torch/cuda/__init__.py") is None
     True
     """
-    if path.startswith(PACKAGE_ROOT + "/"):
-        return path[len(PACKAGE_ROOT) + 1:]
+    root = next((r for r in _PACKAGE_ROOTS if path.startswith(r + "/")), None)
+    if root is not None:
+        return path[len(root) + 1:]
     return next((path.split(m, 1)[1] for m in _OURS_INSTALLED if m in path), None)
 
 
@@ -129,10 +133,14 @@ def is_user_code(frame: Frame) -> bool:
     (True, False)
     >>> is_user_code(Frame("before_step", "/v/site-packages/watchtower/trainer/faults.py", 125))
     False
+
+    The injector is also known by its path's end, anchored at a `watchtower/` directory: a rank that
+    imported this package through another path than the supervisor (a symlink it does not share)
+    still gets the drill's own sleep set aside, never named as the culprit.
     """
     path = frame.file
     ours = our_module(path)
-    if path.startswith("<") or ours == _INJECTOR:
+    if path.startswith("<") or ours == _INJECTOR or path.endswith(f"/watchtower/{_INJECTOR}"):
         return False
     if ours is not None:
         return True
