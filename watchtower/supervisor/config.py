@@ -68,9 +68,9 @@ class JobSection:
 
 def listed_node_problem(name: str, slurm: bool) -> str | None:
     """Why `name` cannot be an item of cluster.nodes / cluster.exclude, or None. Every name becomes a
-    directory name; on Slurm (and in exclude, which sbatch reads) it is also written into the batch
-    script and compared with Slurm's names: whitespace would end the #SBATCH block, and a hostlist
-    would be expanded by sbatch but not by the launcher.
+    directory name; on Slurm it is also written into the batch script and compared with Slurm's
+    names: whitespace would end the #SBATCH block, and a hostlist would be expanded by sbatch but not
+    by the launcher. The local launcher's slots are only names (an exclude item must be one of them).
 
     >>> [listed_node_problem(n, slurm=True) for n in ("gpu-07", "n1 ")]
     [None, 'contains whitespace: one node name per item, as Slurm writes it']
@@ -120,7 +120,7 @@ class ClusterSection:
         for key in ("nodes", "exclude"):  # exclude even without nodes: on Slurm it is written into the batch script
             names = getattr(self, key)
             for i, node in enumerate(names):
-                problem = listed_node_problem(node, slurm=self.launcher == "slurm" or key == "exclude")
+                problem = listed_node_problem(node, slurm=self.launcher == "slurm")
                 require(problem is None, f"{key}[{i}]", node, problem)
             require(len(set(names)) == len(names), key, names, "must not repeat a node")
         require(self.active_groups >= 1, "active_groups", self.active_groups, "must be >= 1")
