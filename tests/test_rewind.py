@@ -318,6 +318,25 @@ def test_a_rewind_writes_its_record_before_any_group_is_killed(tmp_path, monkeyp
         sup.lock.release()
 
 
+def test_a_rewind_decided_in_a_poll_a_stop_signal_ends_is_not_recorded(tmp_path, monkeypatch):
+    """Review 14b, N1: the record is written before the kills, so a poll that a stop signal ends after
+    deciding (nothing carried out) must not leave a rewind in remediation.json that never happened."""
+    import signal
+
+    sup, view = _spiking_supervisor(tmp_path, monkeypatch)
+    try:
+        sup._signal = signal.SIGTERM
+        decided = sup._decide(view)
+        assert decided is not None and not (tmp_path / "job" / RECORD_FILE).exists()
+        sup._signal = None
+        sup._decide(view)
+        assert (tmp_path / "job" / RECORD_FILE).exists()
+        sup.executor.unrecord_rewind()  # what poll_once does when the signal comes right after
+        assert not (tmp_path / "job" / RECORD_FILE).exists()
+    finally:
+        sup.lock.release()
+
+
 def test_a_checkpoint_saved_or_pruned_between_the_listing_and_the_move_is_seen_before_the_launch(tmp_path,
                                                                                                   monkeypatch):
     """Review 14b, N2: the checkpoint was picked from a listing taken before the health gate and the

@@ -254,6 +254,18 @@ class Executor:
         self._recorded = a
         return ""
 
+    def unrecord_rewind(self) -> None:
+        """Put remediation.json back as it was before `record_rewind` (nothing if none is pending):
+        for a poll that stops by a signal after recording, and for a rewind that failed. Raises if the
+        file cannot be written."""
+        if self._recorded is None:
+            return
+        self._recorded = None
+        if self.rewound.rewinds:
+            self.rewound.save(self.out)
+        else:
+            (self.out / RECORD_FILE).unlink(missing_ok=True)
+
     def rewind(self, a: Rewind, now: float) -> None:
         """After the kills (remediation.json already written by `record_rewind`): set aside every
         checkpoint after the one to load (rewind.py), then make every later launch skip the data
@@ -267,6 +279,7 @@ class Executor:
         try:
             if self._recorded is not a:  # an executor driven without the shell's `record_rewind`
                 self.rewound.add(window).save(self.out)
+                self._recorded = a
             step, folder, moved = self._set_aside(a)
         except Exception as err:
             self._rewind_failed(a, window, err)
@@ -322,12 +335,8 @@ class Executor:
         to what it was (this rewind did not happen, no rewind is spent), and the job stops, paged
         (WatchtowerRewind's direct page, this message as its description; counted as a page), instead
         of restarting from the spiked weights."""
-        self._recorded = None
         try:
-            if self.rewound.rewinds:
-                self.rewound.save(self.out)
-            else:
-                (self.out / RECORD_FILE).unlink(missing_ok=True)
+            self.unrecord_rewind()
             undone = ""
         except Exception as undo:
             undone = f"; remediation.json still lists the skip {window} ({one_line(undo)}): delete that entry"

@@ -165,6 +165,7 @@ class Supervisor:
             # a stop signal cut the health gate short, or came while deciding: the loop stops by it now and
             # nothing decided is carried out (one stop, one job_stopped: the first decided)
             if decided is None or self._signal is not None:
+                self.executor.unrecord_rewind()  # a rewind written to remediation.json did not happen
                 return None
             self.state, actions = decided
             for g in self.groups.values():  # the policy has now seen each exit once
@@ -185,7 +186,9 @@ class Supervisor:
         kills nothing, spends no rewind). None: a stop signal cut the health gate short."""
         stopping = lambda: self._signal is not None  # noqa: E731
         decided = gated_decision(self.state, view, self.policy_cfg, self.health, stopping)
-        refused = self.executor.record_rewind(decided[1]) if decided is not None else ""
+        if decided is None or stopping():
+            return decided
+        refused = self.executor.record_rewind(decided[1])
         if refused:
             decided = gated_decision(self.state, replace(view, rewind_refused=refused), self.policy_cfg,
                                      self.health, stopping)
