@@ -65,6 +65,9 @@ def substitute(expr: str) -> str:
             .replace("$__rate_interval", "15s"))
 
 
+LIGHT_MODEL = ["train.seq_len=32", "train.micro_batch_size=2"]  # the panels need numbers, not compute
+
+
 def job_events(job_dir: Path) -> list[dict]:
     path = job_dir / "events.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -77,7 +80,7 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
     data where the ranks have a GPU, and this machine has none."""
     job_dir = tmp_path / "job"
     # peak_flops: a CPU has no entry in the table of known parts, so MFU needs the peak given
-    overrides = ["train.steps=2000", "monitor.system_interval_s=1.0", "checkpoint.interval_steps=500",
+    overrides = ["train.steps=2000", "monitor.system_interval_s=1.0", "checkpoint.interval_steps=500", *LIGHT_MODEL,
                  "monitor.peak_flops=1e12"]
     job = tmp_path / "job.toml"
     job.write_text(job_toml(
