@@ -159,13 +159,16 @@ def test_loss_spike_pages_only_for_a_rank_scraped_before_its_spike(stack):
 SPEED_ALERTS = {"WatchtowerThroughputDrop", "WatchtowerDataWaitRising", "WatchtowerDataStall", "WatchtowerStragglerRank"}
 
 
+LIGHT_BATCH = ("--train.seq_len", "32", "--train.micro_batch_size", "2")  # the rules read counters, not compute
+
+
 def start_trainer(processes, tmp_path, run: str, port: int, *inject: str):
     """A tiny 120-step trainer on `port` that keeps serving its last /metrics after the run for longer
     than any test lasts (the `processes` fixture ends it), so the series the rules read stay scraped."""
     return processes.start(watchtower_cmd(
         "train", "--config", "tiny", "--steps", "120", "--run", run, "--port", str(port),
         "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600",
-        *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
+        *LIGHT_BATCH, *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
 
 
 def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes, stack):
