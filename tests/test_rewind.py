@@ -253,7 +253,8 @@ def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_c
     monkeypatch.setattr(local.LocalFileSystem, "mv", mv)
     ex, trainer = _executor(tmp_path, root)
     launch = Launch("b", Role.ACTIVE, LaunchReason.RESTART)
-    code = ex.run([Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100), launch], 0.0)
+    rewind = Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)
+    code = ex.run([rewind, launch], 0.0)
     assert code == EXIT_REWIND_FAILED
     assert _top(root) == ["step-00000100", "step-00000120", "step-00000140"]  # all back: a person decides
     assert trainer["data"]["skip_steps"] == [] and not (tmp_path / "job" / RECORD_FILE).exists()

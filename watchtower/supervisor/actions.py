@@ -24,8 +24,8 @@ from watchtower.supervisor.lighthouse import Lighthouse
 from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.observe import Group
 from watchtower.supervisor.policy_types import (
-    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, EXIT_REWIND_FAILED, Action, Capture, DrainNode, DrainRejected, Failure, FailureKind,
-    GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
+    EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, EXIT_REWIND_FAILED, Action, Capture, DrainNode, DrainRejected,
+    Failure, FailureKind, GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
     RestartLighthouse, Rewind, RewindDeclined, SparesExhausted, Stop)
 from watchtower.supervisor.rewind import (RECORD_FILE, RewindRecord, committed_steps, restore_checkpoints,
                                          retire_checkpoints)
@@ -96,8 +96,9 @@ class Executor:
             with self.errors.guard(stage):
                 do(action, now)
             if self._halt is not None:  # no launch may follow a rewind that did not happen
-                self.stop(self._halt)
-                return self._halt.code
+                halt, self._halt = self._halt, None
+                self.stop(halt)
+                return halt.code
         return None
 
     def _carry_rewinds(self) -> None:

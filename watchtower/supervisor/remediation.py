@@ -88,8 +88,8 @@ def checkpoints_problem(cfg: RemediationConfig, interval_steps: int, keep_last: 
 
     >>> checkpoints_problem(RemediationConfig("rewind", rewind_margin=10), 20, 3) is None
     True
-    >>> checkpoints_problem(RemediationConfig("rewind"), 20, 3).split(":")[0]
-    'checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back, less than the 120 a rewind needs (rewind_margin 100 + patience - 1 = 0 + one interval of saves past the spike 20)'
+    >>> checkpoints_problem(RemediationConfig("rewind"), 20, 3).split(" (")[0]
+    'checkpoint.keep_last = 3 saves every 20 steps reach 40 steps back, less than the 120 a rewind needs'
     """
     if cfg.loss_spike != "rewind":
         return None

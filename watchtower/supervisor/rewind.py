@@ -75,9 +75,9 @@ class RewindRecord:
             for i, window in enumerate(record.skip_steps):
                 parse_step_range(window, f"skip_steps[{i}]")
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(str(path), type(err).__name__, 'must be {"job": ..., "checkpoint_url": ..., "skip_steps": '
-                              '["FIRST-LAST", ...], "rewinds": N} as a rewind wrote it; delete it to forget this '
-                              "run's rewinds") from None
+            raise ConfigError(str(path), type(err).__name__, 'must be {"job": ..., "checkpoint_url": ..., '
+                              '"skip_steps": ["FIRST-LAST", ...], "rewinds": N} as a rewind wrote it; delete it to '
+                              "forget this run's rewinds") from None
         return record
 
     @classmethod
@@ -92,7 +92,8 @@ class RewindRecord:
         if not mine or not committed_steps(checkpoint_url):
             whose = (f"job {record.job!r}, checkpoints {record.checkpoint_url}" if not mine
                      else f"checkpoints {checkpoint_url}, which now hold no committed checkpoint")
-            raise ConfigError(str(Path(out) / RECORD_FILE), f"{record.rewinds} rewind(s), skips {list(record.skip_steps)}",
+            raise ConfigError(str(Path(out) / RECORD_FILE),
+                              f"{record.rewinds} rewind(s), skips {list(record.skip_steps)}",
                               f"belongs to another run ({whose}); this is job {job!r} with checkpoints "
                               f"{checkpoint_url}: delete the file (or move it away) to start this run without "
                               "them, or point checkpoint.dir back at that run's checkpoints")
