@@ -93,9 +93,9 @@ def test_sbatch_options_from_the_slurm_table():
                     slurm=SlurmSection(partition="h100", account="llm", time="2-00:00:00", gpus_per_node=8,
                                        reserve_nodes=1, extra=["--qos=high"], stop_warning_s=120))
     assert sbatch_options(job, tp=8) == [
-        "--job-name=big", "--nodes=51", "--ntasks-per-node=8", "--no-kill", "--signal=B:USR1@120",
+        "--qos=high", "--job-name=big", "--nodes=51", "--ntasks-per-node=8", "--no-kill", "--signal=B:USR1@120",
         "--output=/runs/big/slurm-%j.out", "--partition=h100", "--account=llm", "--time=2-00:00:00",
-        "--gpus-per-node=8", "--qos=high"]
+        "--gpus-per-node=8"]
 
 
 @pytest.mark.parametrize("key, value", [("partition", "a b"), ("extra", ["qos=high"]), ("srun_args", ["--x\n#SBATCH"]),
@@ -109,7 +109,8 @@ def test_bad_slurm_table_is_refused(key, value):
 
 @pytest.mark.parametrize("item, key", [("--exclude=n9", "cluster.exclude"), ("-x n9", "cluster.exclude"),
                                        ("--nodelist=n1", "cluster.nodes"), ("--signal=B:USR1@5", "slurm.stop_warning_s"),
-                                       ("-pgpu", "slurm.partition")])
+                                       ("-pgpu", "slurm.partition"), ("--nodefile=/tmp/n", "cluster.nodes"),
+                                       ("--qos=high --exclude=n9", "cluster.exclude")])
 def test_an_option_watchtower_writes_is_refused_in_slurm_extra(item, key):
     """Review 13b, note b: `[slurm] extra` lines come after the ones watchtower writes, and a later
     #SBATCH line wins, so `extra = ["--exclude=..."]` silently undid `cluster.exclude` (S1 again), and
@@ -118,6 +119,22 @@ def test_an_option_watchtower_writes_is_refused_in_slurm_extra(item, key):
         SlurmSection(extra=[item])
     assert err.value.field == "extra[0]" and f"set {key} instead" in str(err.value), err.value
     SlurmSection(extra=["--qos=high", "--exclusive", "-C h100"])  # options watchtower does not write pass
+
+
+@pytest.mark.parametrize("extra", [["--exclud=n9", "--sig=B:USR1@5"], ["-sxn9"], ["--nodefi=/tmp/nodes"]])
+def test_an_abbreviated_or_bundled_option_in_slurm_extra_cannot_override_a_written_one(extra):
+    """Review 13c, F-B: the refusal above knows exact spellings only; sbatch also takes any unique prefix
+    of a long option (`--exclud`, `--sig`), bundled short options (`-sxn9` is -s, then -x n9) and
+    `--nodefile`, and the last #SBATCH line of an option wins. The `extra` lines now come first, so
+    every option watchtower writes follows them and wins, whatever the spelling (`--nodefile` / `-F`,
+    which sets the node list too, is now refused by name as well)."""
+    job = JobConfig(JobSection(name="demo", trainer_config="tiny", output_dir="/runs/demo"),
+                    ClusterSection(nodes=["n1", "n2", "n3"], active_groups=2, launcher="slurm", exclude=["n3"]),
+                    slurm=SlurmSection(extra=extra))
+    options = sbatch_options(job, tp=1)
+    assert options[:len(extra)] == extra, options
+    ours = options[len(extra):]
+    assert {"--exclude=n3", "--signal=B:USR1@60", "--nodelist=n1,n2", "--nodes=2"} <= set(ours), ours
 
 
 @pytest.mark.parametrize("warning, grace, field", [(0, 45, "slurm.stop_warning_s"), (5, 0, "slurm.stop_warning_s"),

@@ -46,9 +46,14 @@ def usable_nodes(job: JobConfig) -> list[str]:
 
 
 def sbatch_options(job: JobConfig, tp: int) -> list[str]:
-    """The #SBATCH options, in the order they are written."""
+    """The #SBATCH options, in the order they are written: `[slurm] extra` first, then watchtower's own.
+    sbatch reads the lines in order and the last one of an option wins, so nothing in `extra` can undo
+    an option watchtower writes (`cluster.exclude`, the checked `--signal`), whatever its spelling: an
+    abbreviation (`--exclud`), several options on one line, bundled short ones (`-sxn9`). Refusing those
+    by spelling could never be complete; the exact names are still refused (slurm_section.py), to say
+    which key to set instead."""
     c, s, out = job.cluster, job.slurm, job.job.output_path.absolute()
-    options = [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill"]
+    options = list(s.extra) + [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill"]
     options += [f"--signal=B:USR1@{s.stop_warning_s}"] if s.stop_warning_s else []  # 0: no warning asked for
     options += [f"--output={out / 'slurm-%j.out'}"]
     options += [f"--nodelist={','.join(usable_nodes(job))}"] if c.nodes else []
@@ -56,7 +61,7 @@ def sbatch_options(job: JobConfig, tp: int) -> list[str]:
     options += [f"--{key}={value}" for key, value in (("partition", s.partition), ("account", s.account),
                                                       ("time", s.time)) if value]
     options += [f"--gpus-per-node={s.gpus_per_node}"] if s.gpus_per_node else []
-    return options + list(s.extra)
+    return options
 
 
 def batch_script(job: JobConfig, tp: int, job_path: Path, overrides: list[str], python: str, cwd: Path) -> str:

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from watchtower.validation import require
 
 STOP_KILL_MARGIN_S = 10.0  # after stop_grace_s: kill what remains (a step's scancel), stop the Lighthouse, exit
-# sbatch options `watchtower sbatch` writes from the job file (sbatch.py): in `extra` one would override
-# ours (a later #SBATCH line wins), so an `--exclude` there would undo `cluster.exclude`; the key to use
+# sbatch options `watchtower sbatch` writes from the job file (sbatch.py), refused in `extra` by their exact
+# names to say which key to set instead; any other spelling (`--exclud`, `-sxn9`) is harmless: sbatch.py
+# writes `extra` first and the last #SBATCH line of an option wins
 WRITTEN_OPTIONS = {"--job-name": "job.name", "-J": "job.name", "--nodes": "cluster.nodes or the group counts",
                    "-N": "cluster.nodes or the group counts", "--nodelist": "cluster.nodes", "-w": "cluster.nodes",
+                   "--nodefile": "cluster.nodes", "-F": "cluster.nodes",
                    "--exclude": "cluster.exclude", "-x": "cluster.exclude", "--ntasks-per-node": "train.tp",
                    "--signal": "slurm.stop_warning_s", "--output": "job.output_dir", "-o": "job.output_dir",
                    "--partition": "slurm.partition", "-p": "slurm.partition", "--account": "slurm.account",
@@ -35,7 +37,8 @@ class SlurmSection:
     reserve_nodes: nodes asked for beyond active + spare groups: replacements for the spare pool
         after failures, without a wait in the queue.
     extra: more #SBATCH lines, like "--qos=high" or "--constraint=h100"; not an option watchtower
-        writes itself (WRITTEN_OPTIONS: --exclude, --signal, ...), which would override its key.
+        writes itself (WRITTEN_OPTIONS: --exclude, --signal, ...: set its key). Written before
+        watchtower's own lines, so no spelling of such an option overrides them (sbatch.py).
     srun_args: added to every group's srun, like "--gpus-per-task=1" or "--cpu-bind=cores".
     drain_failed_nodes: drain a node whose group failed in Slurm too (`scontrol update ... state=drain`);
         usually needs admin rights: a refusal is an event and a warning, the node is excluded anyway.
@@ -80,12 +83,14 @@ class SlurmSection:
 
 
 def written_option(item: str) -> str | None:
-    """The option of WRITTEN_OPTIONS that an `extra` item sets (`--exclude=n3`, `-x n3`, `-xn3`), or None.
+    """The option of WRITTEN_OPTIONS that an `extra` item names exactly (`--exclude=n3`, `-x n3`, `-xn3`, also
+    after another option on the same line), or None. Other spellings need no refusal (see WRITTEN_OPTIONS).
 
-    >>> [written_option(o) for o in ("--exclude=n3", "-x n3", "-xn3", "--qos=high", "--exclusive")]
-    ['--exclude', '-x', '-x', None, None]
+    >>> [written_option(o) for o in ("--exclude=n3", "-x n3", "-xn3", "--qos=high --exclude=n9", "--exclusive")]
+    ['--exclude', '-x', '-x', '--exclude', None]
     """
-    long = item.split("=", 1)[0].split()[0] if item.startswith("--") else None
-    if long is not None:
-        return long if long in WRITTEN_OPTIONS else None
-    return item[:2] if item[:2] in WRITTEN_OPTIONS else None
+    for token in (t for t in item.split() if t.startswith("-")):
+        name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+        if name in WRITTEN_OPTIONS:
+            return name
+    return None
