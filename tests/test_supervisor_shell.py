@@ -470,6 +470,32 @@ def test_sigusr1_before_any_group_finished_a_step_says_nothing_to_save_not_a_los
     assert said[0].get("checkpoint_saved") is None
 
 
+def test_a_group_failure_seen_in_the_poll_a_stop_signal_ends_is_still_recorded(supervisor, monkeypatch):
+    """Review 13c, F-C: a stop signal that arrived while a poll decided dropped the whole decision, so
+    a group that had died before it (a crash, an OOM) was never recorded: no group_failed event (its
+    exit code, its log tail), no failure counted, no page. The record is kept; what would act is not
+    (no drain: this very stop may have killed the group; no relaunch)."""
+    supervisor.poll_once()
+    victim = next(g for g in supervisor.groups.values() if g.running)
+    victim.process.kill()
+    wait_until(lambda: victim.process.poll() is not None, "the group to die")
+
+    def signalled_after_deciding(*args):
+        decided = gated_decision(*args)
+        supervisor.request_stop(signal.SIGTERM)
+        return decided
+
+    monkeypatch.setattr(shell, "gated_decision", signalled_after_deciding)
+    started = len([e for e in supervisor.events.events if e["event"] == "group_started"])
+    assert supervisor._loop() == 143
+    failed = [e for e in supervisor.events.events if e["event"] == "group_failed"]
+    assert [e["replica_id"] for e in failed] == [victim.replica_id], supervisor.events.events
+    assert failed[0]["drained"] is False and "node kept" in failed[0]["message"], failed[0]
+    assert sum(supervisor.stats.failures.values()) == 1, dict(supervisor.stats.failures)
+    assert not [e for e in supervisor.events.events if e["event"] == "node_drained"]
+    assert len([e for e in supervisor.events.events if e["event"] == "group_started"]) == started, "no relaunch"
+
+
 def _cmdline(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()

@@ -47,8 +47,8 @@ from watchtower.supervisor.lock import JobDirLock
 from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, group_roles, node_counts,
                                            write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
-from watchtower.supervisor.policy import node_states, spike_undecided
-from watchtower.supervisor.policy_types import PolicyState, View
+from watchtower.supervisor.policy import decide, node_states, spike_undecided
+from watchtower.supervisor.policy_types import Action, GroupFailed, PolicyState, View
 from watchtower.supervisor.rewind import committed_steps
 from watchtower.validation import ConfigError
 
@@ -62,6 +62,14 @@ log = logging.getLogger("watchtower.supervisor")
 # left no job_stopped event and file_sd targets of dead ranks that paged as down)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 SLEEP_SLICE_S = 0.1  # a stop signal is noticed within this, even while lingering
+
+
+def failures_only(actions: list[Action]) -> list[GroupFailed]:
+    """The group failures of a poll a stop signal ends, as records only (event, count, page): the
+    failure happened and its exit code and log tail must not be lost, but nothing acts on it. Its node
+    is not drained (Slurm signals the steps with us, so this very stop may have killed the group) and
+    no group is launched. Costs nothing beyond the events."""
+    return [GroupFailed(replace(a.failure, blamed=False)) for a in actions if isinstance(a, GroupFailed)]
 
 
 class Supervisor:
@@ -163,9 +171,12 @@ class Supervisor:
         with self.errors.guard("decide"):
             decided = self._decide(view)
             # a stop signal cut the health gate short, or came while deciding: the loop stops by it now and
-            # nothing decided is carried out (one stop, one job_stopped: the first decided)
+            # nothing decided is carried out (one stop, one job_stopped: the first decided), but a group
+            # failure this poll saw is still recorded
             if decided is None or self._signal is not None:
                 self.executor.unrecord_rewind()  # a rewind written to remediation.json did not happen
+                seen = decided[1] if decided is not None else decide(self.state, view, self.policy_cfg)[1]
+                self.executor.run(failures_only(seen), now)
                 return None
             self.state, actions = decided
             for g in self.groups.values():  # the policy has now seen each exit once
