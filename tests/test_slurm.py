@@ -372,6 +372,24 @@ def test_a_stop_signal_during_a_slurm_health_check_does_not_wait_for_squeue(tmp_
                "the cut check's step cancelled all the same", timeout=30)
 
 
+def test_the_cut_health_checks_step_cancel_is_not_orphaned_by_the_supervisor_exiting(tmp_path, monkeypatch):
+    """Review 13c, F-A: the cancel of a check cut by a stop signal ran on a daemon thread nobody waited
+    for: the supervisor exited under it, its squeue was left an orphan and scancel never ran (inside
+    `salloc` the allocation, and so the step, outlives the supervisor). The shutdown now joins it,
+    within command_timeout_s."""
+    from watchtower.supervisor.health import HealthCheck, HealthGate
+
+    started, calls = tmp_path / "check-started", tmp_path / "calls.log"
+    fake_command(tmp_path / "bin", "srun", f"touch {started}; exec sleep 600")
+    fake_command(tmp_path / "bin", "squeue", 'sleep 1; echo "123.0 watchtower-check-n1 n1"')  # a slow controller
+    fake_command(tmp_path / "bin", "scancel", f'echo "scancel $*" >> {calls}')
+    launcher = offline_launcher(tmp_path, monkeypatch, command_timeout_s=30)
+    gate = HealthGate(HealthCheck(timeout_s=60), launcher, StageErrors())
+    assert gate.unhealthy(["n1"], started.exists) is None
+    launcher.finish()  # what Supervisor.shutdown does last
+    assert calls.exists() and "scancel --quiet 123.0" in calls.read_text(), "the supervisor exited before scancel"
+
+
 def test_a_failed_slurm_query_keeps_down_nodes_down(tmp_path, monkeypatch, caplog):
     """Review 13, M2: a failed `scontrol` query made that poll's view list no DOWN node (the policy
     keeps no memory of them), so a dead node read FREE for a poll and could be picked for a launch;

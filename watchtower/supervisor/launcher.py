@@ -169,6 +169,11 @@ class Launcher(Protocol):
         cancel our steps there, drain it in Slurm). Returns what of that part failed, each on its own."""
         ...
 
+    def finish(self) -> None:
+        """The supervisor exits: wait (bounded) for what the launcher still does in the background
+        (Slurm: a cut health check's step cancel)."""
+        ...
+
 
 class LocalLauncher:
     """Nodes are slots on this machine. Node NAME's local disk is `nodes_dir/NAME/`: its data cache
@@ -187,6 +192,9 @@ class LocalLauncher:
 
     def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
         return NodeCleanup()  # a slot has nothing to cancel or drain beyond what the policy does
+
+    def finish(self) -> None:
+        pass  # a cut local check is killed in its own thread: nothing runs in the background
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:

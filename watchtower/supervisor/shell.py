@@ -288,6 +288,7 @@ class Supervisor:
             self._server.server_close()
             self._server = None
         self.executor.pages.alerts.close()  # the last pages (a crash loop) leave first, within a bound
+        self.launcher.finish()  # a cut health check's step cancel (Slurm), within command_timeout_s
         self.lock.release()
 
     # ---- reporting --------------------------------------------------------------------------------

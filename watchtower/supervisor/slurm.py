@@ -133,6 +133,7 @@ class SlurmLauncher:
         self.cfg, self.tp, self.cache_template, self.nodes_dir = cfg, tp, cache_template, Path(nodes_dir)
         self._down: set[str] = set()
         self._checked_at = 0.0
+        self._cancels: list[threading.Thread] = []  # cut health checks' step cancels, joined by `finish`
 
     @classmethod
     def from_allocation(cls, job: JobConfig, tp: int, cache_template: str,
@@ -197,14 +198,17 @@ class SlurmLauncher:
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:
         """`argv` as a one-task step on `node`; on a timeout or a cancel the step is cancelled as well.
-        After a cancel (a stop signal) that runs on its own daemon thread: its squeue and scancel may
-        take 2 x command_timeout_s on a slow controller, time the stop must not lose; the srun is dead
-        already, and Slurm ends the step with it (or the batch step's end does, if we exit first)."""
+        After a cancel (a stop signal) that runs on its own thread: its squeue and scancel may take
+        2 x command_timeout_s on a slow controller, time the stop must not lose. `finish` (the
+        supervisor's shutdown) joins it, so the process does not exit under it (which left its squeue
+        an orphan and never ran the scancel; inside `salloc` the allocation outlives us)."""
         name = f"{STEP_PREFIX}check-{node}"
         code, out = run_bounded(srun_argv(self.job_id, node, 1, name, [], argv),
                                 {**os.environ, **node_env(node, self.node_cache_dir(node))}, timeout_s, cancel)
         if code is None and cancel is not None and cancel.is_set():
-            threading.Thread(target=self._cancel_quietly, args=(name,), name=f"cancel-{name}", daemon=True).start()
+            thread = threading.Thread(target=self._cancel_quietly, args=(name,), name=f"cancel-{name}", daemon=True)
+            self._cancels.append(thread)
+            thread.start()
         elif code is None:
             self.cancel_step(name)
         return code, out
@@ -214,6 +218,18 @@ class SlurmLauncher:
             self.cancel_step(name)
         except SlurmError as err:  # the step ends with its dead srun all the same: one line, no traceback
             log.warning("cancelling the cut health check's step %s: %s", name, err)
+
+    def finish(self) -> None:
+        """Wait for the cut checks' step cancels, all together at most command_timeout_s (the stop's
+        last act, after job_stopped: it delays only the exit); one still running is logged, as its
+        step may outlive us."""
+        deadline = time.monotonic() + self.cfg.command_timeout_s
+        for thread in self._cancels:
+            thread.join(max(deadline - time.monotonic(), 0))
+        left = [t.name for t in self._cancels if t.is_alive()]
+        if left:
+            log.warning("exiting with %d health-check step cancel(s) unfinished after %g s (%s): the step may run "
+                        "until Slurm ends it", len(left), self.cfg.command_timeout_s, ", ".join(left))
 
     def node_failed(self, node: str, cause: str, step: int) -> NodeCleanup:
         """A node the policy drained: cancel every step of ours still there (a group whose `srun`
