@@ -496,6 +496,19 @@ def test_a_group_failure_seen_in_the_poll_a_stop_signal_ends_is_still_recorded(s
     assert len([e for e in supervisor.events.events if e["event"] == "group_started"]) == started, "no relaunch"
 
 
+def test_sigusr1_after_a_restart_does_not_say_no_group_had_finished_a_step(supervisor):
+    """Review 13c, F-D: SIGUSR1 while no running group had a heartbeat yet wrote "no group had finished
+    a step, nothing to save", also for a job at step 5000 whose groups had just been relaunched from
+    its checkpoint. Nothing to save is right (the state is in that checkpoint); the claim was not."""
+    supervisor.poll_once()  # sleeping groups: never a step of their own
+    supervisor.stats.job_step = 5000  # the job's step, kept over a restart of every group
+    supervisor.request_stop(signal.SIGUSR1)
+    assert supervisor._loop() == 138
+    message = [e for e in supervisor.events.events if e["event"] == "job_stopped"][0]["message"]
+    assert "no group had finished a step" not in message and "nothing to save" in message, message
+    assert "since its launch" in message and "step 5000" in message, message
+
+
 def _cmdline(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()

@@ -250,10 +250,18 @@ class Supervisor:
         code = 128 + signum
         said = (f"checkpoint of step {saved['stop_after_step']} {'saved' if saved['checkpoint_saved'] else 'NOT saved'}"
                 f", {len(saved['groups_stopped'])} groups stopped on request, {len(saved['groups_killed'])} killed; "
-                if saved else "no group had finished a step, nothing to save; " if graceful else "")
+                if saved else f"{self._nothing_to_save()}; " if graceful else "")
         self.events.emit("job_stopped", f"stopped by {name}: {said}every group and the Lighthouse stopped",
                          exit_code=code, signal=name, **saved)
         return code
+
+    def _nothing_to_save(self) -> str:
+        """Why SIGUSR1 saved nothing, as the supervisor knows it: no running group has finished a step
+        since its launch. The job may be far along (its groups relaunched from its checkpoint): that
+        checkpoint is where it resumes."""
+        step = self.stats.job_step
+        resumes = f" (the job is at step {step} and resumes from its last checkpoint)" if step else ""
+        return f"no running group has finished a step since its launch{resumes}, nothing to save"
 
     def _stop_gracefully(self, name: str) -> dict:
         """graceful_stop.py's protocol; a second stop signal after the request ends the wait."""
