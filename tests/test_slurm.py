@@ -248,6 +248,20 @@ def test_sbatch_prints_the_checkpointing_stop_and_says_plain_scancel_loses_steps
     assert "sbatch" in err and len(err.splitlines()) == 1, err
 
 
+def test_sbatch_with_no_graceful_stop_does_not_print_a_stop_that_saves_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """Review 13c, F-E: with stop_grace_s = 0 (no graceful stop; stop_warning_s = 0 is valid with it)
+    `watchtower sbatch` still printed `scancel --batch --signal=USR1 JOB (every group saves a
+    checkpoint, then exits)`, but SIGUSR1 then stops at once and saves nothing."""
+    job = write_job(tmp_path, steps=40, active=1, spares=0, slurm_table={"stop_warning_s": 0},
+                    supervisor_table={"stop_grace_s": 0})
+    fake_command(tmp_path / "bin", "sbatch", "echo 4242")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert cli.main(["sbatch", str(job)]) == 0
+    stop = [line.strip() for line in capsys.readouterr().out.splitlines() if "scancel" in line]
+    assert len(stop) == 1 and "--signal=USR1" not in stop[0] and "scancel 4242" in stop[0], stop
+    assert "no graceful stop" in stop[0] and "last periodic checkpoint" in stop[0], stop
+
+
 def offline_launcher(tmp_path: Path, monkeypatch, **slurm_keys) -> SlurmLauncher:
     """A launcher of job 123 on n1..n3 whose Slurm clients are the fakes in tmp_path/bin."""
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
@@ -450,7 +464,8 @@ def slurm(tmp_path_factory):
         yield bed
 
 
-def write_job(tmp_path: Path, *, steps: int, active: int, spares: int, tp: int = 1, slurm_table=None) -> Path:
+def write_job(tmp_path: Path, *, steps: int, active: int, spares: int, tp: int = 1, slurm_table=None,
+              supervisor_table=None) -> Path:
     overrides = [f"train.steps={steps}", f"train.tp={tp}", "checkpoint.interval_steps=20", "train.log_interval=1",
                  "monitor.system_interval_s=1.0", "data.stage=always", f"data.cache_dir={tmp_path}/local/{{node}}"]
     path = tmp_path / "job.toml"
@@ -458,7 +473,8 @@ def write_job(tmp_path: Path, *, steps: int, active: int, spares: int, tp: int =
         "job": {"name": "sl", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
                 "train_overrides": overrides},
         "cluster": {"active_groups": active, "spare_groups": spares, "launcher": "slurm"},
-        "supervisor": {"heartbeat_timeout_s": 15, "startup_grace_s": 90, "base_port": free_port(), "metrics_port": 0},
+        "supervisor": {"heartbeat_timeout_s": 15, "startup_grace_s": 90, "base_port": free_port(), "metrics_port": 0,
+                       **(supervisor_table or {})},
         "slurm": slurm_table or {}}))
     return path
 

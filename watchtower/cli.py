@@ -252,8 +252,11 @@ def cmd_sbatch(args: argparse.Namespace, rest: list[str], argv: list[str]) -> in
     print(f"  targets: {out / 'targets.json'} (Prometheus file_sd: watchtower prometheus-config --targets-file "
           f"{out / 'targets.json'})")
     print(f"  watch:   watchtower tui --targets-file {out / 'targets.json'}")
-    print(f"  stop:    scancel --batch --signal=USR1 {job_id}   (every group saves a checkpoint, then exits)")
-    print(f"  kill:    scancel {job_id}   (at once: the steps since the last checkpoint are lost)")
+    if job.supervisor.stop_grace_s:
+        print(f"  stop:    scancel --batch --signal=USR1 {job_id}   (every group saves a checkpoint, then exits)")
+        print(f"  kill:    scancel {job_id}   (at once: the steps since the last checkpoint are lost)")
+    else:  # SIGUSR1 would stop at once too: no stop saves a checkpoint
+        print(f"  stop:    scancel {job_id}   (no graceful stop configured: resumes from the last periodic checkpoint)")
     return 0
 
 
