@@ -509,6 +509,28 @@ def test_sigusr1_after_a_restart_does_not_say_no_group_had_finished_a_step(super
     assert "since its launch" in message and "step 5000" in message, message
 
 
+def test_the_stop_grace_clock_starts_before_the_scrapes_that_ask_whether_a_group_holds_state(supervisor,
+                                                                                             monkeypatch):
+    """Review 13c, N1: SIGUSR1 first asks whether a group holds state, which scrapes each running group
+    (up to 1 s each, one after another), and only then started the stop_grace_s clock: slow scrapes
+    ate into the 10 s kill margin before Slurm's time limit. The clock now starts with the signal."""
+    supervisor.poll_once()  # sleeping groups: no heartbeat until the scrape below gives them one
+    scraped: list[float] = []
+
+    def scrape(g):
+        scraped.append(time.monotonic())
+        g.heartbeat = time.time()
+
+    monkeypatch.setattr(supervisor.graceful.observer, "scrape", scrape)
+    waited: list[float] = []
+    monkeypatch.setattr(supervisor.graceful, "wait", lambda step, deadline, interrupted: waited.append(deadline) or {
+        "stop_after_step": step, "checkpoint_saved": False, "groups_stopped": [], "groups_killed": []})
+    supervisor.request_stop(signal.SIGUSR1)
+    assert supervisor._loop() == 138
+    assert scraped and waited, (scraped, waited)
+    assert waited[0] - supervisor.cfg.stop_grace_s <= scraped[0], "the grace clock started after the scrapes"
+
+
 def _cmdline(pid: int) -> str:
     try:
         return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode().strip()

@@ -40,17 +40,16 @@ class GracefulStop:
         self.errors, self.events, self.stats = errors, events, stats
         self.checkpoint_url, self.slice_s = checkpoint_url, slice_s
 
-    def request(self, name: str) -> tuple[int, float]:
-        """Agree the step, write the stop request, record `stop_requested`; (the step, the monotonic
-        deadline of the wait: `stop_grace_s` after the signal was handled)."""
-        deadline = time.monotonic() + self.cfg.stop_grace_s
+    def request(self, name: str) -> int:
+        """Agree the step, write the stop request, record `stop_requested`; the step. The wait's deadline
+        is the caller's, taken when the signal was handled (before `holding_state`'s scrapes)."""
         step, step_s = self._agreed_stop_step()
         with self.errors.guard("stop"):
             write_stop_request(self.out, step)
         self.events.emit("stop_requested", f"{name}: every group saves after step {step} and exits; what still "
                          f"runs in {self.cfg.stop_grace_s:g} s is killed", stop_after_step=step,
                          step_seconds=None if step_s is None else round(step_s, 4), grace_s=self.cfg.stop_grace_s)
-        return step, deadline
+        return step
 
     def wait(self, step: int, deadline: float, interrupted: Callable[[], bool]) -> dict:
         """Wait until each group holding state (one that has finished a step) has exited, the

@@ -245,7 +245,8 @@ class Supervisor:
         signum = self._signal
         name = signal.Signals(signum).name
         graceful = signum == signal.SIGUSR1 and self.cfg.stop_grace_s > 0
-        saved = self._stop_gracefully(name) if graceful and self.graceful.holding_state() else {}
+        deadline = time.monotonic() + self.cfg.stop_grace_s  # from the signal: holding_state's scrapes count
+        saved = self._stop_gracefully(name, deadline) if graceful and self.graceful.holding_state() else {}
         self._stop_groups()
         code = 128 + signum
         said = (f"checkpoint of step {saved['stop_after_step']} {'saved' if saved['checkpoint_saved'] else 'NOT saved'}"
@@ -263,9 +264,10 @@ class Supervisor:
         resumes = f" (the job is at step {step} and resumes from its last checkpoint)" if step else ""
         return f"no running group has finished a step since its launch{resumes}, nothing to save"
 
-    def _stop_gracefully(self, name: str) -> dict:
-        """graceful_stop.py's protocol; a second stop signal after the request ends the wait."""
-        step, deadline = self.graceful.request(name)
+    def _stop_gracefully(self, name: str, deadline: float) -> dict:
+        """graceful_stop.py's protocol until the monotonic `deadline`; a second stop signal after the
+        request ends the wait."""
+        step = self.graceful.request(name)
         self._signal = None  # a second stop signal ends the wait
         return self.graceful.wait(step, deadline, lambda: self._signal is not None)
 
