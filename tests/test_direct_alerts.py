@@ -67,6 +67,8 @@ def test_a_rewind_pages_directly_with_its_event_as_description(tmp_path):
     counter; tests/test_alerts.py holds the two to one contract)."""
     job = build(JobConfig, {"job": {"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job")},
                             "cluster": {"nodes": ["a", "b"]}})
+    (tmp_path / "checkpoints" / "step-00000100").mkdir(parents=True)  # one to rewind to: else it fails (14c, C4)
+    (tmp_path / "checkpoints" / "step-00000100" / "manifest.json").write_text("{}")
     ex = Executor(job, {"train": {"tp": 1}, "data": {"skip_steps": []}}, str(tmp_path / "checkpoints"),
                   launcher=None, lighthouse=lambda: None, groups={}, events=EventLog(tmp_path / "events.jsonl"),
                   stats=JobStats(0.0, 1, 200), errors=StageErrors())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from watchtower.supervisor.metrics import JobStats
 from watchtower.supervisor.remediation import RemediationConfig, Rewind, RewindDeclined, checkpoints_problem, remedy
 from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.policy_types import (EXIT_REWIND_FAILED, Launch, LaunchReason, Role, View)
-from watchtower.supervisor.rewind import RECORD_FILE, RewindRecord, committed_steps
+from watchtower.supervisor.rewind import (RECORD_FILE, RewindRecord, committed_steps, restore_checkpoints,
+                                         retire_checkpoints)
 from watchtower.toml_dataclasses import build
 from watchtower.trainer.data import DataConfig, PackedBatches, due_skips
 from watchtower.validation import ConfigError
@@ -236,11 +238,14 @@ def _top(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
 
 
-def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_checkpoint(tmp_path, monkeypatch):
+def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_checkpoint(tmp_path, monkeypatch,
+                                                                                         caplog):
     """Review 14b, N1 (case A): a move failing part-way (a full disk while an object store copies) left
     the newest checkpoints, past the spike, at the top; the pool's restart in the same poll loaded one
     with no skip due, and a rewind was counted. Now the moves are undone, remediation.json goes back,
-    no launch follows (the job stops, exit EXIT_REWIND_FAILED, paged) and no rewind is counted."""
+    no launch follows (the job stops, exit EXIT_REWIND_FAILED, paged) and no rewind is counted.
+    Review 14c, C4: it was paged as WatchtowerRewind ("was rewound ... restarted") and logged "the job
+    goes on" just before exit 6; now it pages WatchtowerRewindFailed and says it stops."""
     root = tmp_path / "checkpoints"
     _checkpoints(root, 100, 120, 140)
     real_mv = local.LocalFileSystem.mv
@@ -252,17 +257,24 @@ def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_c
 
     monkeypatch.setattr(local.LocalFileSystem, "mv", mv)
     ex, trainer = _executor(tmp_path, root)
+    paged = []
+    monkeypatch.setattr(ex.pages.alerts, "fire", lambda spec, now, labels, description="", **kw:
+                        paged.append((spec.alertname, spec.summary, description)))
     launch = Launch("b", Role.ACTIVE, LaunchReason.RESTART)
     rewind = Rewind(spike_step=120, to_step=110, skip_first=120, skip_last=124, checkpoint_step=100)
-    code = ex.run([rewind, launch], 0.0)
+    with caplog.at_level(logging.WARNING, logger="watchtower.supervisor"):
+        code = ex.run([rewind, launch], 0.0)
     assert code == EXIT_REWIND_FAILED
     assert _top(root) == ["step-00000100", "step-00000120", "step-00000140"]  # all back: a person decides
-    assert trainer["data"]["skip_steps"] == [] and not (tmp_path / "job" / RECORD_FILE).exists()
-    assert ex.errors.snapshot()["launch"] == 0 and ex.errors.snapshot()["rewind"] == 1
-    assert ex.stats.remediations["rewind"] == 0 and ex.stats.remediations["page"] == 1
+    assert trainer["data"]["skip_steps"] == [] and ex.errors.snapshot()["launch"] == 0
+    assert ex.stats.remediations["rewind"] == 0 and ex.stats.remediations["rewind_failed"] == 1
     failed, stopped = _events(tmp_path)
     assert failed["event"] == "rewind_failed" and "No space left" in failed["error"], failed
     assert stopped["event"] == "job_stopped" and stopped["exit_code"] == EXIT_REWIND_FAILED
+    ((alertname, summary, description),) = paged
+    assert alertname == "WatchtowerRewindFailed" and "FAILED" in summary and "was rewound" not in summary
+    assert "FAILED" in description and "step-00000120, step-00000140" in description
+    assert "goes on" not in caplog.text and "stopping (exit 6)" in caplog.text, caplog.text
 
 
 def _spiking_supervisor(tmp_path: Path, monkeypatch):
@@ -353,6 +365,8 @@ def test_a_checkpoint_saved_or_pruned_between_the_listing_and_the_move_is_seen_b
     ex, _ = _executor(tmp_path / "a", root)
     assert ex.run([rewind], 0.0) == EXIT_REWIND_FAILED
     assert _top(root) == ["step-00000100", "step-00000120", "step-00000140"]
+    # (review 14c, C1: the fix said is the one left, not a move that would leave no checkpoint)
+    assert "delete remediation.json to resume from step 140 without the skip" in _events(tmp_path / "a")[0]["message"]
     # the pick was pruned but an older one is kept: that one is loaded (it replays more, skips the same)
     root = tmp_path / "b" / "checkpoints"
     _checkpoints(root, 60, 100, 120, 140)
@@ -495,3 +509,139 @@ def test_remediation_json_is_fsynced_with_its_directory_before_it_counts(tmp_pat
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
     RewindRecord("rw", "ckpt").add("120-124").save(tmp_path)
     assert any(p.startswith(str(tmp_path / ".remediation.json")) for p in synced) and str(tmp_path) in synced
+
+
+def _full_disk_on(monkeypatch, name: str) -> None:
+    """Moving `name` into a rewound-N folder fails, as a copy to a full disk would."""
+    real_mv = local.LocalFileSystem.mv
+
+    def mv(self, path1, path2, **kw):
+        if path1.endswith(name) and "rewound" in path2:
+            raise OSError(28, "No space left on device")
+        return real_mv(self, path1, path2, **kw)
+
+    monkeypatch.setattr(local.LocalFileSystem, "mv", mv)
+
+
+def test_a_failed_rewind_is_not_silently_resumed_past_by_the_next_start(tmp_path, monkeypatch):
+    """Review 14c, C1: after exit 6 the undo put every checkpoint back and erased the record, so
+    `watchtower supervise` again loaded the spiked step 140 with no skip, unsaid. Now the rewind stays
+    pending in remediation.json: the next start is refused in one line naming the file, the spike and
+    the entries to move; once a person moves them, the start marks it done and keeps the skip."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100, 120, 140)
+    _full_disk_on(monkeypatch, "step-00000120")
+    ex, _ = _executor(tmp_path, root)
+    assert ex.run([Rewind(130, 110, 128, 140, checkpoint_step=100)], 0.0) == EXIT_REWIND_FAILED
+    monkeypatch.undo()
+    with pytest.raises(ConfigError) as err:
+        _executor(tmp_path, root)
+    said = str(err.value)
+    assert RECORD_FILE in said and "spike at step 130" in said and "\n" not in said, said
+    assert "move step-00000120, step-00000140 out of" in said and "128-140" in said, said
+    (root / "aside").mkdir()
+    for name in ("step-00000120", "step-00000140"):
+        (root / name).rename(root / "aside" / name)
+    ex, trainer = _executor(tmp_path, root)
+    assert trainer["data"]["skip_steps"] == ["128-140"] and ex.rewound.rewinds == 1
+    assert "pending" not in json.loads((tmp_path / "job" / RECORD_FILE).read_text())
+
+
+def test_a_supervisor_killed_between_the_record_and_the_moves_leaves_a_pending_rewind(tmp_path, monkeypatch):
+    """Review 14c, C2: the record written before the kills said the rewind was done (skip, rewinds=1);
+    a supervisor killed mid-move (Slurm's SIGKILL after KillWait, OOM) left it so, and the next start
+    resumed from the post-spike checkpoint with the skip behind it and the rewind spent. Now it is
+    written pending and marked done only after the moves and the check; a pending one is refused."""
+    sup, view = _spiking_supervisor(tmp_path, monkeypatch)
+    root = Path(sup.executor.checkpoint_url)
+    _checkpoints(root, 100, 120)
+    try:
+        sup._decide(view)  # recorded; then the supervisor dies before (or during) the moves
+    finally:
+        sup.lock.release()
+    record = json.loads((tmp_path / "job" / RECORD_FILE).read_text())
+    assert record["pending"] == {"spike_step": 120, "to_step": 110, "window": "120-124"}, record
+    with pytest.raises(ConfigError, match=r"rewind pending: spike at step 120.*move step-00000120 out of"):
+        _executor(tmp_path, root)
+    # a rewind that completes marks itself done: the next start carries it
+    (tmp_path / "job" / RECORD_FILE).unlink()
+    ex, _ = _executor(tmp_path, root)
+    assert ex.run([Rewind(120, 110, 120, 124, checkpoint_step=100)], 0.0) is None
+    assert "pending" not in json.loads((tmp_path / "job" / RECORD_FILE).read_text())
+    _checkpoints(root, 120)  # the run went on past the spike after the rewind
+    assert _executor(tmp_path, root)[1]["data"]["skip_steps"] == ["120-124"]
+
+
+def test_an_undo_never_moves_a_checkpoint_back_onto_a_name_a_late_save_recreated(tmp_path):
+    """Review 14c, C3: restore_checkpoints moved back onto a name that existed again (a rank still
+    saving re-created step-160/): locally the checkpoint was nested inside it and rewound-1 removed; on
+    an object store the two saves merged. Now such an entry stays in rewound-N, said; nothing merged."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100, 140, 160)
+    folder, moved = retire_checkpoints(str(root), 120)
+    (root / "step-00000160").mkdir()
+    (root / "step-00000160" / "r1.pt").write_text("late")
+    assert restore_checkpoints(str(root), folder, moved) == ["step-00000160"]
+    assert sorted(p.name for p in (root / "step-00000160").iterdir()) == ["r1.pt"]
+    assert (root / "rewound-1" / "step-00000160" / "manifest.json").exists()
+    assert committed_steps(str(root)) == (100, 140)
+
+
+def test_a_failed_put_back_of_remediation_json_under_a_stop_signal_is_counted_and_said(tmp_path, monkeypatch):
+    """Review 14c, C6: the write back ran inside the "decide" guard and `_recorded` was cleared first:
+    a failure was swallowed, and remediation.json kept a rewind that never happened, unsaid."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100, 120)
+    ex, _ = _executor(tmp_path, root)
+    assert ex.record_rewind([Rewind(120, 110, 120, 124, checkpoint_step=100)]) == ""
+
+    def fails(self, missing_ok=False):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "unlink", fails)
+    ex.unrecord_rewind()
+    monkeypatch.undo()
+    assert ex.errors.snapshot()["rewind"] == 1
+    (event,) = _events(tmp_path)
+    assert event["event"] == "rewind_unrecord_failed" and RECORD_FILE in event["message"], event
+    assert '"120-124"' in event["message"] and "Input/output" in event["error"]
+
+
+def test_an_old_format_remediation_json_is_refused_with_the_keys_that_keep_its_skip(tmp_path):
+    """Review 14c, C8: a record of the first format (no job nor checkpoint_url) was refused as
+    'KeyError' with "delete it", which forgets the skip and the rewinds spent. Now the line names the
+    two keys to add, with this job's values."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / RECORD_FILE).write_text('{"skip_steps": ["120-124"], "rewinds": 1}')
+    with pytest.raises(ConfigError) as err:
+        _executor(tmp_path, root)
+    said = str(err.value)
+    assert f'add "job": "rw", "checkpoint_url": "{root}"' in said and "delete" not in said, said
+
+
+def test_a_checkpoint_listing_error_at_start_is_a_one_line_config_error(tmp_path, monkeypatch):
+    """Review 14c, C9: with a record present, a listing that raised (EACCES, an object store's
+    transient error) escaped as a traceback from `watchtower supervise`; now it is a ConfigError
+    naming checkpoint.dir (exit 2)."""
+    root = tmp_path / "checkpoints"
+    _checkpoints(root, 100)
+    RewindRecord("rw", str(root)).add("120-124").save(tmp_path / "job")
+
+    def denied(url):
+        raise PermissionError(13, "Permission denied", url)
+
+    monkeypatch.setattr("watchtower.supervisor.rewind.committed_steps", denied)
+    with pytest.raises(ConfigError, match=r"checkpoint.dir = .*cannot be listed .*Permission denied"):
+        _executor(tmp_path, root)
+
+
+def test_the_summary_of_a_failed_rewind_says_so_next_to_its_exit_code(capsys):
+    """Review 14c, C10: `supervise` ended a failed rewind with a bare `exit: 6`."""
+    from watchtower.cli import print_summary
+
+    print_summary({"crash_loop": False, "planned_drains": 0, "steps": 130, "failures": 0, "restarts": 0,
+                   "recovery_seconds": None, "goodput_ratio": 0.5, "wall_seconds": 0.0, "breakdown_seconds": {}},
+                  EXIT_REWIND_FAILED)
+    assert "exit: 6 (rewind failed)" in capsys.readouterr().out

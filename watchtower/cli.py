@@ -332,12 +332,15 @@ def cmd_tui(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
 
 def print_summary(summary: dict, code: int) -> None:
+    from watchtower.supervisor.policy_types import EXIT_REWIND_FAILED
+
+    why = " (crash loop)" if summary["crash_loop"] else " (rewind failed)" if code == EXIT_REWIND_FAILED else ""
     print("\nsummary")
     drains = f"   planned drains: {summary['planned_drains']}" if summary["planned_drains"] else ""
     print(f"  steps: {summary['steps']}   failures: {summary['failures']}{drains}   restarts: {summary['restarts']}")
     recovery = summary["recovery_seconds"]
     print(f"  last recovery: {'-' if recovery is None else f'{recovery:.1f}s'}   goodput: {summary['goodput_ratio']:.0%}"
-          f"   exit: {code}{' (crash loop)' if summary['crash_loop'] else ''}")
+          f"   exit: {code}{why}")
     wall = summary["wall_seconds"]
     print(f"  where the {wall:.1f}s of wall time went (productive step time, then badput by cause):")
     for cause, seconds in summary["breakdown_seconds"].items():

@@ -177,7 +177,8 @@ SUPERVISOR_METRICS = _specs(
                "Productive step time over the job's wall time since the supervisor started.", SUPERVISOR_LABELS),
     MetricSpec("watchtower_remediations_total", "counter",
                "Critical loss spikes every contributing group agreed on, by what was done: rewind (restart from an "
-               "earlier checkpoint, skipping the data window) or page ([remediation] loss_spike, max_rewinds).",
+               "earlier checkpoint, skipping the data window), page ([remediation] loss_spike, max_rewinds) or "
+               "rewind_failed (the job stopped, exit 6).",
                SUPERVISOR_LABELS + ("action",)),
     MetricSpec("watchtower_badput_seconds_total", "counter",
                "Wall time lost, by cause: startup, data_wait, checkpoint, detection, recovery, recompute, "

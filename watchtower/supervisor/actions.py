@@ -27,8 +27,8 @@ from watchtower.supervisor.policy_types import (
     EXIT_CRASH_LOOP, EXIT_DONE, EXIT_LIGHTHOUSE, EXIT_REWIND_FAILED, Action, Capture, DrainNode, DrainRejected,
     Failure, FailureKind, GroupFailed, GroupFinished, Kill, Launch, LaunchReason, NodeUnhealthy, RestartFromCheckpoint,
     RestartLighthouse, Rewind, RewindDeclined, SparesExhausted, Stop)
-from watchtower.supervisor.rewind import (RECORD_FILE, RewindRecord, committed_steps, restore_checkpoints,
-                                         retire_checkpoints)
+from watchtower.supervisor.rewind import (RECORD_FILE, Pending, RewindRecord, committed_steps, kept_words,
+                                         pending_fix, restore_checkpoints, retire_checkpoints)
 
 log = logging.getLogger("watchtower.supervisor")
 
@@ -247,7 +247,7 @@ class Executor:
         if a is None:
             return ""
         try:
-            self.rewound.add(f"{a.skip_first}-{a.skip_last}").save(self.out)
+            self.rewound.add(*self._window(a)).save(self.out)
         except Exception as err:
             self.errors.record("rewind", err)
             return (f"{self.out / RECORD_FILE} could not be written ({one_line(err)}), so it was not rewound: "
@@ -255,17 +255,34 @@ class Executor:
         self._recorded = a
         return ""
 
+    @staticmethod
+    def _window(a: Rewind) -> tuple[str, Pending]:
+        """The skip range of `a` and its pending marker (rewind.py), as remediation.json holds them."""
+        window = f"{a.skip_first}-{a.skip_last}"
+        return window, Pending(a.spike_step, a.to_step, window)
+
     def unrecord_rewind(self) -> None:
-        """Put remediation.json back as it was before `record_rewind` (nothing if none is pending):
-        for a poll that stops by a signal after recording, and for a rewind that failed. Raises if the
-        file cannot be written."""
+        """Put remediation.json back as it was before `record_rewind` (nothing if none is pending), for a
+        poll that stops by a signal after recording. A write that fails is counted (stage "rewind") and
+        said in a `rewind_unrecord_failed` event naming the entry to remove: else the next start would
+        hold a rewind that never happened (refused as pending, or its skip and count carried)."""
         if self._recorded is None:
             return
+        try:
+            if self.rewound.rewinds:
+                self.rewound.save(self.out)
+            else:
+                (self.out / RECORD_FILE).unlink(missing_ok=True)
+        except Exception as err:
+            self.errors.record("rewind", err)
+            a = self._recorded
+            fix = (f"remove its \"pending\" entry, the skip \"{a.skip_first}-{a.skip_last}\" and one from "
+                   "\"rewinds\"" if self.rewound.rewinds else "delete the file")
+            self.events.emit("rewind_unrecord_failed", f"a rewind decided in a poll a stop signal ended (nothing "
+                             f"carried out) is still in {self.out / RECORD_FILE} ({one_line(err)}): {fix} before "
+                             f"the next start (it names the skip \"{a.skip_first}-{a.skip_last}\")",
+                             error=one_line(err))
         self._recorded = None
-        if self.rewound.rewinds:
-            self.rewound.save(self.out)
-        else:
-            (self.out / RECORD_FILE).unlink(missing_ok=True)
 
     def rewind(self, a: Rewind, now: float) -> None:
         """After the kills (remediation.json already written by `record_rewind`): set aside every
@@ -274,17 +291,26 @@ class Executor:
         from the restart's point of view: the checkpoints are listed again now (a save may have
         committed or pruned since the poll listed them), and after the move the one loaded must be
         the newest committed (a late save, Slurm's kill being asynchronous, is set aside too). If that
-        cannot be had, the moves are undone, the record put back, and the job stops (exit
-        EXIT_REWIND_FAILED, paged): a restart now would load the spiked weights with no skip due."""
-        window = f"{a.skip_first}-{a.skip_last}"
+        cannot be had, the moves are undone and the job stops (exit EXIT_REWIND_FAILED, paged): a
+        restart now would load the spiked weights with no skip due. remediation.json marks the rewind
+        done only once the moves and the check succeeded; until then it is pending, and a start refuses
+        it until the later checkpoints are set aside (rewind.py)."""
+        window, pending = self._window(a)
         try:
             if self._recorded is not a:  # an executor driven without the shell's `record_rewind`
-                self.rewound.add(window).save(self.out)
+                self.rewound.add(window, pending).save(self.out)
                 self._recorded = a
             step, folder, moved = self._set_aside(a)
         except Exception as err:
+            self._recorded = None
             self._rewind_failed(a, window, err)
-            raise
+            return
+        try:  # done: the next start carries the skip instead of refusing a pending rewind
+            self.rewound.add(window).save(self.out)
+        except Exception as err:
+            self._recorded = None
+            self._rewind_failed(a, window, err, set_aside=True)
+            return
         # appended, never merged: each range counts the steps of the run as it went when that spike
         # was seen (after the earlier skips), and the trainer applies them in this order (data.py)
         self.trainer["data"]["skip_steps"] = [*self.trainer["data"].get("skip_steps", []), window]
@@ -324,33 +350,43 @@ class Executor:
             raise
 
     def _undo(self, rounds: list[tuple[str, list[str]]], err: Exception) -> None:
-        """Put back every entry moved (last round first); an undo that fails is added to `err`'s words."""
+        """Put back every entry moved (last round first); an entry kept in its folder (its name
+        re-created by a late save) and an undo that fails are added to `err`'s words."""
+        kept = []
         try:
             for folder, names in reversed(rounds):
-                restore_checkpoints(self.checkpoint_url, folder, names)
+                if left := restore_checkpoints(self.checkpoint_url, folder, names):
+                    kept.append(kept_words(folder, left))
         except Exception as undo:
-            err.args = (f"{one_line(err)}; putting the moved checkpoints back FAILED too ({one_line(undo)})",)
+            kept.append(f"putting the moved checkpoints back FAILED too ({one_line(undo)})")
+        if kept:
+            err.args = ("; ".join([one_line(err), *kept]),)
 
-    def _rewind_failed(self, a: Rewind, window: str, err: BaseException) -> None:
-        """The groups are dead and no checkpoint before the spike can be loaded: the record goes back
-        to what it was (this rewind did not happen, no rewind is spent), and the job stops, paged
-        (WatchtowerRewind's direct page, this message as its description; counted as a page), instead
-        of restarting from the spiked weights."""
+    def _rewind_failed(self, a: Rewind, window: str, err: BaseException, set_aside: bool = False) -> None:
+        """The groups are dead and no checkpoint before the spike can be loaded (or, `set_aside`, the
+        checkpoints were set aside but remediation.json could not mark the rewind done): the job stops
+        (exit 6), paged as WatchtowerRewindFailed and counted as remediations{action="rewind_failed"},
+        instead of restarting from the spiked weights. remediation.json keeps the rewind pending, so the
+        next start refuses it until the checkpoints after its target are set aside (rewind.py); the
+        message names them."""
         try:
-            self.unrecord_rewind()
-            undone = ""
-        except Exception as undo:
-            undone = f"; remediation.json still lists the skip {window} ({one_line(undo)}): delete that entry"
-        message = (f"critical loss spike at step {a.spike_step} in every contributing group: the rewind to the "
-                   f"checkpoint of step {a.checkpoint_step} FAILED ({one_line(err)}); every group was stopped and "
-                   f"the job stops rather than restart from the spiked weights: look at {self.checkpoint_url}, "
-                   f"then resume with data.skip_steps = [\"{window}\"] from a checkpoint before step {a.skip_first}"
-                   f"{undone}")
-        self.stats.remediations["page"] += 1
+            fix = pending_fix(self.checkpoint_url, self._window(a)[1])
+        except Exception as listing:  # noqa: BLE001 - the message still names the rule
+            fix = (f"move every step-* entry after step {a.to_step} out of {self.checkpoint_url} (its listing "
+                   f"failed: {one_line(listing)}), then start again (the skip {window} is kept)")
+        what = ("the checkpoints after it were set aside, but marking the rewind done in remediation.json "
+                f"FAILED ({one_line(err)}); start again once it can be written: the start finishes it"
+                if set_aside else
+                f"the rewind to the checkpoint of step {a.checkpoint_step} FAILED ({one_line(err)}); every group "
+                f"was stopped and the job stops rather than restart from the spiked weights. {self.out / RECORD_FILE} "
+                f"keeps the rewind pending, so a start is refused until it is dealt with: {fix}")
+        message = f"critical loss spike at step {a.spike_step} in every contributing group: {what}"
+        log.error("rewind failed, stopping (exit %d): %s", EXIT_REWIND_FAILED, message)
+        self.stats.remediations["rewind_failed"] += 1
         self.events.emit("rewind_failed", message, spike_step=a.spike_step, to_step=a.to_step,
                          checkpoint_step=a.checkpoint_step, skip_steps=[a.skip_first, a.skip_last],
-                         error=one_line(err))
-        self.pages.rewound(time.time(), message)
+                         error=one_line(err), set_aside=set_aside)
+        self.pages.rewind_failed(time.time(), message)
         self._halt = Stop(EXIT_REWIND_FAILED, message)
 
     def rewind_declined(self, a: RewindDeclined, now: float) -> None:

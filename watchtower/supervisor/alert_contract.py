@@ -72,4 +72,10 @@ REWOUND = AlertSpec(
     "docs/runbooks.md#rewind")
 REWIND_WINDOW_S = 300.0  # the rule's increase(...[5m])
 
-DIRECT_ALERTS = (GROUP_FAILED, CRASH_LOOP, SPARES_EXHAUSTED, REWOUND)
+REWIND_FAILED = AlertSpec(
+    "WatchtowerRewindFailed", "page", ("run",),
+    "Run {{ $labels.run }} hit a critical loss spike and its rewind FAILED: the job stopped (exit 6); a start is "
+    "refused until the checkpoints after the spike are set aside",
+    "docs/runbooks.md#rewind-failed")
+
+DIRECT_ALERTS = (GROUP_FAILED, CRASH_LOOP, SPARES_EXHAUSTED, REWOUND, REWIND_FAILED)

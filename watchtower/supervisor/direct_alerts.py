@@ -31,7 +31,7 @@ from typing import Callable
 
 from watchtower.direct_http import open_direct
 from watchtower.supervisor.alert_contract import (CRASH_LOOP, GROUP_FAILED, GROUP_FAILED_WINDOW_S, PAGED_REASONS,
-                                                  REWIND_WINDOW_S, REWOUND, SPARES_EXHAUSTED, AlertSpec)
+                                                  REWIND_FAILED, REWIND_WINDOW_S, REWOUND, SPARES_EXHAUSTED, AlertSpec)
 from watchtower.supervisor.policy_types import Failure
 
 log = logging.getLogger("watchtower.supervisor")
@@ -186,6 +186,10 @@ class SupervisorPages:
         """A loss-spike rewind: every group restarted from an earlier checkpoint, data skipped (the
         `rewind` event as description); firing for the rule's window, as a group failure."""
         self.alerts.fire(REWOUND, now, {"run": self.run}, message, ends_at=now + REWIND_WINDOW_S)
+
+    def rewind_failed(self, now: float, message: str) -> None:
+        """A rewind that failed: the job stops (exit 6); the `rewind_failed` event as description."""
+        self.alerts.fire(REWIND_FAILED, now, {"run": self.run}, message, ends_at=now + REWIND_WINDOW_S)
 
     def poll(self, now: float, short_of_nodes: bool) -> None:
         """Resolve spares exhausted once the pool is full again; post what is due."""

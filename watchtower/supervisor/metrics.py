@@ -114,7 +114,7 @@ class JobStats:
         self.counted = 0  # the failures the budget counts: what the summary calls failures
         self.planned_drains = 0  # operators' drains: losses, never failures
         self.restarts: Counter[str] = Counter({kind: 0 for kind in RESTART_KINDS})
-        self.remediations: Counter[str] = Counter({"rewind": 0, "page": 0})  # loss spikes agreed on
+        self.remediations: Counter[str] = Counter({"rewind": 0, "page": 0, "rewind_failed": 0})  # loss spikes agreed on
         self.timeline = Timeline(started, active_target, last_step)
         self.crash_loop = False
         self.job_step = 0  # highest step any group finished (the last step once a group finishes)
