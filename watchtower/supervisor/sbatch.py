@@ -53,7 +53,8 @@ def sbatch_options(job: JobConfig, tp: int) -> list[str]:
     by spelling could never be complete; the exact names are still refused (slurm_section.py), to say
     which key to set instead."""
     c, s, out = job.cluster, job.slurm, job.job.output_path.absolute()
-    options = list(s.extra) + [f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}", "--no-kill"]
+    options = [*s.extra, f"--job-name={job.job.name}", f"--nodes={node_count(job)}", f"--ntasks-per-node={tp}",
+               "--no-kill"]
     options += [f"--signal=B:USR1@{s.stop_warning_s}"] if s.stop_warning_s else []  # 0: no warning asked for
     options += [f"--output={out / 'slurm-%j.out'}"]
     options += [f"--nodelist={','.join(usable_nodes(job))}"] if c.nodes else []
