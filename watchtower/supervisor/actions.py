@@ -239,8 +239,9 @@ class Executor:
     # ---- loss-spike remediation (remediation.py) -------------------------------------------------------
 
     def record_rewind(self, actions: list[Action]) -> str:
-        """Before any action of a poll that rewinds: write the rewind to remediation.json (durably), so a
-        supervisor restarted at any later point goes on with its skip. "" when written (or no rewind);
+        """Before any action of a poll that rewinds: write the rewind to remediation.json (durably), as
+        pending (`rewind` marks it done), so a supervisor restarted at any later point neither forgets
+        its skip nor resumes past a rewind half done (rewind.py). "" when written (or no rewind);
         else why not, and the shell has the policy decide again with the rewind refused (a declined
         rewind: it pages, no group is killed, no rewind spent). Cost: one small write, two fsyncs."""
         a = next((x for x in actions if isinstance(x, Rewind)), None)
