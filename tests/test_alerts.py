@@ -284,7 +284,8 @@ def test_a_killed_group_pages_directly_through_a_real_alertmanager_and_merges_wi
                                       "reason": "exit"}
             assert page["annotations"]["summary"] == "A replica group of run direct failed (exit): the supervisor " \
                                                      "replaces it"
-            assert page["annotations"]["description"].startswith("g0000 on n0 failed (exit"), page["annotations"]
+            assert page["annotations"].get("description", "").startswith("g0000 on n0 failed (exit"), \
+                (page["annotations"], (job_dir / "events.jsonl").read_text()[-3000:], sup.errors.snapshot())
             wait_until(lambda: sup.poll_once() or [a for a in stack.prometheus_alerts(alertname="WatchtowerGroupFailed")
                                                     if a["state"] == "firing"], "the rule firing too")
             held = [a for a in stack.alertmanager_alerts() if a["labels"]["alertname"] == "WatchtowerGroupFailed"

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import queue
 
+import pytest
+
 from watchtower.supervisor.actions import Executor
 from watchtower.supervisor.alert_contract import CRASH_LOOP, GROUP_FAILED
 from watchtower.supervisor.config import JobConfig
-from watchtower.supervisor.direct_alerts import DirectAlerts
+from watchtower.supervisor.direct_alerts import DirectAlerts, SupervisorPages
 from watchtower.supervisor.errors import StageErrors
 from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.metrics import JobStats
+from watchtower.supervisor.policy_types import Failure, FailureKind
 from watchtower.supervisor.remediation import Rewind
 from watchtower.toml_dataclasses import build
 
@@ -47,6 +50,23 @@ def test_a_direct_group_failed_page_expires_at_its_end_and_is_never_posted_resol
         alerts.poll(now)
     assert _taken(posts) == [], "posted again at its end: resolved while the rule still fires"
     assert not alerts.active(GROUP_FAILED, labels)
+
+
+@pytest.mark.parametrize("kind, counted, paged", [
+    (FailureKind.EXIT, True, True),
+    (FailureKind.EXIT, False, True),  # excused by a Lighthouse outage: the rule pages it, so does the direct path
+    (FailureKind.HANG, False, True),
+    (FailureKind.DRAINED, False, False),  # planned: no rule pages it
+    (FailureKind.REWIND, False, False),
+])
+def test_a_group_failure_excused_by_a_lighthouse_outage_pages_directly_as_the_rule_pages_it(kind, counted, paged):
+    """The rule pages every failure of a paged reason from watchtower_supervisor_failures_total, which
+    counts excused ones too; the direct path skipped those, so on a loaded machine (a slow Lighthouse
+    probe read as an outage) the page came late, through the rule, without its description."""
+    alerts, posts = _posts_kept()
+    pages = SupervisorPages("r", 1, alerts)
+    pages.group_failed(Failure(1000.0, "g0000", "n0", kind, -9, 5, 990.0, counted=counted, blamed=False), "g0000 died")
+    assert bool(_taken(posts)) is paged
 
 
 def test_a_condition_page_is_still_posted_resolved_when_it_clears():

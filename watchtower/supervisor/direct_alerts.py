@@ -170,8 +170,11 @@ class SupervisorPages:
         self.run, self.spare_groups, self.alerts = run, spare_groups, alerts
 
     def group_failed(self, failure: Failure, message: str) -> None:
-        """A counted death, hang or node loss: firing for the rule's window, the event as description."""
-        if failure.counted and failure.kind.value in PAGED_REASONS:
+        """A death, hang or node loss: firing for the rule's window, the event as description. Every
+        failure of a paged reason, as the rule pages it from watchtower_supervisor_failures_total (which
+        counts them all): one excused by a Lighthouse outage is not counted toward the failure budget,
+        but the rule pages it all the same, so a direct path that skipped it only made that page late."""
+        if failure.kind.value in PAGED_REASONS:
             self.alerts.fire(GROUP_FAILED, failure.at, {"run": self.run, "reason": failure.kind.value}, message,
                              ends_at=failure.at + GROUP_FAILED_WINDOW_S)
 
