@@ -110,7 +110,9 @@ def fail_writes(monkeypatch, fs, matches, error=None):
             return FullDisk(f, room=100)
         return f
 
-    monkeypatch.setattr(fs, "open", open_)
+    # on the instance's own __dict__: fsspec caches its filesystems, and monkeypatch.setattr on an instance
+    # restores the class's method as an instance attribute, shadowing any later test's patch of the class
+    monkeypatch.setitem(vars(fs), "open", open_)
 
 
 # ---- the basics ---------------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def test_data_is_fsynced_before_the_manifest_commits(tmp_path, monkeypatch):
     real_fsync, real_mv = os.fsync, ck.fs.mv
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
                                                  real_fsync(fd))[1])
-    monkeypatch.setattr(ck.fs, "mv", lambda a, b, **kw: (events.append(("mv", str(b))), real_mv(a, b, **kw))[1])
+    monkeypatch.setitem(vars(ck.fs), "mv", lambda a, b, **kw: (events.append(("mv", str(b))), real_mv(a, b, **kw))[1])
     ck.save(7, weights(7), {})
     directory = str(tmp_path / "step-00000007")
     commit = events.index(("mv", f"{directory}/manifest.json"))
