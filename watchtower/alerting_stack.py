@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -85,14 +86,15 @@ def wait_ready(url: str, timeout: float = 30) -> None:
 class AlertingStack:
     def __init__(self, workdir: Path, interval: str = "1s", group_wait: str = "1s",
                  alertmanager_config: dict | None = None, targets_file: Path | None = None,
-                 supervisor_targets_file: Path | None = None, evaluation_interval: str | None = None):
+                 supervisor_targets_file: Path | None = None, rules: bool = True):
         """targets_file / supervisor_targets_file: file_sd files to scrape, e.g. the ones a supervisor
         writes; by default an empty targets file of our own that set_targets() fills.
-        evaluation_interval: how often rules run (default: the scrape `interval`); a longer one keeps
-        a rule from racing a path that should win (a direct page)."""
+        rules: False starts Prometheus scraping with no rule file, until `load_rules()`: a test of a
+        path that must reach Alertmanager before the rule does (a direct page) orders the two for sure
+        (a rule evaluated in the same second merges into it first, whatever its interval)."""
         self.workdir = Path(workdir)
         self.interval, self.group_wait = interval, group_wait
-        self.evaluation_interval = evaluation_interval or interval
+        self.rules = rules
         self.pager = Pager()
         self.alertmanager_config = alertmanager_config
         self.procs: list[subprocess.Popen] = []
@@ -134,16 +136,33 @@ class AlertingStack:
         for path in (self.targets_file, self.supervisor_targets_file):
             if path is not None and not Path(path).exists():
                 write_file_sd(path, [])  # Prometheus must find the file; the supervisor fills it later
-        prom_config = self.workdir / "prometheus.yml"
-        prom_config.write_text(render_prometheus_config(
-            str(self.targets_file), f"127.0.0.1:{am_port}", None, self.interval, self.evaluation_interval,
-            str(self.supervisor_targets_file) if self.supervisor_targets_file else None))
+        self._am_address = f"127.0.0.1:{am_port}"
+        prom_config = self._write_prometheus_config()
         self.procs.append(subprocess.Popen(
             [self._binary("prometheus"), f"--config.file={prom_config}", f"--web.listen-address=127.0.0.1:{prom_port}",
              f"--storage.tsdb.path={self.workdir / 'prometheus-data'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_ready(f"{self.alertmanager_url}/-/ready")
         wait_ready(f"{self.prometheus_url}/-/ready")
+
+    def _write_prometheus_config(self) -> Path:
+        prom_config = self.workdir / "prometheus.yml"
+        prom_config.write_text(render_prometheus_config(
+            str(self.targets_file), self._am_address, None if self.rules else [], self.interval, self.interval,
+            str(self.supervisor_targets_file) if self.supervisor_targets_file else None))
+        return prom_config
+
+    def load_rules(self) -> None:
+        """Give a stack started with rules=False our rules now (SIGHUP: Prometheus reloads its config,
+        keeping what it scraped), and wait until they are loaded."""
+        self.rules = True
+        self._write_prometheus_config()
+        self.procs[1].send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60  # a reload takes well under a second; this only ends a stuck one
+        while not self.prometheus_api("/api/v1/rules")["groups"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("Prometheus did not load the rules after SIGHUP")
+            time.sleep(0.2)
 
     def set_targets(self, targets: list[Target]) -> None:
         write_file_sd(self.targets_file, targets)
