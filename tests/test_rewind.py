@@ -277,17 +277,23 @@ def test_a_rewind_whose_checkpoint_move_fails_restarts_nothing_from_the_spiked_c
     assert "goes on" not in caplog.text and "stopping (exit 6)" in caplog.text, caplog.text
 
 
-def _spiking_supervisor(tmp_path: Path, monkeypatch):
+def _rewind_job(tmp_path: Path):
+    """A one-group job with loss_spike = "rewind" (margin 10, skip 4 after) in tmp_path/job, loaded."""
     from watchtower.supervisor.config import load_job
-    from watchtower.supervisor.policy_view import GroupView
-    from watchtower.supervisor.shell import Supervisor
 
     path = tmp_path / "job.toml"
     path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
                               "train_overrides": ["checkpoint.interval_steps=20"]},
                              {"nodes": ["n0", "n1"], "active_groups": 1}, {},
                              remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
-    job, trainer = load_job(str(path))
+    return load_job(str(path))
+
+
+def _spiking_supervisor(tmp_path: Path, monkeypatch):
+    from watchtower.supervisor.policy_view import GroupView
+    from watchtower.supervisor.shell import Supervisor
+
+    job, trainer = _rewind_job(tmp_path)
     sup = Supervisor(job, trainer)
 
     class AllHealthy:
@@ -395,15 +401,9 @@ def test_a_supervisor_restarted_after_a_rewind_keeps_its_skip_and_its_rewind_cou
     A supervisor restarted (a graceful stop, a requeue, a crash) before a checkpoint past the skip
     resumed before it with no skip, read the poison again and rewound again, max_rewinds anew each time.
     Now a rewind writes remediation.json first; the next supervisor on the directory starts with both."""
-    from watchtower.supervisor.config import load_job
     from watchtower.supervisor.shell import Supervisor
 
-    path = tmp_path / "job.toml"
-    path.write_text(job_toml({"name": "rw", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
-                              "train_overrides": ["checkpoint.interval_steps=20"]},
-                             {"nodes": ["n0", "n1"], "active_groups": 1}, {},
-                             remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4}))
-    job, trainer = load_job(str(path))
+    job, trainer = _rewind_job(tmp_path)
     _checkpoints(tmp_path / "job" / "checkpoints", 100, 120)
     first = Supervisor(job, trainer)
     try:
