@@ -18,8 +18,10 @@ Figures (from the groups' train_log.jsonl rows and the supervisor's events.jsonl
 
     python bench/recovery.py [--steps 260 --kill-at 120 --checkpoint-interval 50] [--launcher slurm]
 
---launcher slurm: the same two jobs submitted with `watchtower sbatch`, each group a Slurm job step,
-the kill a `scancel --signal=KILL` of the victims' steps (a SIGKILL of their tasks, through Slurm).
+--launcher slurm: the same two jobs submitted with `watchtower sbatch`, each group a Slurm job step.
+The kill is a SIGKILL of the victims' step tasks: sent here, at once, on the private testbed (its
+nodes' tasks run on this machine), through the controller (`scancel --signal=KILL`) on a real cluster,
+where it lands some 0.1-0.3 s after the kill time the figures count from.
 With SLURM_CONF unset it starts the private 4-node Slurm the tests use (`slurm_testbed`) and stops it
 after; there the nodes share this machine's cores, so each rank gets one thread, as a local slot does.
 """
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 
 from watchtower.launch import free_port
@@ -98,11 +100,25 @@ class LocalRun:
                 self.proc.kill()
 
 
+def step_task_pids(job_id: str, step_ids: set[str]) -> list[int]:
+    """The processes of this machine that Slurm started for steps `step_ids` of job `job_id` (their
+    environment names both), the tasks and their children."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(kv.split(b"=", 1) for kv in environ.read_bytes().split(b"\0") if b"=" in kv)
+        except OSError:  # gone, or not ours to read
+            continue
+        if env.get(b"SLURM_JOB_ID") == job_id.encode() and env.get(b"SLURM_STEP_ID", b"").decode() in step_ids:
+            found.append(int(environ.parent.name))
+    return found
+
+
 class SlurmRun:
     """`watchtower sbatch`; a victim's job step is SIGKILLed through Slurm (`scancel --signal=KILL`)."""
 
-    def __init__(self, path: Path, job_dir: Path, env: dict[str, str]):
-        self.path, self.job_dir, self.env = path, job_dir, env
+    def __init__(self, path: Path, job_dir: Path, env: dict[str, str], local_tasks: bool):
+        self.path, self.job_dir, self.env, self.local_tasks = path, job_dir, env, local_tasks
         out = subprocess.run([sys.executable, "-m", "watchtower.cli", "sbatch", str(path)], cwd=REPO, env=env,
                              capture_output=True, text=True, check=True).stdout
         self.job_id = out.split()[3].rstrip(":")  # "submitted Slurm job 123: ..."
@@ -114,9 +130,22 @@ class SlurmRun:
         return bool(self.slurm("squeue", "-h", "-j", self.job_id, "-o", "%i").strip())
 
     def kill(self, victims: list[str]) -> None:
+        """On the private testbed (its nodes' tasks run here) the victims' tasks are SIGKILLed directly,
+        as a crash kills them: at once. On a real cluster the kill goes through the controller
+        (`scancel --signal=KILL`), which delivers it some 0.1-0.3 s later, and that delay would be
+        counted in the healthy group's stall although no recovery has begun."""
         listing = self.slurm("squeue", "-h", "-s", "-j", self.job_id, "-o", "%i %j %N")
         names = {step_name(v) for v in victims}
-        self.slurm("scancel", "--signal=KILL", *[step for step, name, _ in steps(listing) if name in names])
+        victim_steps = [step for step, name, _ in steps(listing) if name in names]
+        if not self.local_tasks:
+            self.slurm("scancel", "--signal=KILL", *victim_steps)
+            return
+        pids = step_task_pids(self.job_id, {s.split(".", 1)[1] for s in victim_steps})
+        if not pids:
+            raise RuntimeError(f"no task of steps {victim_steps} found on this machine")
+        for pid in pids:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def finish(self) -> None:
         deadline = time.monotonic() + 600
@@ -163,13 +192,15 @@ def first_time_at_or_after(job_dir: Path, step: int, after: float) -> float:
     return min(times)
 
 
-def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None) -> LocalRun | SlurmRun:
-    return LocalRun(path, job_dir) if slurm_env is None else SlurmRun(path, job_dir, slurm_env)
+def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None, testbed: bool) -> LocalRun | SlurmRun:
+    return LocalRun(path, job_dir) if slurm_env is None else SlurmRun(path, job_dir, slurm_env, testbed)
 
 
-def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
+def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None,
+              testbed: bool) -> dict:
     job_dir = out / "hot-spare"
-    run = start(job_file(out, "hot-spare", steps, interval, 2, 1, 4, slurm_env is not None), job_dir, slurm_env)
+    run = start(job_file(out, "hot-spare", steps, interval, 2, 1, 4, slurm_env is not None), job_dir, slurm_env,
+                testbed)
     killed_at, (victim, survivor) = run_job(run, kill_at, active=2, victims=1)
     healthy = rows(job_dir, survivor)
     steps_seen = [r["step"] for r in healthy]
@@ -193,9 +224,15 @@ def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dic
                                                  - killed_at, 2)}
 
 
-def stop_everything(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None) -> dict:
+def stop_everything(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None,
+                    testbed: bool) -> dict:
+    """Two free nodes beside the two groups: the two deaths may be seen one poll apart (on Slurm each
+    srun learns of its tasks' deaths on its own), and a group lost while its peer still runs is
+    replaced as a spare would be; with no free node the job would stop short of a quorum instead of
+    restarting. The second death then finds no group holding the run's state: checkpoint restart."""
     job_dir = out / "checkpoint"
-    run = start(job_file(out, "checkpoint", steps, interval, 2, 0, 2, slurm_env is not None), job_dir, slurm_env)
+    run = start(job_file(out, "checkpoint", steps, interval, 2, 0, 4, slurm_env is not None), job_dir, slurm_env,
+                testbed)
     killed_at, first = run_job(run, kill_at, active=2, victims=2)
     kill_step = max(r["step"] for d in first for r in rows(job_dir, d) if r["time"] <= killed_at)
     restarted = [d.name for d in (job_dir / "groups").iterdir() if d.name not in first]
@@ -211,17 +248,26 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=120)
     ap.add_argument("--checkpoint-interval", type=int, default=50)
     ap.add_argument("--launcher", choices=("local", "slurm"), default="local")
+    ap.add_argument("--keep", type=Path, help="a new directory to write the jobs in and keep (default: a "
+                    "temporary one, deleted after)")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        out = Path(tmp)
-        slurm_env = None
+    if args.keep is not None and args.keep.exists():
+        sys.exit(f"--keep {args.keep}: already exists; name a new directory")
+    with ExitStack() as stack:
+        if args.keep is None:
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        else:
+            out = args.keep
+            out.mkdir(parents=True)
+        slurm_env, testbed = None, False
         if args.launcher == "slurm":
             slurm_env = {**os.environ}
             if "SLURM_CONF" not in os.environ:  # the private test cluster: 4 nodes sharing this machine's cores
-                testbed = stack.enter_context(SlurmTestbed(out / "slurm"))
-                slurm_env |= {**testbed.env, "OMP_NUM_THREADS": "1"}
-        result = {**hot_spare(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env),
-                  **stop_everything(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env),
+                cluster = stack.enter_context(SlurmTestbed(out / "slurm"))
+                slurm_env |= {**cluster.env, "OMP_NUM_THREADS": "1"}
+                testbed = True
+        result = {**hot_spare(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env, testbed),
+                  **stop_everything(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env, testbed),
                   "kill_at_step": args.kill_at, "checkpoint_interval_steps": args.checkpoint_interval}
     print(f"hot spare:  healthy group lost {result['healthy_steps_lost']} steps, stalled "
           f"{result['healthy_stall_seconds']:.2f} s; full quorum {result['kill_to_quorum_seconds']:.2f} s after "
