@@ -18,6 +18,28 @@ from waiting import WAIT_CEILING_S, wait_until
 REPO = Path(__file__).resolve().parent.parent
 
 
+# The suite runs in two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A serial
+# run keeps the 2 cores CI has about half busy (844 s of CPU in 852 s of wall time on 2026-11-26):
+# most tests wait on a Lighthouse heartbeat, a rule's evaluation, a scrape. The supervised and Slurm
+# runs (most of the CPU, ~1.6 cores each) stay in one lane, one after the other as in a serial run:
+# two of them at once would slow each other's recoveries and the Slurm testbed is one per machine
+# (its munge socket is shared). Every other module is one unit of work, so a module's fixtures
+# (a shared run, a daemon) are set up once, on one worker; the rest go to whichever worker is free.
+# One thread per process, each trainer and this process alike (before anything imports torch): the two
+# lanes keep both cores busy, and a process running torch's default two threads beside them stalls in
+# OpenMP's barriers when one of its threads waits for a core (a 60-step run took 61 s instead of 8).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+E2E_MODULES = ("test_supervisor.py", "test_slurm.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group into the test's scope
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.path.name
+        item.add_marker(pytest.mark.xdist_group("e2e" if module in E2E_MODULES else module.removesuffix(".py")))
+    items.sort(key=lambda item: item.path.name not in E2E_MODULES)  # the longest lane first: it sets the wall time
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -151,8 +151,10 @@ def test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going(kil
     healthy = train_rows(tmp_path, "g0001")
     steps = [r["step"] for r in healthy]
     # At start-up the first quorum may form before every group has joined, so a group can spend its
-    # first steps as a spare (no rows). From its first contributing step on: every step, once, in order.
-    assert steps[0] <= 5 and steps == list(range(steps[0], 151)), "the healthy group lost or repeated steps"
+    # first steps as a spare (no rows): how many is a start-up race (10 under a loaded CI, 2026-11-26).
+    # It contributed before the kill at step 60, and from its first contributing step on: every step,
+    # once, in order.
+    assert steps[0] < 60 and steps == list(range(steps[0], 151)), "the healthy group lost or repeated steps"
     around = [b["time"] - a["time"] for a, b in zip(healthy, healthy[1:]) if 50 <= a["step"] <= 80]
     assert max(around) < 5.0, around
     # the spare was hot: its node had staged the data into its own cache before the failure
