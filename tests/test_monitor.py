@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port, samples, scrape_text, value
+from conftest import free_port_pair, samples, scrape_text, value
 from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
 
 
@@ -79,7 +79,9 @@ def test_nonfinite_detected_without_reading_per_step_and_skip_is_opt_in():
 
 
 def test_taken_port_warns_and_uses_the_next(caplog):
-    port = free_port()
+    # a pair: base + 1 must be free too, or the monitor rightly moves on to base + 2 (a client's
+    # TIME_WAIT from the other test lane's scrapes holds even ports for 60 s)
+    port = free_port_pair()
     blocker = socket.socket()
     blocker.bind(("127.0.0.1", port))
     blocker.listen()

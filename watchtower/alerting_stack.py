@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from watchtower.direct_http import get_direct, open_direct
-from watchtower.launch import free_port
+from watchtower.launch import free_ports
 from watchtower.prometheus_config import Target, render_prometheus_config, write_file_sd
 
 
@@ -120,7 +120,7 @@ class AlertingStack:
 
     def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        am_port, prom_port = free_port(), free_port()
+        am_port, prom_port = free_ports(2)
         self.alertmanager_url = f"http://127.0.0.1:{am_port}"
         self.prometheus_url = f"http://127.0.0.1:{prom_port}"
         am_config = self.workdir / "alertmanager.yml"

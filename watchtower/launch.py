@@ -28,6 +28,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free now: held open together, so two calls of free_port cannot return the
+    same port for two servers (the kernel may hand a just-closed port out again)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def is_worker() -> bool:
     """True inside a launched rank (ours or torchrun's): run the training loop, don't spawn."""
     return os.environ.get(WORKER_ENV) == "1" or "TORCHELASTIC_RUN_ID" in os.environ

@@ -21,13 +21,13 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import psutil
 
+from watchtower.launch import free_ports
 from watchtower.supervisor.slurm_commands import parse_records, steps
 
 BINARIES = ("slurmctld", "slurmd", "srun", "sbatch", "scontrol", "squeue", "sinfo", "scancel", "munge", "munged")
@@ -45,18 +45,6 @@ def unavailable() -> str | None:
     if os.geteuid() != 0:
         return "a private Slurm needs root here (slurmd launches tasks; munged runs as the munge user)"
     return None
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports free now (held open together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def node_address(index: int) -> str:
