@@ -37,7 +37,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
         item.add_marker(pytest.mark.xdist_group("e2e" if module in E2E_MODULES else module.removesuffix(".py")))
-    items.sort(key=lambda item: item.path.name not in E2E_MODULES)  # the longest lane first: it sets the wall time
+    # the longest lane first: it sets the wall time (pyproject's --no-loadscope-reorder keeps this order;
+    # xdist would otherwise order the units by test count, which puts e2e first only while it has the most)
+    items.sort(key=lambda item: item.path.name not in E2E_MODULES)
 
 
 def free_port() -> int:
