@@ -45,9 +45,10 @@ def start_run(processes, tmp_path, steps: int, *flags: str):
 def served_ports(proc: subprocess.Popen, out: Path) -> dict[str, int]:
     """{rank: port} from the endpoint file each rank writes once its /metrics is up."""
     def both() -> dict[str, int] | None:
-        files = {rank: out / f"endpoint-r{rank}.json" for rank in ("0", "1")}
-        return {rank: json.loads(f.read_text())["port"] for rank, f in files.items()} \
-            if all(f.exists() for f in files.values()) else None
+        try:
+            return {rank: json.loads((out / f"endpoint-r{rank}.json").read_text())["port"] for rank in ("0", "1")}
+        except (OSError, ValueError):  # not written yet
+            return None
 
     def exited() -> None:
         if proc.poll() is not None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from watchtower.atomic_write import write_atomic
 from watchtower.config import TrainConfig
 from watchtower.hooks import Monitor, RankIdentity
 from watchtower.hooks.device_series import DeviceSeries
@@ -101,9 +102,10 @@ class Trainer:
                      "watchtower_skipped_batches_total"):
             self.monitor.count(name, 0.0)  # exported at zero from the start
         if self.monitor.port:  # where /metrics really is (a taken port moves to the next free one), and who
-            endpoint_file(self.output, self.env.rank).write_text(json.dumps({"port": self.monitor.port,
-                                                                             "pid": os.getpid(),
-                                                                             "host": socket.gethostname()}))
+            # atomic: the supervisor reads it every poll, and a half-written file is no port
+            write_atomic(endpoint_file(self.output, self.env.rank), json.dumps({"port": self.monitor.port,
+                                                                                "pid": os.getpid(),
+                                                                                "host": socket.gethostname()}))
         # a hung rank's stacks and flight recorder for the supervisor, on a signal (before any process
         # group: the flight recorder is armed by the environment the first one reads)
         self._disarm_dumps = hang_dump.install(self.output, self.env.rank)
