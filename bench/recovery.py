@@ -40,6 +40,8 @@ import time
 from contextlib import ExitStack, suppress
 from pathlib import Path
 
+import psutil
+
 from watchtower.launch import free_port
 from watchtower.supervisor.jobfile import job_toml
 from watchtower.supervisor.slurm_commands import step_name, steps
@@ -103,27 +105,12 @@ class LocalRun:
                 self.proc.kill()
 
 
-def step_task_pids(slurm_conf: str, job_id: str, step_ids: set[str]) -> list[int]:
-    """The processes of this machine that the Slurm of `slurm_conf` started for steps `step_ids` of job
-    `job_id` (their environment names all three: another testbed's job of the same id is not ours),
-    the tasks and their children."""
-    want = {b"SLURM_CONF": slurm_conf.encode(), b"SLURM_JOB_ID": job_id.encode()}
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            env = dict(kv.split(b"=", 1) for kv in environ.read_bytes().split(b"\0") if b"=" in kv)
-        except OSError:  # gone, or not ours to read
-            continue
-        if all(env.get(k) == v for k, v in want.items()) and env.get(b"SLURM_STEP_ID", b"").decode() in step_ids:
-            found.append(int(environ.parent.name))
-    return found
-
-
 class SlurmRun:
-    """`watchtower sbatch`; a victim's step tasks are SIGKILLed (see `kill`)."""
+    """`watchtower sbatch`; a victim's step tasks are SIGKILLed (see `kill`). testbed: the private
+    cluster this bench started, or None on a real one."""
 
-    def __init__(self, path: Path, job_dir: Path, env: dict[str, str], local_tasks: bool):
-        self.path, self.job_dir, self.env, self.local_tasks = path, job_dir, env, local_tasks
+    def __init__(self, path: Path, job_dir: Path, env: dict[str, str], testbed: SlurmTestbed | None):
+        self.path, self.job_dir, self.env, self.testbed = path, job_dir, env, testbed
         out = subprocess.run([sys.executable, "-m", "watchtower.cli", "sbatch", str(path)], cwd=REPO, env=env,
                              capture_output=True, text=True, check=True).stdout
         self.job_id = out.split()[3].rstrip(":")  # "submitted Slurm job 123: ..."
@@ -144,17 +131,18 @@ class SlurmRun:
         listing = self.slurm("squeue", "-h", "-s", "-j", self.job_id, "-o", "%i %j %N")
         names = {step_name(v) for v in victims}
         victim_steps = [step for step, name, _ in steps(listing) if name in names]
-        if not self.local_tasks:
+        if self.testbed is None:
             killed_at = time.time()
             self.slurm("scancel", "--signal=KILL", *victim_steps)
             return killed_at
-        pids = step_task_pids(self.env["SLURM_CONF"], self.job_id, {s.split(".", 1)[1] for s in victim_steps})
-        if not pids:
+        # the tasks under the steps' slurmstepd (not the daemon itself: a crash, not a node's death)
+        tasks = [t for daemon in self.testbed.step_daemons(set(victim_steps)) for t in daemon.children(recursive=True)]
+        if not tasks:
             raise RuntimeError(f"no task of steps {victim_steps} found on this machine")
         killed_at = time.time()
-        for pid in pids:
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for task in tasks:
+            with suppress(psutil.NoSuchProcess):
+                task.send_signal(signal.SIGKILL)
         return killed_at
 
     def finish(self) -> None:
@@ -203,12 +191,13 @@ def first_time_at_or_after(job_dir: Path, step: int, after: float, victims: list
     return min(times)
 
 
-def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None, testbed: bool) -> LocalRun | SlurmRun:
+def start(path: Path, job_dir: Path, slurm_env: dict[str, str] | None,
+          testbed: SlurmTestbed | None) -> LocalRun | SlurmRun:
     return LocalRun(path, job_dir) if slurm_env is None else SlurmRun(path, job_dir, slurm_env, testbed)
 
 
 def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None,
-              testbed: bool) -> dict:
+              testbed: SlurmTestbed | None) -> dict:
     job_dir = out / "hot-spare"
     run = start(job_file(out, "hot-spare", steps, interval, 2, 1, 4, slurm_env is not None), job_dir, slurm_env,
                 testbed)
@@ -236,7 +225,7 @@ def hot_spare(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dic
 
 
 def stop_everything(out: Path, steps: int, kill_at: int, interval: int, slurm_env: dict[str, str] | None,
-                    testbed: bool) -> dict:
+                    testbed: SlurmTestbed | None) -> dict:
     """Two free nodes beside the two groups: the two deaths may be seen one poll apart (on Slurm each
     srun learns of its tasks' deaths on its own), and a group lost while its peer still runs is
     replaced as a spare would be; with no free node the job would stop short of a quorum instead of
@@ -272,13 +261,12 @@ def main() -> None:
         else:
             out = args.keep
             out.mkdir(parents=True)
-        slurm_env, testbed = None, False
+        slurm_env, testbed = None, None
         if args.launcher == "slurm":
             slurm_env = {**os.environ}
             if "SLURM_CONF" not in os.environ:  # the private test cluster: 4 nodes sharing this machine's cores
-                cluster = stack.enter_context(SlurmTestbed(out / "slurm"))
-                slurm_env |= {**cluster.env, "OMP_NUM_THREADS": "1"}
-                testbed = True
+                testbed = stack.enter_context(SlurmTestbed(out / "slurm"))
+                slurm_env |= {**testbed.env, "OMP_NUM_THREADS": "1"}
         result = {**hot_spare(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env, testbed),
                   **stop_everything(out, args.steps, args.kill_at, args.checkpoint_interval, slurm_env, testbed),
                   "kill_at_step": args.kill_at, "checkpoint_interval_steps": args.checkpoint_interval}
