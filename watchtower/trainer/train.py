@@ -35,6 +35,7 @@ from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, due_skips, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
 from watchtower.trainer.model import Transformer, flops_per_token
+from watchtower.trainer.optimizer import AdamW
 from watchtower.trainer.replication import SingleGroup, TorchFTGroup
 from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, local_tensor,
                                          seed_bug_reinit)
@@ -135,7 +136,7 @@ class Trainer:
                                         data_parallel=cfg.replica.active_groups)
         decay = [p for p in self.params if p.ndim >= 2]
         no_decay = [p for p in self.params if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = AdamW(
             [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
         self.progress()
