@@ -78,12 +78,12 @@ def test_a_state_of_another_model_is_refused():
                                                            {"params": [1], **HYPER, "weight_decay": 0}]})
 
 
-def test_trainer_start_does_not_import_dynamo(tmp_path):
-    """torch.optim imported torch._dynamo (~2 s of CPU) into every trainer start, refills and restarts
-    included; a two-step TP=1 run must not."""
+def test_trainer_start_does_not_import_dynamo_or_dtensor(tmp_path):
+    """torch.optim imported torch._dynamo (~2 s of CPU) and DTensor's module (~1.2 s: it pulls in sympy) into every
+    trainer start, refills and restarts included; a two-step TP=1 run needs neither."""
     script = ("import sys\nfrom watchtower import cli\n"
               f"rc = cli.main(['train', '--config', 'tiny', '--port', '0', '--output-dir', {str(tmp_path / 'out')!r},"
               " '--steps', '2'])\n"
-              "print('rc', rc, 'dynamo', 'torch._dynamo' in sys.modules)\n")
+              "print('rc', rc, 'dynamo', 'torch._dynamo' in sys.modules, 'dtensor', 'torch.distributed.tensor' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.stdout.strip().splitlines()[-1] == "rc 0 dynamo False", result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "rc 0 dynamo False dtensor False", result.stdout + result.stderr

@@ -14,12 +14,19 @@ the same seed on every rank, for the fire drill `--inject tp_seed_bug`.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+# DTensor's module, imported only where TP is on: its import costs ~1.2 s of CPU (it pulls in sympy),
+# a quarter of a TP=1 trainer's start, and a start is on every refill's and restart's path
+DTENSOR_MODULE = "torch.distributed.tensor"
 
 COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
@@ -27,6 +34,8 @@ ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
 
 def apply_tensor_parallel(model: nn.Module, mesh: DeviceMesh) -> None:
     """Shard every block's projections over `mesh` (1-D, the TP ranks of this replica group)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
     plan = {name: ColwiseParallel() for name in COLUMN_PARALLEL}
     plan.update({name: RowwiseParallel() for name in ROW_PARALLEL})
     for block in model.layers:
@@ -42,14 +51,20 @@ def seed_bug_reinit(model: nn.Module, seed: int, std: float) -> None:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
                 local = p.to_local()
                 local.copy_(torch.randn(local.shape, generator=generator) * std)
 
 
+def is_dtensor(t: object) -> bool:
+    """Whether `t` is a DTensor, without importing DTensor's module: no DTensor exists before it is."""
+    dtensor = getattr(sys.modules.get(DTENSOR_MODULE), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter or state tensor (itself when it is not sharded)."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def grad_norm(params: list[nn.Parameter], tp_group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -62,7 +77,7 @@ def grad_norm(params: list[nn.Parameter], tp_group: dist.ProcessGroup | None) ->
     for p in params:
         if p.grad is None:
             continue
-        (sharded if isinstance(p.grad, DTensor) else replicated).append(local_tensor(p.grad))
+        (sharded if is_dtensor(p.grad) else replicated).append(local_tensor(p.grad))
     device = params[0].device if params else torch.device("cpu")
     zero = torch.zeros((), device=local_tensor(params[0]).device if params else device)
     sharded_sq = sum((g.float().pow(2).sum() for g in sharded), zero.clone())

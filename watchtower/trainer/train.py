@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from watchtower.atomic_write import write_atomic
 from watchtower.config import TrainConfig
@@ -37,7 +36,7 @@ from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
 from watchtower.trainer.model import Transformer, flops_per_token
 from watchtower.trainer.optimizer import AdamW
 from watchtower.trainer.replication import SingleGroup, TorchFTGroup
-from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, local_tensor,
+from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, is_dtensor, local_tensor,
                                          seed_bug_reinit)
 
 log = logging.getLogger("watchtower.train")
@@ -272,9 +271,10 @@ class Trainer:
                 local_tensor(p).copy_(state["model"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         for p in self.params:  # plain tensors back into DTensor state where the param is sharded
-            if isinstance(p, DTensor):
+            if is_dtensor(p):
+                from torch.distributed.tensor import DTensor
                 for key, value in self.optimizer.state.get(p, {}).items():
-                    if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.ndim:
+                    if isinstance(value, torch.Tensor) and not is_dtensor(value) and value.ndim:
                         self.optimizer.state[p][key] = DTensor.from_local(
                             value.to(self.device), p.device_mesh, p.placements, run_check=False)
         self.data.load_state_dict(state["data"])
