@@ -23,7 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 # most tests wait on a Lighthouse heartbeat, a rule's evaluation, a scrape. The supervised and Slurm
 # runs (most of the CPU, ~1.6 cores each) stay in one lane, one after the other as in a serial run:
 # two of them at once would slow each other's recoveries and the Slurm testbed is one per machine
-# (its munge socket is shared). Every other module is one unit of work, so a module's fixtures
+# (its munge socket is shared); split into two units, one per worker, they slowed each other as much as
+# the balance won (574 s against 580 s, clean-clone CI of 2026-11-26: the suite is not CPU-bound, ~800 s
+# of CPU in ~575 s; its wall time is the tests' own waiting). Every other module is one unit of work, so a module's fixtures
 # (a shared run, a daemon) are set up once, on one worker; the rest go to whichever worker is free.
 # One thread per process, each trainer and this process alike (before anything imports torch): the two
 # lanes keep both cores busy, and a process running torch's default two threads beside them stalls in
