@@ -200,16 +200,22 @@ def test_spare_skips_the_nonfinite_step_with_the_participants(killed_run):
         assert flat[name] == pytest.approx(flat["g0001"], rel=1e-6, abs=1e-9), name
 
 
-def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
+def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path, processes):
     """Through a real Prometheus + Alertmanager scraping the supervisor's file_sd targets: the stop
-    is paged as WatchtowerCrashLoop while the supervisor lingers, and the next page is not spent."""
+    is paged as WatchtowerCrashLoop while the supervisor lingers, and the next page is not spent.
+    Once the page is in, a SIGTERM ends the linger (it would hold the test for the rest of linger_s)
+    and the exit code is still the crash loop's."""
     out = tmp_path / "job"
     job = job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10,
-                   metrics_port=free_port(), supervisor={"linger_s": 15})
+                   metrics_port=free_port(), supervisor={"linger_s": 60})
     with AlertingStack(tmp_path / "stack", targets_file=out / "targets.json",
                        supervisor_targets_file=out / "supervisor_targets.json") as stack:
-        result = supervise(job)
+        proc = processes.start(watchtower_cmd("supervise", str(job)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
         page = stack.pager.wait_for("WatchtowerCrashLoop", WAIT_CEILING_S, run="sup")
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=WAIT_CEILING_S)
+        result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert page["labels"]["severity"] == "page"
     assert page["annotations"]["runbook_url"] == "docs/runbooks.md#crash-loop"
     assert json.loads((out / "supervisor_targets.json").read_text()) == [], "a stopped supervisor must leave no target"
@@ -221,6 +227,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path):
     assert [e["event"] for e in ev].count("restart_from_checkpoint") == 2
     assert ev[-1]["event"] == "job_stopped" and "crash loop" in ev[-1]["message"]
     assert "crash loop" in result.stdout
+    assert "stop signal while lingering" in result.stderr, result.stderr[-3000:]
 
 
 def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
