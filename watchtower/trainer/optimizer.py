@@ -4,11 +4,13 @@ Why not `torch.optim.AdamW`: building any `torch.optim` optimizer imports `torch
 `add_param_group` is wrapped in `torch._disable_dynamo`, which imports it on first call). That import
 costs ~2.1 s of CPU on every process start, about 40 % of a trainer's whole start (torch itself ~2.3 s),
 and every start is on the recovery path: a spare that refills the pool after a node death, a group
-restarted after a crash. Nothing else the trainer runs imports it.
+restarted after a crash. At TP = 1 nothing else the trainer runs imports it (tested); at TP > 1
+DTensor's `distribute_tensor` does, when the model is sharded.
 
 What it is: decoupled weight decay Adam (Loshchilov & Hutter), the update `torch.optim.AdamW` makes with
-its defaults (no amsgrad, no maximize, not fused), step for step, bit for bit: the test runs both on the
-same gradients and compares every parameter and moment exactly. One multi-tensor (`torch._foreach_*`)
+its defaults (no amsgrad, no maximize, not fused), step for step, bit for bit for float32 parameters
+(the trainer's): the test runs both on the same gradients and compares every parameter and moment
+exactly. A bfloat16 parameter on CPU gets torch's multi-tensor result, not its single-tensor default. One multi-tensor (`torch._foreach_*`)
 pass per parameter group and tensor kind (plain or DTensor, device, dtype), as torch's default on GPU.
 
 `state_dict()` has torch's layout (`state` by parameter index with `step`, `exp_avg`, `exp_avg_sq`;
