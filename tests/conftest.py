@@ -21,44 +21,29 @@ REPO = Path(__file__).resolve().parent.parent
 # The suite runs in two pytest-xdist workers (pyproject's addopts: -n 2 --dist loadgroup). A serial
 # run keeps the 2 cores CI has about half busy (844 s of CPU in 852 s of wall time on 2026-11-26):
 # most tests wait on a Lighthouse heartbeat, a rule's evaluation, a scrape. The supervised and Slurm
-# runs (most of the CPU, ~1.6 cores each) are two units of about equal length, first in the queue, so
-# each worker starts with one: in one lane they set the wall time (~540 s of ~575 s, the other lane
-# idle for its last ~140 s; ~800 s of CPU in all, 1.4 of the 2 cores, clean-clone CI of 2026-11-26).
-# The Slurm testbed is one per machine (its munge socket is shared): test_slurm.py stays in one unit.
-# Every other module is one unit of work, so a module's fixtures (a shared run, a daemon) are set up
-# once, on one worker; the rest go to whichever worker is free.
+# runs (most of the CPU, ~1.6 cores each) stay in one lane, one after the other as in a serial run:
+# two of them at once would slow each other's recoveries and the Slurm testbed is one per machine
+# (its munge socket is shared). Split into two units, one per worker, the suite took 553 s against
+# 565-580 s in one lane (clean-clone CI of 2026-11-26): the heavy runs slowed each other about as much
+# as the balance won, and the suite is not CPU-bound (~780 s of CPU in ~555 s: its wall time is the
+# tests' own waiting), so not worth two recoveries at once. Every other module is one unit of work, so
+# a module's fixtures (a shared run, a daemon) are set up once, on one worker; the rest go to whichever
+# worker is free.
 # One thread per process, each trainer and this process alike (before anything imports torch): the two
 # lanes keep both cores busy, and a process running torch's default two threads beside them stalls in
 # OpenMP's barriers when one of its threads waits for a core (a 60-step run took 61 s instead of 8).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 E2E_MODULES = ("test_supervisor.py", "test_slurm.py")
-# the supervised runs that go with test_slurm.py (~270 s together); the rest of test_supervisor.py
-# (~265 s) is the other unit. killed_run's two tests share its module fixture: one unit.
-E2E_WITH_SLURM = ("test_killed_group_is_replaced_by_the_spare_and_healthy_group_keeps_going",
-                  "test_spare_skips_the_nonfinite_step_with_the_participants",
-                  "test_an_agreed_loss_spike_rewinds_once_and_skips_exactly_the_poisoned_data",
-                  "test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages")
-
-
-def work_unit(module: str, function: str) -> str:
-    """The xdist group of a test: "e2e-1" (test_slurm.py and E2E_WITH_SLURM) or "e2e-2" (the rest of
-    test_supervisor.py) for the heavy runs, else its module."""
-    if module == "test_slurm.py" or (module == "test_supervisor.py" and function in E2E_WITH_SLURM):
-        return "e2e-1"
-    if module == "test_supervisor.py":
-        return "e2e-2"
-    return module.removesuffix(".py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the group into the test's scope
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.path.name
-        item.add_marker(pytest.mark.xdist_group(work_unit(module, item.originalname)))
-    # the two heavy units first, one per worker (pyproject's --no-loadscope-reorder keeps this order;
-    # xdist would otherwise order the units by test count)
-    items.sort(key=lambda item: (work_unit(item.path.name, item.originalname) != "e2e-1",
-                                 item.path.name not in E2E_MODULES))
+        item.add_marker(pytest.mark.xdist_group("e2e" if module in E2E_MODULES else module.removesuffix(".py")))
+    # the longest lane first: it sets the wall time (pyproject's --no-loadscope-reorder keeps this order;
+    # xdist would otherwise order the units by test count, which puts e2e first only while it has the most)
+    items.sort(key=lambda item: item.path.name not in E2E_MODULES)
 
 
 def free_port() -> int:
