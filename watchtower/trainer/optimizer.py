@@ -10,8 +10,9 @@ DTensor's `distribute_tensor` does, when the model is sharded.
 What it is: decoupled weight decay Adam (Loshchilov & Hutter), the update `torch.optim.AdamW` makes with
 its defaults (no amsgrad, no maximize, not fused), step for step, bit for bit for float32 parameters
 (the trainer's): the test runs both on the same gradients and compares every parameter and moment
-exactly. A bfloat16 parameter on CPU gets torch's multi-tensor result, not its single-tensor default. One multi-tensor (`torch._foreach_*`)
-pass per parameter group and tensor kind (plain or DTensor, device, dtype), as torch's default on GPU.
+exactly. A bfloat16 parameter on CPU gets torch's multi-tensor result, not its single-tensor default.
+One multi-tensor (`torch._foreach_*`) pass per parameter group and tensor kind (plain or DTensor,
+device, dtype), as torch's default on GPU.
 
 `state_dict()` has torch's layout (`state` by parameter index with `step`, `exp_avg`, `exp_avg_sq`;
 `param_groups` with torch's keys), so a checkpoint written before this module loads, and a checkpoint
