@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # runs (most of the CPU, ~1.6 cores each) stay in one lane, one after the other as in a serial run:
 # two of them at once would slow each other's recoveries and the Slurm testbed is one per machine
 # (its munge socket is shared). Split into two units, one per worker, the suite took 553 s against
-# 565-580 s in one lane (clean-clone CI of 2026-11-26): the heavy runs slowed each other about as much
+# 521-580 s in one lane (clean-clone CIs of 2026-11-26): the heavy runs slowed each other about as much
 # as the balance won, and the suite is not CPU-bound (~780 s of CPU in ~555 s: its wall time is the
 # tests' own waiting), so not worth two recoveries at once. Every other module is one unit of work, so
 # a module's fixtures (a shared run, a daemon) are set up once, on one worker; the rest go to whichever
