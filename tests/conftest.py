@@ -15,6 +15,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import WAIT_CEILING_S, wait_until
 
+from watchtower.launch import free_port  # noqa: F401 (the tests import it from here: one place picks ports)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,12 +46,6 @@ def pytest_collection_modifyitems(config, items):
     # the longest lane first: it sets the wall time (pyproject's --no-loadscope-reorder keeps this order;
     # xdist would otherwise order the units by test count, which puts e2e first only while it has the most)
     items.sort(key=lambda item: item.path.name not in E2E_MODULES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_pair() -> int:
