@@ -6,6 +6,7 @@ others still run (a GPU run is scarce: one crash must not cost the whole run).
 
   throughput     smol-135m, bf16, TP=1, seq 2048, the largest micro-batch that fits (halving from
                  --max-micro-batch on OOM): tokens/s and MFU of the bundled Trainer, run as users run it
+                 (intra-document masking on, the default), and the same without it (plain causal)
   hook_overhead  the same trainer steps in interleaved blocks, bare and monitored: overhead_ratio
   host_syncs     monitored steps under torch.cuda.set_sync_debug_mode("warn") with nonfinite_action
                  "count": the sync warnings raised from the monitor's own code, by file:line
@@ -110,8 +111,9 @@ def free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
-def trainer_config(preset: str, out: str, steps: int, micro_batch: int | None, cuda: bool) -> TrainConfig:
-    overrides: list[tuple[str, Any]] = [("run.output_dir", out), ("train.steps", steps), ("train.tp", 1),
+def trainer_config(preset: str, out: str, steps: int, micro_batch: int | None, cuda: bool,
+                   extra: list[tuple[str, Any]] = ()) -> TrainConfig:
+    overrides: list[tuple[str, Any]] = [*extra, ("run.output_dir", out), ("train.steps", steps), ("train.tp", 1),
                                         ("monitor.port", 0), ("checkpoint.resume", False),
                                         ("checkpoint.interval_steps", 0)]
     if micro_batch:
@@ -202,10 +204,10 @@ def is_oom(err: BaseException) -> bool:
         text in str(err) for text in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED"))
 
 
-def measure_trainer(size: int, steps: int, out: str) -> tuple[Trainer, dict]:
+def measure_trainer(size: int, steps: int, out: str, extra: list[tuple[str, Any]] = ()) -> tuple[Trainer, dict]:
     """The real Trainer.train() at `size`: tokens/s and MFU of its last log interval (steady state)
     and over the whole run (warm-up included), as its own monitor computed them."""
-    trainer = Trainer(trainer_config(GPU_PRESET, out, steps, size, cuda=True))
+    trainer = Trainer(trainer_config(GPU_PRESET, out, steps, size, cuda=True, extra=extra))
     trainer.train()
     s, cfg = trainer.monitor.state, trainer.cfg
     fpt = flops_per_token(cfg.model, cfg.train.seq_len)
@@ -224,7 +226,21 @@ def measure_trainer(size: int, steps: int, out: str) -> tuple[Trainer, dict]:
 def throughput(args, out: str) -> tuple[Trainer | None, dict]:
     size, tried = largest_micro_batch(args.max_micro_batch, out)
     say(f"largest micro-batch that fits: {size}")
+    # plain causal attention first (the flash kernel; intra-document masking is an explicit mask, which
+    # SDPA serves with a slower kernel): what the default costs. That trainer is closed before the next.
+    try:
+        causal, plain = measure_trainer(size, args.steps, out, [("data.document_masking", False)])
+        causal.close()
+        del causal
+    except Exception as err:  # noqa: BLE001 - a figure beside the main one: report it, go on
+        traceback.print_exc()
+        plain = {"error": f"{type(err).__name__}: {err}"}
+    free_cuda()
     trainer, result = measure_trainer(size, args.steps, out)
+    result["document_masking"] = True
+    result["without_document_masking"] = {k: plain.get(k) for k in (
+        "tokens_per_second", "mfu_ratio", "tokens_per_second_whole_run", "mfu_ratio_whole_run", "error")
+        if k in plain}
     result["micro_batch_search"] = tried
     result["compiled"] = {"skipped": "the bundled trainer has no torch.compile option"}
     return trainer, result
