@@ -85,8 +85,13 @@ def say(message: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+PARTIAL: Path | None = None  # --out/gpu_check.partial.json: each part's result as it ends
+
+
 def part(name: str, fn: Callable[[], dict]) -> dict:
-    """Run one part; a failure becomes {"error": ...} (its traceback on stderr), never the end of the run."""
+    """Run one part; a failure becomes {"error": ...} (its traceback on stderr), never the end of the run.
+    With --out, the part's result is added to gpu_check.partial.json as it ends: a run stopped at its
+    time limit still gives back the parts it finished."""
     say(f"{name} ...")
     start = time.perf_counter()
     try:
@@ -95,6 +100,13 @@ def part(name: str, fn: Callable[[], dict]) -> dict:
         traceback.print_exc()
         out = {"error": f"{type(err).__name__}: {err}"}
     say(f"{name} done in {time.perf_counter() - start:.1f}s")
+    if PARTIAL is not None:
+        try:
+            done = json.loads(PARTIAL.read_text()) if PARTIAL.exists() else {}
+            done[name] = out
+            PARTIAL.write_text(json.dumps(done))
+        except (OSError, ValueError, TypeError) as err:
+            say(f"could not keep {name} in {PARTIAL}: {err}")
     return out
 
 
@@ -113,7 +125,9 @@ def free_cuda() -> None:
 
 def trainer_config(preset: str, out: str, steps: int, micro_batch: int | None, cuda: bool,
                    extra: list[tuple[str, Any]] = ()) -> TrainConfig:
-    overrides: list[tuple[str, Any]] = [*extra, ("run.output_dir", out), ("train.steps", steps), ("train.tp", 1),
+    """Each trainer writes into a folder of its own under `out` (a second trainer in one folder would
+    meet the first one's checkpoints as another run's)."""
+    overrides: list[tuple[str, Any]] = [*extra, ("run.output_dir", tempfile.mkdtemp(dir=out)), ("train.steps", steps), ("train.tp", 1),
                                         ("monitor.port", 0), ("checkpoint.resume", False),
                                         ("checkpoint.interval_steps", 0)]
     if micro_batch:
@@ -172,7 +186,7 @@ class Loop:
 
 # ---- 1. throughput ----------------------------------------------------------------------------------------
 
-def largest_micro_batch(start: int, out: str) -> tuple[int, dict[str, str]]:
+def largest_micro_batch(start: int, out: str, extra: list[tuple[str, Any]]) -> tuple[int, dict[str, str]]:
     """Halve the micro-batch from `start` until three steps of smol-135m fit (the optimizer's state
     is made on the first step, the peak comes in a later one)."""
     tried: dict[str, str] = {}
@@ -180,7 +194,7 @@ def largest_micro_batch(start: int, out: str) -> tuple[int, dict[str, str]]:
     while size >= 1:
         trainer = None
         try:
-            trainer = Trainer(trainer_config(GPU_PRESET, out, 3, size, cuda=True))
+            trainer = Trainer(trainer_config(GPU_PRESET, out, 3, size, cuda=True, extra=extra))
             Loop(trainer).block(Monitor(MonitorConfig(enabled=False)), 3)
             tried[str(size)] = "fits"
             return size, tried
@@ -223,26 +237,31 @@ def measure_trainer(size: int, steps: int, out: str, extra: list[tuple[str, Any]
     }
 
 
+def compile_overrides(args) -> list[tuple[str, Any]]:
+    return [("train.compile", True), ("train.compile_backend", "inductor")] if args.compile else []
+
+
 def throughput(args, out: str) -> tuple[Trainer | None, dict]:
-    size, tried = largest_micro_batch(args.max_micro_batch, out)
+    extra = compile_overrides(args)
+    size, tried = largest_micro_batch(args.max_micro_batch, out, extra)
     say(f"largest micro-batch that fits: {size}")
     # plain causal attention first (the flash kernel; intra-document masking is an explicit mask, which
     # SDPA serves with a slower kernel): what the default costs. That trainer is closed before the next.
     try:
-        causal, plain = measure_trainer(size, args.steps, out, [("data.document_masking", False)])
+        causal, plain = measure_trainer(size, args.steps, out, [*extra, ("data.document_masking", False)])
         causal.close()
         del causal
     except Exception as err:  # noqa: BLE001 - a figure beside the main one: report it, go on
         traceback.print_exc()
         plain = {"error": f"{type(err).__name__}: {err}"}
     free_cuda()
-    trainer, result = measure_trainer(size, args.steps, out)
+    trainer, result = measure_trainer(size, args.steps, out, extra)
     result["document_masking"] = True
     result["without_document_masking"] = {k: plain.get(k) for k in (
         "tokens_per_second", "mfu_ratio", "tokens_per_second_whole_run", "mfu_ratio_whole_run", "error")
         if k in plain}
     result["micro_batch_search"] = tried
-    result["compiled"] = {"skipped": "the bundled trainer has no torch.compile option"}
+    result["compiled"] = args.compile  # train.compile: each block torch.compile'd (inductor)
     return trainer, result
 
 
@@ -518,12 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="Trainer.train() steps for the throughput figure (GPU)")
     ap.add_argument("--blocks", type=int, default=None, help="bare/monitored block pairs (default 8 GPU, 3 CPU)")
     ap.add_argument("--block-steps", type=int, default=None, help="steps per block (default 10 GPU, 2 CPU)")
+    ap.add_argument("--compile", action="store_true",
+                    help="every trainer with train.compile (inductor, per block); GPU only, ignored on a CPU")
     args = ap.parse_args(argv)
     for name in ("max_micro_batch", "steps", "blocks", "block_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    global PARTIAL
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        PARTIAL = args.out / "gpu_check.partial.json"
+        PARTIAL.unlink(missing_ok=True)  # our own file, from an earlier run into the same folder
     cuda = torch.cuda.is_available()
     if not cuda:  # a smoke run, often on a shared machine: OpenMP's spin-waits under load cost 10x a step
         torch.set_num_threads(1)
@@ -543,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result["throughput"] = dict(NO_CUDA)
         if trainer is None:  # CPU, or the throughput part failed: a trainer (the preset's micro-batch) all the same
-            trainer = Trainer(trainer_config(GPU_PRESET if cuda else CPU_PRESET, out, 10, None, cuda))
+            trainer = Trainer(trainer_config(GPU_PRESET if cuda else CPU_PRESET, out, 10, None, cuda,
+                                             extra=compile_overrides(args) if cuda else []))
         try:
             result.update(monitored_parts(trainer, cuda, blocks, block_steps, args.out,
                                           search_ooms=sum(v == "oom" for v in

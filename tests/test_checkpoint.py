@@ -216,6 +216,16 @@ def test_resume_with_another_config_hash_is_refused(tmp_path, capsys):
     assert len(other) == 12 and other != saved, err[0]
 
 
+def test_config_hash_of_the_presets_is_what_their_checkpoints_already_hold():
+    """A new config key that does not change what a step computes (train.compile) must not change the
+    hash: every checkpoint written before it would be refused on resume. The values are the presets'
+    hashes before train.compile existed (a994e8f); a change here must be a deliberate one."""
+    assert load_config("tiny").config_hash() == "4f6bdd066aae"
+    assert load_config("smol-135m").config_hash() == "9d3587803816"
+    assert load_config("tiny", [("train.compile", True), ("train.compile_backend", "aot_eager")]).config_hash() \
+        == "4f6bdd066aae"
+
+
 def test_allow_config_change_resumes_anyway(tmp_path, caplog):
     ckpt = make_checkpoint(tmp_path, "0.001")
     with caplog.at_level(logging.INFO):

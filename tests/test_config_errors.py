@@ -25,6 +25,8 @@ BAD_FLAGS = [
     (["--model.n_heads", "5"], "model.n_heads"),
     (["--steps", "0"], "train.steps"),
     (["--train.device", "tpu"], "train.device"),
+    (["--train.compile", "true", "--train.compile_backend", "nope"], "train.compile_backend", "unknown torch.compile"),
+    (["--train.compile_backend", ""], "train.compile_backend", "must name"),
     (["--optim.lr", "abc"], "optim.lr"),
     (["--model.colour", "red"], "model.colour"),
     (["--inject", "explode@5"], "faults.inject[0]"),

@@ -97,3 +97,22 @@ def test_tp2_checkpoint_resume(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "resumed from checkpoint step 10" in again.stderr
     assert [row["step"] for row in read_log(out)][-4:] == [11, 12, 13, 14]
+
+
+def test_compiled_blocks_train_as_eager_and_their_checkpoints_resume_eager(tmp_path):
+    """train.compile compiles each block in place: the same losses as eager, and the same state_dict
+    keys (no `_orig_mod.`), so a compiled run's checkpoint resumes in an eager run. aot_eager: the real
+    dynamo + AOTAutograd path without a C++ compiler (CI has none to spare); a GPU run uses inductor."""
+    ref, r = train(tmp_path, "eager", "--steps", "6")
+    assert r.returncode == 0, r.stderr
+    out, compiled = train(tmp_path, "mixed", "--steps", "3", "--train.compile", "true",
+                          "--train.compile_backend", "aot_eager")
+    assert compiled.returncode == 0, compiled.stderr
+    out, resumed = train(tmp_path, "mixed", "--steps", "6")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from checkpoint step 3" in resumed.stderr
+    expected, got = read_log(ref), read_log(out)
+    assert [row["step"] for row in got] == list(range(1, 7))
+    for a, b in zip(expected, got):
+        assert a["data_sig"] == b["data_sig"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)

@@ -90,6 +90,12 @@ class TrainingConfig:
     device: str = "auto"
     mixed_precision: str = "bf16"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    # torch.compile each transformer block in place (torchtitan's per-block compile; state_dict keys
+    # unchanged, so checkpoints move between compiled and eager runs). Fuses the norm/RoPE/SwiGLU
+    # elementwise work that bounds a small model on a GPU; costs tens of seconds of compile before the
+    # first step. compile_backend: torch.compile's backend ("inductor"; "aot_eager" needs no compiler).
+    compile: bool = False
+    compile_backend: str = "inductor"
     log_interval: int = 10  # steps between writes of train_log.jsonl (every step gets its row)
 
     def __post_init__(self) -> None:
@@ -99,6 +105,8 @@ class TrainingConfig:
         require(self.device in ("auto", "cpu", "cuda"), "device", self.device, "must be auto, cpu or cuda")
         require(self.mixed_precision in ("bf16", "none"), "mixed_precision", self.mixed_precision,
                 "must be bf16 or none")
+        require(isinstance(self.compile_backend, str) and self.compile_backend.strip() != "", "compile_backend",
+                self.compile_backend, "must name a torch.compile backend, e.g. inductor or aot_eager")
 
 
 @dataclass
@@ -162,12 +170,14 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """Short hash of everything that shapes the numbers (not steps, ports, faults, where and how
-        often checkpoints go, or a group's place in a supervised job: a resume compares it with the
+        often checkpoints go, whether blocks are compiled, or a group's place in a supervised job: a resume compares it with the
         checkpoint's, see checkpoint.py; nor data.skip_steps: a run resumes to skip data)."""
         d = self.to_dict()
         for volatile in ("faults", "monitor", "run", "checkpoint", "replica"):
             d.pop(volatile)
         d["train"].pop("steps")
+        d["train"].pop("compile")  # how the same model's steps run, not what they compute; popped, the
+        d["train"].pop("compile_backend")  # hash is also what checkpoints written before these keys hold
         d["data"].pop("skip_steps")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -205,14 +215,22 @@ def resolve_config_path(name: str) -> Path:
 
 
 def check_this_machine(cfg: TrainConfig) -> None:
-    """What only the machine that runs the ranks can answer: is there CUDA, and a GPU per TP rank.
+    """What only the machine that runs the ranks can answer: is there CUDA, and a GPU per TP rank;
+    does its torch have the `train.compile_backend` asked for.
 
     Called by `watchtower train` on that machine before it spawns anything, not in `__post_init__`:
     a job file is also validated by the supervisor, which may sit on a login node without GPUs.
-    Costs a CUDA driver query (`torch.cuda.is_available()`), well under a second.
+    Costs a CUDA driver query (`torch.cuda.is_available()`), well under a second; with
+    `train.compile`, importing torch._dynamo (~2 s), which the compile needs anyway.
     """
     import torch
 
+    if cfg.train.compile:
+        import torch._dynamo
+
+        require(cfg.train.compile_backend in torch._dynamo.list_backends(exclude_tags=()), "train.compile_backend",
+                cfg.train.compile_backend,
+                f"unknown torch.compile backend; one of {', '.join(torch._dynamo.list_backends())}")
     if cfg.train.device != "cuda":
         return
     require(torch.cuda.is_available(), "train.device", "cuda",

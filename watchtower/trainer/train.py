@@ -33,7 +33,7 @@ from watchtower.trainer import hang_dump
 from watchtower.trainer.checkpoint import Checkpointer
 from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, due_skips, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
-from watchtower.trainer.model import Transformer, flops_per_token
+from watchtower.trainer.model import Transformer, compile_blocks, flops_per_token
 from watchtower.trainer.optimizer import AdamW
 from watchtower.trainer.replication import SingleGroup, TorchFTGroup
 from watchtower.trainer.parallel import (apply_tensor_parallel, clip_grads_, grad_norm, is_dtensor, local_tensor,
@@ -129,6 +129,8 @@ class Trainer:
             apply_tensor_parallel(self.model, self._mesh)
             if self.faults.has("tp_seed_bug"):
                 seed_bug_reinit(self.model, cfg.run.seed, cfg.model.init_std)
+        if cfg.train.compile:
+            compile_blocks(self.model, cfg.train.compile_backend)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # a DTensor's numel() is the full tensor's: the whole model's count on every TP rank
         self.monitor.set_compute_budget(sum(p.numel() for p in self.model.parameters()), cfg.train.steps,
