@@ -90,12 +90,11 @@ class TrainingConfig:
     device: str = "auto"
     mixed_precision: str = "bf16"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    # torch.compile each transformer block in place (torchtitan's per-block compile; state_dict keys
-    # unchanged, so checkpoints move between compiled and eager runs). Fuses the norm/RoPE/SwiGLU
-    # elementwise work that bounds a small model on a GPU; costs tens of seconds of compile before the
-    # first step. compile_backend: torch.compile's backend ("inductor"; "aot_eager" needs no compiler).
-    compile: bool = False
-    compile_backend: str = "inductor"
+    # compile: torch.compile each block in place (torchtitan's per-block compile; checkpoints move
+    # between compiled and eager runs); fuses the norm/RoPE/SwiGLU elementwise work that bounds a small
+    # model on a GPU, for tens of seconds of compile before the first step.
+    compile: bool = False  # torch.compile each transformer block (faster GPU steps after a compile of tens of seconds)
+    compile_backend: str = "inductor"  # torch.compile's backend with train.compile; aot_eager needs no C++ compiler
     log_interval: int = 10  # steps between writes of train_log.jsonl (every step gets its row)
 
     def __post_init__(self) -> None:
