@@ -233,8 +233,15 @@ def measure_trainer(size: int, steps: int, out: str, extra: list[tuple[str, Any]
         "mfu_ratio": None if s.mfu is None else round(s.mfu, 4),
         "tokens_per_second_whole_run": round(whole, 1),
         "mfu_ratio_whole_run": round(whole * fpt / peak, 4) if peak else None,
-        "flops_per_token": fpt, "peak_flops_per_second": peak,
+        "flops_per_token": fpt, "peak_flops_per_second": peak, "losses": first_losses(trainer),
     }
+
+
+def first_losses(trainer: Trainer, count: int = 10) -> list[float]:
+    """The first `count` losses the run logged (train_log.jsonl): what a compiled run is compared on."""
+    path = Path(trainer.cfg.run.output_dir) / "train_log.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [round(r["loss"], 5) for r in rows if "loss" in r][:count]
 
 
 def compile_overrides(args) -> list[tuple[str, Any]]:
@@ -245,8 +252,21 @@ def throughput(args, out: str) -> tuple[Trainer | None, dict]:
     extra = compile_overrides(args)
     size, tried = largest_micro_batch(args.max_micro_batch, out, extra)
     say(f"largest micro-batch that fits: {size}")
-    # plain causal attention first (the flash kernel; intra-document masking is an explicit mask, which
-    # SDPA serves with a slower kernel): what the default costs. That trainer is closed before the next.
+    eager_reference: dict | None = None
+    if args.compile:  # the same steps eager (masked), first (two trainers at once would not fit): the
+        # compiled blocks (flex_attention) must train the same
+        try:
+            eager, reference = measure_trainer(size, 10, out)
+            eager.close()
+            del eager
+            eager_reference = {"losses": reference["losses"]}
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            eager_reference = {"error": f"{type(err).__name__}: {err}"}
+        free_cuda()
+    # plain causal attention (the flash kernel), then the default's intra-document masking (eager: a
+    # dense mask, which SDPA serves with a slower kernel; compiled: flex_attention): what masking costs.
+    # Each trainer is closed before the next.
     try:
         causal, plain = measure_trainer(size, args.steps, out, [*extra, ("data.document_masking", False)])
         causal.close()
@@ -262,6 +282,12 @@ def throughput(args, out: str) -> tuple[Trainer | None, dict]:
         if k in plain}
     result["micro_batch_search"] = tried
     result["compiled"] = args.compile  # train.compile: each block torch.compile'd (inductor)
+    result["without_document_masking"]["losses"] = plain.get("losses")
+    if eager_reference is not None:
+        if "losses" in eager_reference:
+            pairs = list(zip(result["losses"], eager_reference["losses"]))
+            eager_reference["max_abs_loss_difference"] = round(max(abs(a - b) for a, b in pairs), 5)
+        result["eager_reference"] = eager_reference
     return trainer, result
 
 

@@ -127,6 +127,12 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, kvh, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask: see document_block_mask
+            from torch.nn.attention.flex_attention import flex_attention
+
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, h, T, hd); kv heads shared, not repeated
+            out = flex_attention(q, k, v, block_mask=mask, enable_gqa=self.n_rep > 1)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
         if self.n_rep > 1:
             k = k.repeat_interleave(self.n_rep, dim=2)
             v = v.repeat_interleave(self.n_rep, dim=2)
@@ -169,6 +175,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
+        self.flex_attention = False  # document masking as a BlockMask for flex_attention (compile_blocks sets it)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -200,7 +207,9 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(2)  # (B, T, 1, hd/2)
         sin = self.rope_sin[positions].unsqueeze(2)
         mask = None
-        if doc_ids is not None:
+        if doc_ids is not None and self.flex_attention:
+            mask = document_block_mask(doc_ids)
+        elif doc_ids is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
             same_doc = doc_ids.unsqueeze(-1) == doc_ids.unsqueeze(-2)  # (B, T, T)
             mask = (same_doc & causal).unsqueeze(1)  # (B, 1, T, T)
@@ -214,15 +223,38 @@ class Transformer(nn.Module):
         return F.linear(h, self.tok_embeddings.weight)  # tied output projection
 
 
-def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
+def compile_blocks(model: Transformer, backend: str = "inductor", flex_attention: bool = False) -> None:
     """torch.compile each transformer block in place (`nn.Module.compile`, as torchtitan does).
 
     Per block, not the whole model: every block has the same code and shapes, so one compiled graph
     serves all of them (compile time does not grow with depth), and activation checkpointing still
     wraps whole blocks. In place: parameter names and state_dict keys stay as they are, so a checkpoint
-    written by a compiled run loads into an eager one and back. What it costs: importing torch._dynamo
+    written by a compiled run loads into an eager one and back. `flex_attention` (CUDA only: torch has
+    no flex_attention backward on CPU) sends document masking through flex_attention's fused kernel
+    (`document_block_mask`) instead of the dense mask. What it costs: importing torch._dynamo
     (~2 s of CPU) and compiling on the first step (tens of seconds with inductor). The backend's name
     is checked before anything starts (`config.check_this_machine`).
     """
     for block in model.layers:
         block.compile(backend=backend)
+    model.flex_attention = flex_attention
+
+
+def document_block_mask(doc_ids: torch.Tensor):
+    """Intra-document causal masking as flex_attention's BlockMask, for compiled blocks.
+
+    The dense (B, 1, T, T) mask sends scaled_dot_product_attention to a kernel that reads every score
+    (no flash kernel takes an arbitrary mask); a BlockMask skips the blocks no token of a query block
+    may see and runs a fused kernel once compiled (eager flex_attention materialises the scores, so
+    eager blocks keep the dense mask). Same attention: a token sees the earlier tokens of its own
+    document. Costs one mask pass per forward, shared by every layer; on CUDA that pass is compiled.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = doc_ids.shape
+
+    def same_document_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_document_causal, B, None, T, T, device=doc_ids.device,
+                             _compile=doc_ids.is_cuda)

@@ -130,7 +130,7 @@ class Trainer:
             if self.faults.has("tp_seed_bug"):
                 seed_bug_reinit(self.model, cfg.run.seed, cfg.model.init_std)
         if cfg.train.compile:
-            compile_blocks(self.model, cfg.train.compile_backend)
+            compile_blocks(self.model, cfg.train.compile_backend, flex_attention=self.device.type == "cuda")
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # a DTensor's numel() is the full tensor's: the whole model's count on every TP rank
         self.monitor.set_compute_budget(sum(p.numel() for p in self.model.parameters()), cfg.train.steps,
