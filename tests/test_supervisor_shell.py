@@ -36,11 +36,15 @@ from watchtower.supervisor.shell import STOP_SIGNALS, Supervisor
 
 
 class SleepingLauncher(LocalLauncher):
-    """Starts `sleep` in place of a trainer: a real process group, guarded like a real group."""
+    """Starts `sleep` in place of a trainer: a real process group, guarded like a real group. No
+    standbys: its groups are not trainers (a standby would import torch for nothing)."""
 
     def launch(self, spec: GroupSpec) -> GroupProcess:
         proc = subprocess.Popen(guarded(["sleep", "600"]), start_new_session=True)
         return GroupProcess(spec, proc)
+
+    def keep_warm(self, nodes, start_new=True) -> None:
+        pass
 
 
 @pytest.fixture
@@ -335,7 +339,7 @@ def _command(pid: int) -> str | None:
     return None if fields[1].split()[0] == "Z" else fields[0].split("(", 1)[1]
 
 
-class FinishingLauncher(LocalLauncher):
+class FinishingLauncher(SleepingLauncher):
     """Starts `true` in place of a trainer: a group that reaches its last step at once (exit 0)."""
 
     def launch(self, spec: GroupSpec) -> GroupProcess:

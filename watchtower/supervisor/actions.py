@@ -132,9 +132,10 @@ class Executor:
         self.groups[replica_id] = Group(process, launched_at)
         if a.reason is LaunchReason.SPARE:
             self.stats.refilling(replica_id, launched_at)
-        self.events.emit("group_started", f"{replica_id} started on {a.node} as {a.role.value} ({a.reason.value})",
+        warm = " from its standby" if process.warm else ""
+        self.events.emit("group_started", f"{replica_id} started on {a.node}{warm} as {a.role.value} ({a.reason.value})",
                          replica_id=replica_id, node=a.node, reason=a.reason.value, role=a.role.value,
-                         replica_group=seq, pid=process.pid, config=str(config))
+                         replica_group=seq, pid=process.pid, config=str(config), warm=process.warm)
 
     def capture(self, a: Capture, now: float) -> None:
         """The first Capture of a poll reads every ordered group at once (a deadlock orders several),

@@ -14,6 +14,9 @@ supervisor's loop thread ends), and the group's launcher starts its TP ranks the
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 import os
 import signal
 import socket
@@ -25,9 +28,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Iterable, Protocol
 
+from watchtower.atomic_write import write_atomic
 from watchtower.orphan_guard import guarded
+from watchtower.standby import READY_SUFFIX
+
+log = logging.getLogger(__name__)
 
 KILL_WAIT_S = 5.0  # a process in uninterruptible sleep may take a while to die; the policy asks again
 
@@ -47,8 +54,9 @@ class GroupProcess:
     """A started group: its launcher process, which leads the group's process group. `address`:
     where its node is reached (its ranks' /metrics), as Prometheus and the supervisor scrape it."""
 
-    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str = "127.0.0.1"):
+    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str = "127.0.0.1", warm: bool = False):
         self.spec, self.proc, self.address = spec, proc, address
+        self.warm = warm  # started from a standby (imports done before the launch), not a new interpreter
 
     @property
     def pid(self) -> int:
@@ -145,12 +153,106 @@ class NodeCleanup:
     drain_error: str | None = None
 
 
+class Standby:
+    """A `watchtower.standby` process (or a Slurm step of them) on `node`, waiting for its order.
+    `cancel`: what else stops it besides killing `proc`'s process group (Slurm: cancel its step)."""
+
+    def __init__(self, node: str, proc: subprocess.Popen, order_path: Path, name: str,
+                 cancel: Callable[[], None] | None = None):
+        self.node, self.proc, self.order_path, self.name, self.cancel = node, proc, order_path, name, cancel
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def order(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        """Hand it a group's command: from now on this process is that group's."""
+        write_atomic(self.order_path, json.dumps({"argv": argv, "env": env or {}, "log": str(log_path)}))
+
+    def stop(self) -> None:
+        """Kill an unused standby and remove the files it had (its order file never existed)."""
+        try:
+            if self.cancel is not None:
+                self.cancel()
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=KILL_WAIT_S)
+            for ready in self.order_path.parent.glob(f"{self.order_path.name}*{READY_SUFFIX}"):  # a Slurm
+                ready.unlink(missing_ok=True)  # step's tasks mark theirs ORDER.r<RANK>.ready
+
+
+class Standbys:
+    """One standby per node the supervisor names free (`keep`); `take` hands a node's to a launch.
+
+    A standby that dies without an order (its imports failed, its node's memory ran out) is not
+    started again on that node: the launch there goes cold, as without standbys, and a warning
+    names its log. Called from the supervisor's loop thread only (the orphan guard ties a standby to
+    the thread that started it). Costs a poll() per standby per call.
+    """
+
+    def __init__(self, start: Callable[[str, int], Standby]):
+        self._start = start
+        self._by_node: dict[str, Standby] = {}
+        self._broken: set[str] = set()
+        self._seq = itertools.count()
+
+    def keep(self, nodes: Iterable[str], start_new: bool = True) -> None:
+        """Stop the standbys of nodes not in `nodes`; with `start_new`, start one where a node has none."""
+        wanted = list(dict.fromkeys(nodes))
+        for node, standby in list(self._by_node.items()):
+            if node not in wanted or not standby.alive():
+                del self._by_node[node]
+                if node in wanted:  # died with no order
+                    self._broken.add(node)
+                    log.warning("the standby on %s exited (%s) before it was used: launches there start cold",
+                                node, standby.proc.poll())
+                self._stop(standby)
+        for node in wanted if start_new else ():
+            if node not in self._by_node and node not in self._broken:
+                self._by_node[node] = self._start(node, next(self._seq))
+
+    def take(self, node: str) -> Standby | None:
+        """The node's standby, alive, now no longer ours to stop; None: launch cold."""
+        standby = self._by_node.pop(node, None)
+        if standby is not None and not standby.alive():
+            self._broken.add(node)
+            self._stop(standby)
+            return None
+        return standby
+
+    def stop_all(self) -> None:
+        for node in list(self._by_node):
+            self._stop(self._by_node.pop(node))
+
+    def nodes(self) -> list[str]:
+        return sorted(self._by_node)
+
+    @staticmethod
+    def _stop(standby: Standby) -> None:
+        try:
+            standby.stop()
+        except Exception as err:  # noqa: BLE001 - a failed cancel (Slurm) must not stop the supervisor
+            log.warning("stopping the standby on %s: %s", standby.node, err)
+
+
+def standby_argv(order_path: Path) -> list[str]:
+    return [sys.executable, "-m", "watchtower.standby", str(order_path)]
+
+
 class Launcher(Protocol):
     # where groups and Prometheus reach this process (the Lighthouse, the supervisor's /metrics);
     # None: where it binds (this machine's slots reach it on loopback)
     head_address: str | None
 
     def launch(self, spec: GroupSpec) -> GroupProcess: ...
+
+    def keep_warm(self, nodes: Iterable[str], start_new: bool = True) -> None:
+        """Keep a standby (`watchtower.standby`) on each of `nodes` and on no other (new ones only with
+        `start_new`): the supervisor names its free nodes, so a group launched on one starts without an
+        interpreter's start."""
+        ...
 
     def node_cache_dir(self, node: str) -> Path: ...
 
@@ -183,6 +285,7 @@ class LocalLauncher:
 
     def __init__(self, nodes_dir: Path):
         self.nodes_dir = Path(nodes_dir)
+        self.standbys = Standbys(self._start_standby)
 
     def node_cache_dir(self, node: str) -> Path:
         return self.nodes_dir / node / "cache"
@@ -194,7 +297,23 @@ class LocalLauncher:
         return NodeCleanup()  # a slot has nothing to cancel or drain beyond what the policy does
 
     def finish(self) -> None:
-        pass  # a cut local check is killed in its own thread: nothing runs in the background
+        self.standbys.stop_all()  # a cut local check is killed in its own thread: nothing else runs
+
+    def keep_warm(self, nodes: Iterable[str], start_new: bool = True) -> None:
+        self.standbys.keep(nodes, start_new)
+
+    def _group_env(self) -> dict[str, str]:
+        # slots share this machine's cores: one thread per rank, not one pool per rank
+        return {**os.environ, "OMP_NUM_THREADS": "1", **direct_peers(os.environ, [socket.gethostname()])}
+
+    def _start_standby(self, node: str, seq: int) -> Standby:
+        where = self.nodes_dir / node
+        where.mkdir(parents=True, exist_ok=True)
+        order = where / f"standby-{seq:04d}.order"
+        with open(where / "standby.log", "ab") as out:
+            proc = subprocess.Popen(guarded(standby_argv(order)), env=self._group_env(), stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return Standby(node, proc, order, f"standby-{seq:04d}")
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:
@@ -203,9 +322,12 @@ class LocalLauncher:
 
     def launch(self, spec: GroupSpec) -> GroupProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        # slots share this machine's cores: one thread per rank, not one pool per rank
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **direct_peers(os.environ, [socket.gethostname()])}
+        standby = self.standbys.take(spec.node)
+        if standby is not None:
+            standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
+            return GroupProcess(spec, standby.proc, warm=True)
         argv = guarded([sys.executable, "-m", "watchtower.cli", "train", "--config", str(spec.config_path)])
-        with open(spec.log_path, "ab") as log:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(spec.log_path, "ab") as out:
+            proc = subprocess.Popen(argv, env=self._group_env(), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         return GroupProcess(spec, proc)

@@ -42,6 +42,20 @@ def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
     return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
 
 
+def standby_plan(free: list[str], busy: set[str], steps: list[int]) -> tuple[list[str], bool]:
+    """Where standbys stay (`Launcher.keep_warm`), and whether new ones may start: on free nodes no
+    group of ours runs on (a node launched on this poll is still free in the poll's view), new ones
+    only once every running group has finished a step (`steps`: each running group's step), so a
+    standby's imports never compete with a starting group's for the cores.
+
+    >>> standby_plan(["n3", "n4"], {"n1", "n2"}, [12, 12])
+    (['n3', 'n4'], True)
+    >>> standby_plan(["n3", "n4"], {"n3"}, [12, 0])  # n3 just launched on; a group still starting
+    (['n4'], False)
+    """
+    return [n for n in free if n not in busy], all(step >= 1 for step in steps)
+
+
 def _winding_down(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
     """Nodes busy only with groups the policy has ended (killed, not yet seen exiting), not drained."""
     states, live = node_states(state, view, cfg), {g.node for g in running_groups(state, view)}

@@ -48,6 +48,7 @@ from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollect
                                            write_rank_targets, write_supervisor_target)
 from watchtower.supervisor.observe import Group, Observer
 from watchtower.supervisor.policy import decide, node_states, spike_undecided
+from watchtower.supervisor.pool import free_nodes, standby_plan
 from watchtower.supervisor.policy_types import Action, GroupFailed, PolicyState, View
 from watchtower.supervisor.rewind import committed_steps
 from watchtower.validation import ConfigError
@@ -184,6 +185,12 @@ class Supervisor:
             del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch
         self.stats.job_step = max(self.stats.job_step, self.state.job_step)
         code = self.executor.run(actions, now)
+        if code is None and self.job.cluster.warm_standby:
+            with self.errors.guard("launch"):
+                running = [g for g in self.groups.values() if g.running]
+                self.launcher.keep_warm(*standby_plan(free_nodes(self.state, view, self.policy_cfg),
+                                                      {g.process.spec.node for g in running},
+                                                      [g.step for g in running]))
         with self.errors.guard("alertmanager"):  # only queues: the posts go out on their own thread
             self.executor.pages.poll(time.time(), self.state.short_of_nodes)
         with self.errors.guard("metrics"):
@@ -272,6 +279,8 @@ class Supervisor:
         return self.graceful.wait(step, deadline, lambda: self._signal is not None)
 
     def _stop_groups(self) -> None:
+        with self.errors.guard("launch"):
+            self.launcher.keep_warm((), start_new=False)  # unused standbys first: nothing new starts now
         for g in self.groups.values():
             if g.running:
                 with self.errors.guard("kill"):

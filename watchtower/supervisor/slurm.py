@@ -38,14 +38,16 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping
 
 from watchtower.orphan_guard import guarded
 from watchtower.supervisor.contract import EXIT_STOPPED
 from watchtower.supervisor.errors import CommandError
-from watchtower.supervisor.launcher import GroupProcess, GroupSpec, NodeCleanup, direct_peers, node_env, run_bounded
+from watchtower.supervisor.launcher import (GroupProcess, GroupSpec, NodeCleanup, Standby, Standbys, direct_peers,
+                                            node_env, run_bounded)
 from watchtower.supervisor.slurm_commands import (STEP_PREFIX, allocated_cluster, drain_argv, expand_cache_dir, is_down,
-                                                  parse_records, select_nodes, srun_argv, step_name, steps, task_argv)
+                                                  parse_records, select_nodes, srun_argv, standby_task_argv, step_name,
+                                                  steps, task_argv)
 from watchtower.supervisor.slurm_section import SlurmSection
 from watchtower.supervisor.slurm_task import exit_status
 from watchtower.validation import ConfigError, require
@@ -95,9 +97,11 @@ def node_records(nodes: list[str], timeout_s: float) -> dict[str, dict[str, str]
 class SlurmStep(GroupProcess):
     """A group's `srun`; killing it cancels the step, so no task is left on the node."""
 
-    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str, launcher: "SlurmLauncher"):
-        super().__init__(spec, proc, address)
+    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str, launcher: "SlurmLauncher",
+                 step: str | None = None, warm: bool = False):
+        super().__init__(spec, proc, address, warm)
         self.launcher = launcher
+        self.step = step or step_name(spec.replica_id)  # a standby's step keeps its own name
 
     def poll(self) -> int | None:
         """srun's exit code, except a 0, which is read from every rank's own exit (`slurm_task`):
@@ -117,7 +121,7 @@ class SlurmStep(GroupProcess):
         """Cancel the step, and kill the srun whatever Slurm answered: a controller that does not
         answer (restarting, timed out) must not leave the group running; its SlurmError is raised after."""
         try:
-            self.launcher.cancel_step(step_name(self.spec.replica_id))
+            self.launcher.cancel_step(self.step)
         finally:
             super().kill()
 
@@ -134,6 +138,7 @@ class SlurmLauncher:
         self._down: set[str] = set()
         self._checked_at = 0.0
         self._cancels: list[threading.Thread] = []  # cut health checks' step cancels, joined by `finish`
+        self.standbys = Standbys(self._start_standby)
 
     @classmethod
     def from_allocation(cls, job: JobConfig, tp: int, cache_template: str,
@@ -170,6 +175,10 @@ class SlurmLauncher:
     def launch(self, spec: GroupSpec) -> GroupProcess:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         address = self.addresses[spec.node]
+        standby = self.standbys.take(spec.node)
+        if standby is not None:
+            standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
+            return SlurmStep(spec, standby.proc, address, self, step=standby.name, warm=True)
         argv = srun_argv(self.job_id, spec.node, self.tp, step_name(spec.replica_id), self.cfg.srun_args,
                          task_argv(spec.config_path, address))
         env = {**os.environ, **direct_peers(os.environ, self.peers)}
@@ -177,6 +186,23 @@ class SlurmLauncher:
             proc = subprocess.Popen(guarded(argv), env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         return SlurmStep(spec, proc, address, self)
+
+    def keep_warm(self, nodes: Iterable[str], start_new: bool = True) -> None:
+        self.standbys.keep(nodes, start_new)
+
+    def _start_standby(self, node: str, seq: int) -> Standby:
+        """A standby step on `node` (`slurm_task --standby`), TP tasks like a group's; its srun's
+        output goes to the node's standby.log (the trainer's, once ordered, to the group's log)."""
+        where = self.nodes_dir / node
+        where.mkdir(parents=True, exist_ok=True)
+        order, name = where / f"standby-{seq:04d}.order", f"{STEP_PREFIX}standby-{node}-{seq}"
+        argv = srun_argv(self.job_id, node, self.tp, name, self.cfg.srun_args,
+                         standby_task_argv(order, self.addresses[node]))
+        with open(where / "standby.log", "ab") as out:
+            proc = subprocess.Popen(guarded(argv), env={**os.environ, **direct_peers(os.environ, self.peers)},
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        return Standby(node, proc, order, name, cancel=lambda: self.cancel_step(name))
 
     def down_nodes(self) -> frozenset[str]:
         """Nodes Slurm reports DOWN / FAIL or that left the allocation; once down, down for good.
@@ -223,6 +249,7 @@ class SlurmLauncher:
         """Wait for the cut checks' step cancels, all together at most command_timeout_s (the stop's
         last act, after job_stopped: it delays only the exit); one still running is logged, as its
         step may outlive us."""
+        self.standbys.stop_all()
         deadline = time.monotonic() + self.cfg.command_timeout_s
         for thread in self._cancels:
             thread.join(max(deadline - time.monotonic(), 0))

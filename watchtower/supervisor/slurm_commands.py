@@ -19,7 +19,7 @@ from watchtower.validation import ConfigError, require
 if TYPE_CHECKING:
     from watchtower.supervisor.config import ClusterSection
 
-STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>
+STEP_PREFIX = "watchtower-"  # job step names: watchtower-<replica_id>, watchtower-check-<node>, watchtower-standby-<node>-<n>
 DOWN_STATES = frozenset({"DOWN", "FAIL", "FAILING"})
 
 
@@ -129,6 +129,12 @@ def srun_argv(job_id: str, node: str, ntasks: int, name: str, extra: list[str], 
 def task_argv(config_path: Path, master_addr: str) -> list[str]:
     """What each task of a group's step runs: become a TP rank, then `watchtower train --config`."""
     return [sys.executable, "-m", "watchtower.supervisor.slurm_task", "--master-addr", master_addr, str(config_path)]
+
+
+def standby_task_argv(order_path: Path, master_addr: str) -> list[str]:
+    """What each task of a standby step runs (`slurm_task --standby`): a group's task, waiting for its order."""
+    return [sys.executable, "-m", "watchtower.supervisor.slurm_task", "--master-addr", master_addr,
+            "--standby", str(order_path)]
 
 
 def drain_argv(node: str, cause: str, step: int) -> list[str]:

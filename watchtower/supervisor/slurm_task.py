@@ -18,11 +18,17 @@ MASTER_PORT: rank 0 takes a free port on the node and writes it to `GROUP_DIR/ma
 group's directory is on the filesystem every node shares, as the launch config itself is); the other
 ranks read it. A new group has a new directory, so a port is never read from an earlier launch.
 Costs per rank: one short interpreter start and one idle one (~20 MB) beside the trainer.
+
+A standby step (`--standby ORDER`, see `watchtower.standby`): each task starts its trainer as a
+standby at once (torch imported while the node is free), waits for the launcher's ORDER, then does
+what a group's task does (its port, then the trainer's order `ORDER.r<RANK>` in place of a new
+interpreter) and records the exit the same way: the step has become the group's.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +39,7 @@ from typing import Mapping
 from watchtower.atomic_write import write_atomic
 from watchtower.launch import WORKER_ENV, free_port
 from watchtower.orphan_guard import die_with_parent
+from watchtower.standby import ORDER_POLL_S
 from watchtower.supervisor.contract import EXIT_STOPPED
 
 PORT_FILE = "master-port"
@@ -84,11 +91,37 @@ def exit_status(group_dir: Path, tp: int) -> list[int | None]:
     return codes
 
 
+def standby(order: Path, master_addr: str) -> int:
+    """This task as a standby until the group's order comes, then that group's rank (module doc)."""
+    env = os.environ
+    rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    mine = Path(f"{order}.r{rank}")
+    trainer = subprocess.Popen([sys.executable, "-m", "watchtower.standby", str(mine)],
+                               env={**env, **rank_env(env, master_addr, None)}, preexec_fn=die_with_parent)
+    while not order.exists():
+        if trainer.poll() is not None:  # died before it was used: the launcher launches cold there
+            return slurm_exit(trainer.returncode)
+        time.sleep(ORDER_POLL_S)
+    given = json.loads(order.read_text())
+    config = Path(given["argv"][given["argv"].index("--config") + 1])
+    port = master_port(config.parent, rank, world_size, master_addr)
+    extra = {"MASTER_PORT": str(port)} if port is not None else {}
+    write_atomic(mine, json.dumps({**given, "env": {**(given.get("env") or {}), **extra}}))
+    code = trainer.wait()
+    write_atomic(config.parent / EXIT_FILE.format(rank=rank), f"{code}\n")
+    return slurm_exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m watchtower.supervisor.slurm_task")
     ap.add_argument("--master-addr", required=True)
-    ap.add_argument("config")
+    ap.add_argument("--standby", metavar="ORDER", help="wait as a standby for the launcher's order file")
+    ap.add_argument("config", nargs="?")
     args = ap.parse_args(argv)
+    if args.standby:
+        return standby(Path(args.standby), args.master_addr)
+    if not args.config:
+        ap.error("a launch config (or --standby ORDER) is required")
     group_dir, env = Path(args.config).parent, os.environ
     rank = int(env["SLURM_PROCID"])
     port = master_port(group_dir, rank, int(env["SLURM_NTASKS"]), args.master_addr)
