@@ -627,10 +627,11 @@ def assert_running(slurm: SlurmTestbed, job_id: str) -> None:
 def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_path):
     """2 active + 1 spare submitted with `watchtower sbatch`; the node of the active group that is
     not the batch node dies (SIGKILL of its slurmd, slurmstepd and tasks). The healthy group loses no
-    step, the spare is promoted, the dead node gets no new group and `sinfo -R` shows our reason."""
+    step, the spare is promoted, the dead node gets no new group and `sinfo -R` shows our reason. A
+    reserve node holds a standby step (torch imported): the refill becomes it instead of a new srun."""
     steps = 45
     job_id = sbatch(slurm, write_job(tmp_path, steps=steps, active=2, spares=1,
-                                     slurm_table={"drain_failed_nodes": True}))
+                                     slurm_table={"drain_failed_nodes": True, "reserve_nodes": 1}))
     def three_started() -> dict[str, str] | None:
         started = {e["replica_id"]: e["node"] for e in events(tmp_path) if e["event"] == "group_started"}
         return started if len(started) >= 3 else None
@@ -663,6 +664,10 @@ def test_node_death_the_spare_takes_over_and_slurm_drains_the_node(slurm, tmp_pa
         promoted = [r for r in rows(tmp_path, "g0002") if r["time"] > killed_at]
         assert promoted and all(r["participants"] == 2 for r in promoted), "the spare did not take the seat"
         assert any((tmp_path / "local" / started["g0002"]).rglob("*")), "the spare staged nothing on its node"
+        # the reserve node held a standby step; the refill became it and trained as the new spare
+        refill = next(e for e in ev if e["event"] == "group_started" and e["time"] > killed_at)
+        assert refill["warm"] and refill["node"] not in started.values(), refill
+        assert "spares_refilled" in [e["event"] for e in ev if e["time"] > refill["time"]]
         assert not processes_of(tmp_path / "job", job_id)
     finally:
         slurm.revive(dead)

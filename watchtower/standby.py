@@ -17,8 +17,8 @@ started: its interpreter, and environment read at import (OMP_NUM_THREADS): the 
 with the environment it gives a group. No CUDA context is made before the order: the trainer it
 becomes picks its device as a cold one does.
 
-Costs per free node: one idle interpreter (~350 MB resident with torch), a stat of the order file
-every ORDER_POLL_S (the order is seen within that), nothing else. A standby without an order lives
+Costs per free node: one idle interpreter (~240 MB resident with a CPU torch build), a stat of the
+order file every ORDER_POLL_S (the order is seen within that), nothing else. A standby without an order lives
 until its launcher stops it (its node is used, drained or the job ends) or its parent dies (the
 launcher starts it through `orphan_guard`).
 """

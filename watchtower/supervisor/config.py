@@ -111,7 +111,7 @@ class ClusterSection:
     health_check_timeout_s: float = 60.0
     health_min_free_bytes: int = 1 << 30  # free in the node's data cache; raise it to the staged size
     health_min_gpu_free_fraction: float = 0.9  # of each GPU's memory, on a CUDA job (a leftover process?)
-    # warm_standby: keep a trainer interpreter with torch imported (`watchtower.standby`, ~350 MB of host
+    # warm_standby: keep a trainer interpreter with torch imported (`watchtower.standby`, ~240 MB of host
     # memory, no GPU memory) on each free node once every group has stepped, so a refill skips the ~3.5 s
     # of CPU its imports cost; false: every launch starts a new interpreter.
     warm_standby: bool = True
