@@ -21,7 +21,8 @@ MODULES = ["watchtower.trainer.model", "watchtower.trainer.data", "watchtower.ho
            "watchtower.supervisor.remediation", "watchtower.supervisor.rewind",
            "watchtower.tui.model", "watchtower.supervisor.launcher", "watchtower.toml_dataclasses",
            "watchtower.atomic_write", "watchtower.exposition", "watchtower.orphan_guard",
-           "watchtower.shipped", "watchtower.alert_export", "watchtower.config_flags"]
+           "watchtower.shipped", "watchtower.alert_export", "watchtower.config_flags",
+           "watchtower.trainer.compiling", "watchtower.supervisor.pool"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -100,14 +100,21 @@ def test_tp2_checkpoint_resume(tmp_path):
 
 
 def test_compiled_blocks_train_as_eager_and_their_checkpoints_resume_eager(tmp_path):
-    """train.compile compiles each block in place: the same losses as eager, and the same state_dict
-    keys (no `_orig_mod.`), so a compiled run's checkpoint resumes in an eager run. aot_eager: the real
+    """train.compile compiles each block in place, before the first step: the same losses as eager,
+    and the same state_dict keys (no `_orig_mod.`), so a compiled run's checkpoint resumes in an eager run. aot_eager: the real
     dynamo + AOTAutograd path without a C++ compiler (CI has none to spare); a GPU run uses inductor."""
     ref, r = train(tmp_path, "eager", "--steps", "6")
     assert r.returncode == 0, r.stderr
     out, compiled = train(tmp_path, "mixed", "--steps", "3", "--train.compile", "true",
                           "--train.compile_backend", "aot_eager")
     assert compiled.returncode == 0, compiled.stderr
+    # compiled before the first step (a supervised group's first quorum must not wait on a compile),
+    # into a cache of its own under the run's directory, removed at the end (a killed compile's
+    # truncated kernel in the machine-wide cache broke every later compile)
+    said = compiled.stderr.splitlines()
+    first_step = next(i for i, line in enumerate(said) if line.startswith("step     1"))
+    assert any("compiled the blocks (aot_eager)" in line for line in said[:first_step]), compiled.stderr
+    assert not list(out.glob("inductor-cache-*")), "the run's own inductor cache must go with it"
     out, resumed = train(tmp_path, "mixed", "--steps", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from checkpoint step 3" in resumed.stderr

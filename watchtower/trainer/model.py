@@ -229,11 +229,11 @@ def compile_blocks(model: Transformer, backend: str = "inductor", flex_attention
     Per block, not the whole model: every block has the same code and shapes, so one compiled graph
     serves all of them (compile time does not grow with depth), and activation checkpointing still
     wraps whole blocks. In place: parameter names and state_dict keys stay as they are, so a checkpoint
-    written by a compiled run loads into an eager one and back. `flex_attention` (CUDA only: torch has
-    no flex_attention backward on CPU) sends document masking through flex_attention's fused kernel
-    (`document_block_mask`) instead of the dense mask. What it costs: importing torch._dynamo
-    (~2 s of CPU) and compiling on the first step (tens of seconds with inductor). The backend's name
-    is checked before anything starts (`config.check_this_machine`).
+    written by a compiled run loads into an eager one and back. `flex_attention` sends document
+    masking through flex_attention's fused kernel (`document_block_mask`) instead of the dense mask
+    (where it is fused: `compiling.uses_flex_attention`). What it costs: importing torch._dynamo
+    (~2 s of CPU) and the compile itself, on the first forward (the trainer runs one before its first
+    quorum: `compiling.compile_now`).
     """
     for block in model.layers:
         block.compile(backend=backend)

@@ -18,6 +18,7 @@ import socket
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from watchtower.hooks.device_series import DeviceSeries
 from watchtower.supervisor.contract import EXIT_STOPPED, StopRequest, endpoint_file
 from watchtower.trainer import hang_dump
 from watchtower.trainer.checkpoint import Checkpointer
+from watchtower.trainer.compiling import compile_now, private_cache, remove_cache, uses_flex_attention
 from watchtower.trainer.data import BYTE_VOCAB, Batch, PackedBatches, due_skips, load_tokens
 from watchtower.trainer.faults import DelayedBatches, FaultPlan, PoisonedBatches
 from watchtower.trainer.model import Transformer, compile_blocks, flops_per_token
@@ -110,6 +112,7 @@ class Trainer:
         # group: the flight recorder is armed by the environment the first one reads)
         self._disarm_dumps = hang_dump.install(self.output, self.env.rank)
         self.progress()
+        self._inductor_cache: Path | None = None  # train.compile's own cache (compiling.private_cache)
         try:
             self._build()
         except BaseException:
@@ -117,6 +120,7 @@ class Trainer:
             # socket's number feeds the next signal into whatever file reuses it), stop /metrics and the sampler
             self._disarm_dumps()
             self.monitor.close()
+            remove_cache(self._inductor_cache)
             raise
 
     def _build(self) -> None:
@@ -129,8 +133,10 @@ class Trainer:
             apply_tensor_parallel(self.model, self._mesh)
             if self.faults.has("tp_seed_bug"):
                 seed_bug_reinit(self.model, cfg.run.seed, cfg.model.init_std)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
         if cfg.train.compile:
-            compile_blocks(self.model, cfg.train.compile_backend, flex_attention=self.device.type == "cuda")
+            self._compile()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # a DTensor's numel() is the full tensor's: the whole model's count on every TP rank
         self.monitor.set_compute_budget(sum(p.numel() for p in self.model.parameters()), cfg.train.steps,
@@ -155,8 +161,19 @@ class Trainer:
         self.progress()
         self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
         self.loader = self.monitor.wrap(DelayedBatches(self._poisoned(self.data), self.faults, lambda: self.step + 1))
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" and cfg.train.mixed_precision == "bf16" else nullcontext())
+
+    def _compile(self) -> None:
+        """train.compile: compile the blocks now, before torchft's Manager and the first quorum, into
+        a cache of this process's own (compiling.py says why each)."""
+        cfg = self.cfg
+        compile_blocks(self.model, cfg.train.compile_backend,
+                       flex_attention=uses_flex_attention(self.device.type, cfg.train.compile_backend,
+                                                          cfg.model.head_dim))
+        self._inductor_cache = private_cache(self.output)
+        seconds = compile_now(self.model, cfg.train.micro_batch_size, cfg.train.seq_len, self.device, self.autocast,
+                              cfg.data.document_masking, self.progress)
+        log.info("compiled the blocks (%s) in %.1f s", cfg.train.compile_backend, seconds)
+        self.progress()
 
     # ---- distributed plumbing -----------------------------------------------------------------
 
@@ -408,6 +425,8 @@ class Trainer:
         Idempotent: the monitor's close only flushes again, the manager is shut down once."""
         self._disarm_dumps()
         self.monitor.close()
+        remove_cache(self._inductor_cache)
+        self._inductor_cache = None
         if not getattr(self, "_closed", False):
             self._closed = True
             self.replication.shutdown()
