@@ -52,21 +52,26 @@ def test_a_local_standby_imports_first_then_becomes_the_launched_group(tmp_path,
     group's log, its exit code), the other node's standby is stopped once that node is not free, and
     its ready marker goes with it: nothing of an unused standby is left."""
     launcher = LocalLauncher(tmp_path / "nodes")
-    launcher.keep_warm(["n1", "n2"])
-    standbys = {s.node: s for s in launcher.standbys._by_node.values()}
-    procs.extend(s.proc for s in standbys.values())
-    for s in standbys.values():  # imports done: the order will find torch loaded
-        wait_until(lambda s=s: Path(str(s.order_path) + READY_SUFFIX).exists(), f"the standby on {s.node} ready",
-                   abort=lambda s=s: None if alive(s.proc) else pytest.fail(f"standby {s.node} exited"))
+    standbys = {}
+    for node in ("n1", "n2"):  # one at a time: the second only once the first has imported
+        launcher.keep_warm(["n1", "n2"])
+        assert launcher.standbys.nodes() == sorted(standbys) + [node]
+        standbys[node] = launcher.standbys._by_node[node]
+        procs.append(standbys[node].proc)
+        launcher.keep_warm(["n1", "n2"])
+        assert launcher.standbys.nodes() == sorted(standbys), "a second standby started while one imports"
+        wait_until(standbys[node].ready, f"the standby on {node} ready",
+                   abort=lambda s=standbys[node]: None if alive(s.proc) else pytest.fail(f"standby {s.node} exited"))
     spec = GroupSpec("g0003", 3, "n1", tiny_config(tmp_path), tmp_path / "g0003" / "group.log")
     group = launcher.launch(spec)
-    assert group.warm and group.pid == standbys["n1"].proc.pid
+    assert group.warm and group.standby_ready and group.pid == standbys["n1"].proc.pid
     launcher.keep_warm(["n2"], start_new=False)  # n1 now busy; n2 still free: kept
     assert alive(standbys["n2"].proc)
     assert group.proc.wait(timeout=120) == 0, spec.log_path.read_text()[-2000:]
     log = spec.log_path.read_text()
     assert "step     2" in log, log[-2000:]
     assert len((tmp_path / "run" / "train_log.jsonl").read_text().splitlines()) == 2
+    assert not list((tmp_path / "nodes" / "n1").glob("standby-*")), "a taken order must not be found again"
     launcher.keep_warm([])  # no free node left
     assert standbys["n2"].proc.poll() is not None
     assert not list((tmp_path / "nodes" / "n2").glob(f"*{READY_SUFFIX}"))
@@ -75,11 +80,13 @@ def test_a_local_standby_imports_first_then_becomes_the_launched_group(tmp_path,
 
 def sleeper(tmp_path: Path, procs: list, started: list[str]):
     """A start function for Standbys whose standbys are `sleep` processes, guarded, in their own session."""
-    def start(node: str, seq: int) -> Standby:
+    def start(node: str, name: str) -> Standby:
         proc = subprocess.Popen(guarded(["sleep", "600"]), start_new_session=True)
         procs.append(proc)
         started.append(node)
-        return Standby(node, proc, tmp_path / f"{node}-{seq}.order", f"standby-{seq}")
+        standby = Standby(node, proc, tmp_path / f"{node}-{name}.order", f"standby-{name}")
+        Path(str(standby.order_path) + READY_SUFFIX).touch()  # as if its imports were done
+        return standby
     return start
 
 
@@ -88,6 +95,12 @@ def test_standby_bookkeeping_keeps_takes_and_gives_up_on_a_node_whose_standby_di
     pool = Standbys(sleeper(tmp_path, procs, started))
     pool.keep(["a", "b"], start_new=False)  # a group still starting: none started
     assert pool.nodes() == [] and started == []
+    pool.keep(["a", "b"])  # one new standby per call
+    assert pool.nodes() == ["a"] and started == ["a"]
+    Path(str(pool._by_node["a"].order_path) + READY_SUFFIX).unlink()  # a still importing: no second one
+    pool.keep(["a", "b"])
+    assert pool.nodes() == ["a"]
+    Path(str(pool._by_node["a"].order_path) + READY_SUFFIX).touch()
     pool.keep(["a", "b"])
     assert pool.nodes() == ["a", "b"] and started == ["a", "b"]
     pool.keep(["a", "b"])  # already there: none started twice
@@ -101,6 +114,11 @@ def test_standby_bookkeeping_keeps_takes_and_gives_up_on_a_node_whose_standby_di
     b.proc.wait(timeout=10)
     pool.keep(["b", "c"])  # b's standby died unused: not restarted there (a loop of failing imports)
     assert pool.nodes() == ["c"] and started == ["a", "b", "c"]
+    names = [s.order_path.name for s in (taken, pool._by_node["c"])]
+    later = Standbys(sleeper(tmp_path, procs, []))  # a job resumed in the same directory: new order names
+    later.keep(["a"])
+    assert later._by_node["a"].order_path.name not in names and len(set(names)) == 2
+    later.stop_all()
     assert pool.take("b") is None
     c = pool._by_node["c"]
     os.killpg(c.proc.pid, 9)

@@ -29,7 +29,9 @@ from waiting import WAIT_CEILING_S, wait_until
 
 def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
              job=None, cluster=None, supervisor=None, train_overrides=(), metrics_port=0, remediation=None) -> Path:
-    """A job of the tiny trainer in tmp_path/job; `job`, `cluster`, `supervisor` add or replace keys."""
+    """A job of the tiny trainer in tmp_path/job; `job`, `cluster`, `supervisor` add or replace keys.
+    No warm standbys unless `cluster` asks (the killed run does, and asserts its refill used one):
+    each would import torch beside the groups of every test, for a start-up that most tests never see."""
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
                  "monitor.parallel_check_interval=20", *train_overrides]
     path = tmp_path / "job.toml"
@@ -37,7 +39,7 @@ def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(
         {"name": "sup", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
          "train_overrides": overrides, "inject": list(inject), **(job or {})},
         {"nodes": [f"node-{i}" for i in range(nodes)], "active_groups": active, "spare_groups": spares,
-         **(cluster or {})},
+         "warm_standby": False, **(cluster or {})},
         {"heartbeat_timeout_s": 20, "startup_grace_s": 60, "crash_loop_limit": 3, "base_port": free_port(),
          "metrics_port": metrics_port, **(supervisor or {})}, remediation=remediation))
     return path
@@ -128,7 +130,8 @@ def killed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     direct)."""
     tmp_path = tmp_path_factory.mktemp("killed")
     result = supervise(job_file(tmp_path, steps=150, inject=["nonfinite@30", "crash@60:group=0"],
-                                train_overrides=["data.stage=always", "train.log_interval=1"]), env=DEAD_PROXY)
+                                train_overrides=["data.stage=always", "train.log_interval=1"],
+                                cluster={"warm_standby": True}), env=DEAD_PROXY)
     return tmp_path, result
 
 

@@ -11,8 +11,10 @@ what they are for a cold start. The order is JSON, written atomically:
 
     {"argv": ["train", "--config", "GROUP_DIR/trainer.toml"], "env": {...}, "log": "GROUP_DIR/group.log"}
 
-`env` is added to the environment (a Slurm task's rank variables); `log`, when given, takes this
-process's stdout and stderr. What a standby cannot take from its order is what was fixed when it
+Each order file has a name no other standby of any run uses (`Standbys` puts a random token of its
+own in it) and is removed once read, so a job resumed in the same directory never finds an earlier
+run's order. `env` is added to the environment (a Slurm task's rank variables); `log`, when given,
+takes this process's stdout and stderr. What a standby cannot take from its order is what was fixed when it
 started: its interpreter, and environment read at import (OMP_NUM_THREADS): the launcher starts it
 with the environment it gives a group. No CUDA context is made before the order: the trainer it
 becomes picks its device as a cold one does.
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-ORDER_POLL_S = 0.02
+ORDER_POLL_S = 0.05
 READY_SUFFIX = ".ready"  # written beside the order file once the imports are done (for tests and logs)
 
 
@@ -57,6 +59,8 @@ def wait_for_order(path: Path, poll_s: float = ORDER_POLL_S) -> dict:
     order = json.loads(path.read_text())
     if not isinstance(order, dict) or not isinstance(order.get("argv"), list):
         raise SystemExit(f"watchtower.standby: {path}: not an order (needs an argv list)")
+    path.unlink(missing_ok=True)  # taken: never found again (the launcher names each order once, too)
+    Path(str(path) + READY_SUFFIX).unlink(missing_ok=True)
     return order
 
 

@@ -135,7 +135,8 @@ class Executor:
         warm = " from its standby" if process.warm else ""
         self.events.emit("group_started", f"{replica_id} started on {a.node}{warm} as {a.role.value} ({a.reason.value})",
                          replica_id=replica_id, node=a.node, reason=a.reason.value, role=a.role.value,
-                         replica_group=seq, pid=process.pid, config=str(config), warm=process.warm)
+                         replica_group=seq, pid=process.pid, config=str(config), warm=process.warm,
+                         standby_ready=process.standby_ready)
 
     def capture(self, a: Capture, now: float) -> None:
         """The first Capture of a poll reads every ordered group at once (a deadlock orders several),

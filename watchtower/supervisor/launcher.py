@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,9 +55,11 @@ class GroupProcess:
     """A started group: its launcher process, which leads the group's process group. `address`:
     where its node is reached (its ranks' /metrics), as Prometheus and the supervisor scrape it."""
 
-    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str = "127.0.0.1", warm: bool = False):
+    def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str = "127.0.0.1", warm: bool = False,
+                 standby_ready: bool = False):
         self.spec, self.proc, self.address = spec, proc, address
-        self.warm = warm  # started from a standby (imports done before the launch), not a new interpreter
+        self.warm = warm  # started from a standby, not a new interpreter
+        self.standby_ready = standby_ready  # and that standby had finished its imports when ordered
 
     @property
     def pid(self) -> int:
@@ -158,11 +161,16 @@ class Standby:
     `cancel`: what else stops it besides killing `proc`'s process group (Slurm: cancel its step)."""
 
     def __init__(self, node: str, proc: subprocess.Popen, order_path: Path, name: str,
-                 cancel: Callable[[], None] | None = None):
+                 cancel: Callable[[], None] | None = None, tasks: int = 1):
         self.node, self.proc, self.order_path, self.name, self.cancel = node, proc, order_path, name, cancel
+        self.tasks = tasks  # processes that import (a Slurm step: one per TP rank), each marking itself ready
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def ready(self) -> bool:
+        """Its imports are done (every task's, on a Slurm step: each writes ORDER[.rRANK].ready)."""
+        return len(list(self.order_path.parent.glob(f"{self.order_path.name}*{READY_SUFFIX}"))) >= self.tasks
 
     def order(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         """Hand it a group's command: from now on this process is that group's."""
@@ -192,14 +200,19 @@ class Standbys:
     the thread that started it). Costs a poll() per standby per call.
     """
 
-    def __init__(self, start: Callable[[str, int], Standby]):
+    def __init__(self, start: Callable[[str, str], Standby]):
         self._start = start
         self._by_node: dict[str, Standby] = {}
         self._broken: set[str] = set()
         self._seq = itertools.count()
+        # in every order file's name: a job resumed in the same directory (a new supervisor, its
+        # count from 0 again) must never hand its standby an order an earlier run left there
+        self._run = uuid.uuid4().hex[:12]
 
     def keep(self, nodes: Iterable[str], start_new: bool = True) -> None:
-        """Stop the standbys of nodes not in `nodes`; with `start_new`, start one where a node has none."""
+        """Stop the standbys of nodes not in `nodes`; with `start_new`, start one where a node has none,
+        one at a time: a new one only once every other has finished its imports, so standbys never
+        import side by side on cores the groups step on."""
         wanted = list(dict.fromkeys(nodes))
         for node, standby in list(self._by_node.items()):
             if node not in wanted or not standby.alive():
@@ -209,9 +222,12 @@ class Standbys:
                     log.warning("the standby on %s exited (%s) before it was used: launches there start cold",
                                 node, standby.proc.poll())
                 self._stop(standby)
-        for node in wanted if start_new else ():
+        if not start_new or not all(s.ready() for s in self._by_node.values()):
+            return
+        for node in wanted:
             if node not in self._by_node and node not in self._broken:
-                self._by_node[node] = self._start(node, next(self._seq))
+                self._by_node[node] = self._start(node, f"{self._run}-{next(self._seq):04d}")
+                return
 
     def take(self, node: str) -> Standby | None:
         """The node's standby, alive, now no longer ours to stop; None: launch cold."""
@@ -306,14 +322,14 @@ class LocalLauncher:
         # slots share this machine's cores: one thread per rank, not one pool per rank
         return {**os.environ, "OMP_NUM_THREADS": "1", **direct_peers(os.environ, [socket.gethostname()])}
 
-    def _start_standby(self, node: str, seq: int) -> Standby:
+    def _start_standby(self, node: str, name: str) -> Standby:
         where = self.nodes_dir / node
         where.mkdir(parents=True, exist_ok=True)
-        order = where / f"standby-{seq:04d}.order"
+        order = where / f"standby-{name}.order"
         with open(where / "standby.log", "ab") as out:
             proc = subprocess.Popen(guarded(standby_argv(order)), env=self._group_env(), stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        return Standby(node, proc, order, f"standby-{seq:04d}")
+        return Standby(node, proc, order, f"standby-{name}")
 
     def run_on_node(self, node: str, argv: list[str], timeout_s: float,
                     cancel: threading.Event | None = None) -> tuple[int | None, str]:
@@ -324,8 +340,9 @@ class LocalLauncher:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         standby = self.standbys.take(spec.node)
         if standby is not None:
+            ready = standby.ready()  # before the order: a standby removes its marker once it has read it
             standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
-            return GroupProcess(spec, standby.proc, warm=True)
+            return GroupProcess(spec, standby.proc, warm=True, standby_ready=ready)
         argv = guarded([sys.executable, "-m", "watchtower.cli", "train", "--config", str(spec.config_path)])
         with open(spec.log_path, "ab") as out:
             proc = subprocess.Popen(argv, env=self._group_env(), stdout=out, stderr=subprocess.STDOUT,

@@ -42,18 +42,25 @@ def free_nodes(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:
     return sorted((n for n in cfg.nodes if states[n] is NodeState.FREE), key=lambda n: failed[n])
 
 
-def standby_plan(free: list[str], busy: set[str], steps: list[int]) -> tuple[list[str], bool]:
-    """Where standbys stay (`Launcher.keep_warm`), and whether new ones may start: on free nodes no
-    group of ours runs on (a node launched on this poll is still free in the poll's view), new ones
-    only once every running group has finished a step (`steps`: each running group's step), so a
-    standby's imports never compete with a starting group's for the cores.
+def standby_plan(free: list[str], busy: set[str], steps: list[int], finishing: bool,
+                 spare_groups: int) -> tuple[list[str], bool]:
+    """Where standbys stay (`Launcher.keep_warm`), and whether new ones may start.
 
-    >>> standby_plan(["n3", "n4"], {"n1", "n2"}, [12, 12])
-    (['n3', 'n4'], True)
-    >>> standby_plan(["n3", "n4"], {"n3"}, [12, 0])  # n3 just launched on; a group still starting
-    (['n4'], False)
+    On free nodes no group of ours runs on (a node launched on this poll is still free in the poll's
+    view), the first `max(1, spare_groups)` of them (the refills one incident can ask for at once; a
+    standby costs a node's memory and, while it imports, CPU). New ones only once every running group
+    has finished a step (their imports would slow a starting group's) and never once a group has
+    finished the job (its node frees up as the job ends: a standby there would only be stopped).
+
+    >>> standby_plan(["n3", "n4"], {"n1", "n2"}, [12, 12], False, 1)
+    (['n3'], True)
+    >>> standby_plan(["n3", "n4", "n5"], {"n3"}, [12, 0], False, 2)  # n3 just launched on; one still starting
+    (['n4', 'n5'], False)
+    >>> standby_plan(["n1", "n2"], set(), [], True, 0)  # the job is finishing
+    (['n1'], False)
     """
-    return [n for n in free if n not in busy], all(step >= 1 for step in steps)
+    kept = [n for n in free if n not in busy][:max(1, spare_groups)]
+    return kept, not finishing and all(step >= 1 for step in steps)
 
 
 def _winding_down(state: PolicyState, view: View, cfg: PolicyConfig) -> list[str]:

@@ -91,6 +91,9 @@ class Supervisor:
         self.events = EventLog(self.out / "events.jsonl", self.errors.record)
         self.stats = JobStats(time.time(), job.cluster.active_groups, trainer.train.steps)
         self.launcher = launcher or LocalLauncher(self.out / "nodes")
+        # warm standbys where the group's trainers would start from one: a local TP > 1 group's ranks are
+        # new interpreters its launcher starts (a standby would save only the launcher's imports)
+        self.warm_standby = job.cluster.warm_standby and (job.cluster.launcher == "slurm" or trainer.train.tp == 1)
         self.health = HealthGate(HealthCheck.for_job(job, trainer), self.launcher, self.errors)
         self.groups: dict[str, Group] = {}
         self.lighthouse: Lighthouse | None = None
@@ -185,12 +188,14 @@ class Supervisor:
             del self.executor.launch_failures[:len(view.launch_failures)]  # and each failed launch
         self.stats.job_step = max(self.stats.job_step, self.state.job_step)
         code = self.executor.run(actions, now)
-        if code is None and self.job.cluster.warm_standby:
+        if code is None and self.warm_standby:
             with self.errors.guard("launch"):
                 running = [g for g in self.groups.values() if g.running]
+                finishing = any(g.exit_code == 0 for g in self.groups.values())
                 self.launcher.keep_warm(*standby_plan(free_nodes(self.state, view, self.policy_cfg),
                                                       {g.process.spec.node for g in running},
-                                                      [g.step for g in running]))
+                                                      [g.step for g in running], finishing,
+                                                      self.job.cluster.spare_groups))
         with self.errors.guard("alertmanager"):  # only queues: the posts go out on their own thread
             self.executor.pages.poll(time.time(), self.state.short_of_nodes)
         with self.errors.guard("metrics"):
@@ -279,8 +284,6 @@ class Supervisor:
         return self.graceful.wait(step, deadline, lambda: self._signal is not None)
 
     def _stop_groups(self) -> None:
-        with self.errors.guard("launch"):
-            self.launcher.keep_warm((), start_new=False)  # unused standbys first: nothing new starts now
         for g in self.groups.values():
             if g.running:
                 with self.errors.guard("kill"):
@@ -288,6 +291,8 @@ class Supervisor:
                         g.process.kill()
                     finally:  # a kill that raises has still killed the group (a Slurm step: its srun), so
                         g.exit_code = g.process.poll()  # it is not killed again nor left in targets.json
+        with self.errors.guard("launch"):  # the unused standbys after the groups (on Slurm a cancel each)
+            self.launcher.keep_warm((), start_new=False)
         if self.lighthouse is not None:
             with self.errors.guard("lighthouse"):
                 self.lighthouse.stop()

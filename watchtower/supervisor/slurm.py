@@ -98,8 +98,8 @@ class SlurmStep(GroupProcess):
     """A group's `srun`; killing it cancels the step, so no task is left on the node."""
 
     def __init__(self, spec: GroupSpec, proc: subprocess.Popen, address: str, launcher: "SlurmLauncher",
-                 step: str | None = None, warm: bool = False):
-        super().__init__(spec, proc, address, warm)
+                 step: str | None = None, warm: bool = False, standby_ready: bool = False):
+        super().__init__(spec, proc, address, warm, standby_ready)
         self.launcher = launcher
         self.step = step or step_name(spec.replica_id)  # a standby's step keeps its own name
 
@@ -177,8 +177,9 @@ class SlurmLauncher:
         address = self.addresses[spec.node]
         standby = self.standbys.take(spec.node)
         if standby is not None:
+            ready = standby.ready()  # before the order: a standby removes its marker once it has read it
             standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
-            return SlurmStep(spec, standby.proc, address, self, step=standby.name, warm=True)
+            return SlurmStep(spec, standby.proc, address, self, step=standby.name, warm=True, standby_ready=ready)
         argv = srun_argv(self.job_id, spec.node, self.tp, step_name(spec.replica_id), self.cfg.srun_args,
                          task_argv(spec.config_path, address))
         env = {**os.environ, **direct_peers(os.environ, self.peers)}
@@ -190,19 +191,19 @@ class SlurmLauncher:
     def keep_warm(self, nodes: Iterable[str], start_new: bool = True) -> None:
         self.standbys.keep(nodes, start_new)
 
-    def _start_standby(self, node: str, seq: int) -> Standby:
+    def _start_standby(self, node: str, name: str) -> Standby:
         """A standby step on `node` (`slurm_task --standby`), TP tasks like a group's; its srun's
         output goes to the node's standby.log (the trainer's, once ordered, to the group's log)."""
         where = self.nodes_dir / node
         where.mkdir(parents=True, exist_ok=True)
-        order, name = where / f"standby-{seq:04d}.order", f"{STEP_PREFIX}standby-{node}-{seq}"
+        order, name = where / f"standby-{name}.order", f"{STEP_PREFIX}standby-{node}-{name}"
         argv = srun_argv(self.job_id, node, self.tp, name, self.cfg.srun_args,
                          standby_task_argv(order, self.addresses[node]))
         with open(where / "standby.log", "ab") as out:
             proc = subprocess.Popen(guarded(argv), env={**os.environ, **direct_peers(os.environ, self.peers)},
                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        return Standby(node, proc, order, name, cancel=lambda: self.cancel_step(name))
+        return Standby(node, proc, order, name, cancel=lambda: self.cancel_step(name), tasks=self.tp)
 
     def down_nodes(self) -> frozenset[str]:
         """Nodes Slurm reports DOWN / FAIL or that left the allocation; once down, down for good.
