@@ -154,3 +154,29 @@ def test_flex_attention_document_mask_attends_as_the_dense_mask():
     assert int(doc_ids.max()) >= 3, "the window must hold several documents"
     assert torch.allclose(flex, dense, atol=1e-5), (flex - dense).abs().max()
     assert not torch.allclose(plain, dense, atol=1e-3), "the masks must matter in this window"
+
+
+def test_a_compiling_trainer_uses_a_cache_of_its_own_and_removes_it(tmp_path, monkeypatch):
+    """inductor's default cache is shared by every process of the user, and a compile killed mid-write
+    leaves a truncated kernel there that breaks every later compile. The trainer compiles (inductor,
+    CPU) into a directory under its output, set before anything compiles (inductor writes its default
+    into TORCHINDUCTOR_CACHE_DIR on first use), and removes it on close; a user's own setting stays."""
+    import os
+
+    from watchtower.config import load_config
+    from watchtower.trainer.compiling import CACHE_ENV, private_cache
+    from watchtower.trainer.train import Trainer
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    cfg = load_config("tiny", [("run.output_dir", str(tmp_path / "run")), ("train.steps", 1),
+                               ("train.compile", True), ("monitor.port", 0)])
+    trainer = Trainer(cfg)
+    try:
+        cache = trainer._inductor_cache
+        assert cache is not None and cache.parent == tmp_path / "run" and os.environ[CACHE_ENV] == str(cache)
+        assert any(cache.rglob("*")), "inductor compiled somewhere else"
+    finally:
+        trainer.close()
+    assert not cache.exists() and CACHE_ENV not in os.environ
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert private_cache(tmp_path) is None and os.environ[CACHE_ENV] == str(tmp_path / "mine")

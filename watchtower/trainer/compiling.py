@@ -47,7 +47,9 @@ def uses_flex_attention(device_type: str, backend: str, head_dim: int) -> bool:
 
 
 def private_cache(output: Path) -> Path | None:
-    """Point inductor at a new directory under `output` (module doc); None where the user set one."""
+    """Point inductor at a new directory under `output` (module doc); None where the user set one.
+    Call it before anything compiles: inductor writes its shared default into the same variable the
+    first time it looks for its cache, which would then read as the user's choice."""
     if os.environ.get(CACHE_ENV):
         return None
     path = Path(tempfile.mkdtemp(prefix="inductor-cache-", dir=output))

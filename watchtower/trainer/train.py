@@ -166,10 +166,11 @@ class Trainer:
         """train.compile: compile the blocks now, before torchft's Manager and the first quorum, into
         a cache of this process's own (compiling.py says why each)."""
         cfg = self.cfg
+        # first: inductor sets TORCHINDUCTOR_CACHE_DIR to its shared default once it looks for a cache
+        self._inductor_cache = private_cache(self.output)
         compile_blocks(self.model, cfg.train.compile_backend,
                        flex_attention=uses_flex_attention(self.device.type, cfg.train.compile_backend,
                                                           cfg.model.head_dim))
-        self._inductor_cache = private_cache(self.output)
         seconds = compile_now(self.model, cfg.train.micro_batch_size, cfg.train.seq_len, self.device, self.autocast,
                               cfg.data.document_masking, self.progress)
         log.info("compiled the blocks (%s) in %.1f s", cfg.train.compile_backend, seconds)
