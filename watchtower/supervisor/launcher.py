@@ -219,8 +219,8 @@ class Standbys:
                 del self._by_node[node]
                 if node in wanted:  # died with no order
                     self._broken.add(node)
-                    log.warning("the standby on %s exited (%s) before it was used: launches there start cold",
-                                node, standby.proc.poll())
+                    log.warning("the standby on %s exited (%s) before it was used: launches there start cold "
+                                "(its output: %s)", node, standby.proc.poll(), standby.order_path.parent / "standby.log")
                 self._stop(standby)
         if not start_new or not all(s.ready() for s in self._by_node.values()):
             return
