@@ -55,6 +55,7 @@ from watchtower.direct_http import open_direct
 from watchtower.hooks import Monitor, MonitorConfig, RankIdentity
 from watchtower.hooks.allocator import ALLOCATOR_STATS
 from watchtower.hooks.flops import peak_flops_for
+from watchtower.launch import free_port
 from watchtower.metric_catalog import RANK_LABELS, RANK_METRICS
 from watchtower.trainer.model import flops_per_token
 from watchtower.trainer.parallel import clip_grads_, grad_norm
@@ -110,12 +111,6 @@ def part(name: str, fn: Callable[[], dict]) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_cuda() -> None:
     """Give back what a failed (OOM) attempt left in the caching allocator."""
     gc.collect()
@@ -127,7 +122,8 @@ def trainer_config(preset: str, out: str, steps: int, micro_batch: int | None, c
                    extra: list[tuple[str, Any]] = ()) -> TrainConfig:
     """Each trainer writes into a folder of its own under `out` (a second trainer in one folder would
     meet the first one's checkpoints as another run's)."""
-    overrides: list[tuple[str, Any]] = [*extra, ("run.output_dir", tempfile.mkdtemp(dir=out)), ("train.steps", steps), ("train.tp", 1),
+    overrides: list[tuple[str, Any]] = [*extra, ("run.output_dir", tempfile.mkdtemp(dir=out)),
+                                        ("train.steps", steps), ("train.tp", 1),
                                         ("monitor.port", 0), ("checkpoint.resume", False),
                                         ("checkpoint.interval_steps", 0)]
     if micro_batch:

@@ -93,11 +93,10 @@ class TrainingConfig:
     device: str = "auto"
     mixed_precision: str = "bf16"
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    # compile: torch.compile each block in place (torchtitan's per-block compile; checkpoints move
-    # between compiled and eager runs); fuses the norm/RoPE/SwiGLU elementwise work that bounds a small
-    # model on a GPU, for tens of seconds of compile before the first step.
+    # compile: in place, per block (torchtitan's way): checkpoints move between compiled and eager runs
+    # (trainer/compiling.py: when it compiles, where it caches, where flex_attention is used).
     compile: bool = False  # torch.compile each transformer block (faster GPU steps after a compile of tens of seconds)
-    compile_backend: str = "inductor"  # torch.compile's backend with train.compile: inductor, aot_eager or eager (no C++ compiler; no flex_attention)
+    compile_backend: str = "inductor"  # with train.compile: inductor, or aot_eager / eager (no C++ compiler, no flex_attention)
     log_interval: int = 10  # steps between writes of train_log.jsonl (every step gets its row)
 
     def __post_init__(self) -> None:
@@ -172,8 +171,9 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         """Short hash of everything that shapes the numbers (not steps, ports, faults, where and how
-        often checkpoints go, whether blocks are compiled, or a group's place in a supervised job: a resume compares it with the
-        checkpoint's, see checkpoint.py; nor data.skip_steps: a run resumes to skip data)."""
+        often checkpoints go, whether blocks are compiled, or a group's place in a supervised job: a
+        resume compares it with the checkpoint's, see checkpoint.py; nor data.skip_steps: a run
+        resumes to skip data)."""
         d = self.to_dict()
         for volatile in ("faults", "monitor", "run", "checkpoint", "replica"):
             d.pop(volatile)

@@ -14,15 +14,15 @@ what they are for a cold start. The order is JSON, written atomically:
 Each order file has a name no other standby of any run uses (`Standbys` puts a random token of its
 own in it) and is removed once read, so a job resumed in the same directory never finds an earlier
 run's order. `env` is added to the environment (a Slurm task's rank variables); `log`, when given,
-takes this process's stdout and stderr. What a standby cannot take from its order is what was fixed when it
-started: its interpreter, and environment read at import (OMP_NUM_THREADS): the launcher starts it
-with the environment it gives a group. No CUDA context is made before the order: the trainer it
+takes this process's stdout and stderr. What a standby cannot take from its order is what was fixed
+when it started: its interpreter, and environment read at import (OMP_NUM_THREADS): the launcher
+starts it with the environment it gives a group. No CUDA context is made before the order: the trainer it
 becomes picks its device as a cold one does.
 
 Costs per free node: one idle interpreter (~240 MB resident with a CPU torch build), a stat of the
-order file every ORDER_POLL_S (the order is seen within that), nothing else. A standby without an order lives
-until its launcher stops it (its node is used, drained or the job ends) or its parent dies (the
-launcher starts it through `orphan_guard`).
+order file every ORDER_POLL_S (the order is seen within that), nothing else. A standby without an
+order lives until its launcher stops it (its node is used, drained or the job ends) or its parent
+dies (the launcher starts it through `orphan_guard`).
 """
 
 from __future__ import annotations

@@ -168,13 +168,22 @@ class Standby:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def ready(self) -> bool:
-        """Its imports are done (every task's, on a Slurm step: each writes ORDER[.rRANK].ready)."""
-        return len(list(self.order_path.parent.glob(f"{self.order_path.name}*{READY_SUFFIX}"))) >= self.tasks
+    def _ready_files(self) -> list[Path]:
+        """Each importing process's marker: ORDER.ready, or ORDER.r<RANK>.ready for a Slurm step's tasks."""
+        return list(self.order_path.parent.glob(f"{self.order_path.name}*{READY_SUFFIX}"))
 
-    def order(self, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
-        """Hand it a group's command: from now on this process is that group's."""
-        write_atomic(self.order_path, json.dumps({"argv": argv, "env": env or {}, "log": str(log_path)}))
+    def ready(self) -> bool:
+        """Its imports are done (every task's, on a Slurm step)."""
+        return len(self._ready_files()) >= self.tasks
+
+    def give(self, spec: GroupSpec) -> bool:
+        """Hand it the group `spec` (`watchtower train --config`, its log): from now on this process is
+        that group's. Returns whether its imports had finished (read first: a standby removes its
+        marker once it has read its order)."""
+        ready = self.ready()
+        write_atomic(self.order_path, json.dumps({"argv": ["train", "--config", str(spec.config_path)],
+                                                  "log": str(spec.log_path)}))
+        return ready
 
     def stop(self) -> None:
         """Kill an unused standby and remove the files it had (its order file never existed)."""
@@ -187,8 +196,8 @@ class Standby:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=KILL_WAIT_S)
-            for ready in self.order_path.parent.glob(f"{self.order_path.name}*{READY_SUFFIX}"):  # a Slurm
-                ready.unlink(missing_ok=True)  # step's tasks mark theirs ORDER.r<RANK>.ready
+            for ready in self._ready_files():
+                ready.unlink(missing_ok=True)
 
 
 class Standbys:
@@ -220,7 +229,8 @@ class Standbys:
                 if node in wanted:  # died with no order
                     self._broken.add(node)
                     log.warning("the standby on %s exited (%s) before it was used: launches there start cold "
-                                "(its output: %s)", node, standby.proc.poll(), standby.order_path.parent / "standby.log")
+                                "(its output: %s)", node, standby.proc.poll(),
+                                standby.order_path.parent / "standby.log")
                 self._stop(standby)
         if not start_new or not all(s.ready() for s in self._by_node.values()):
             return
@@ -340,9 +350,7 @@ class LocalLauncher:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         standby = self.standbys.take(spec.node)
         if standby is not None:
-            ready = standby.ready()  # before the order: a standby removes its marker once it has read it
-            standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
-            return GroupProcess(spec, standby.proc, warm=True, standby_ready=ready)
+            return GroupProcess(spec, standby.proc, warm=True, standby_ready=standby.give(spec))
         argv = guarded([sys.executable, "-m", "watchtower.cli", "train", "--config", str(spec.config_path)])
         with open(spec.log_path, "ab") as out:
             proc = subprocess.Popen(argv, env=self._group_env(), stdout=out, stderr=subprocess.STDOUT,

@@ -177,9 +177,8 @@ class SlurmLauncher:
         address = self.addresses[spec.node]
         standby = self.standbys.take(spec.node)
         if standby is not None:
-            ready = standby.ready()  # before the order: a standby removes its marker once it has read it
-            standby.order(["train", "--config", str(spec.config_path)], spec.log_path)
-            return SlurmStep(spec, standby.proc, address, self, step=standby.name, warm=True, standby_ready=ready)
+            return SlurmStep(spec, standby.proc, address, self, step=standby.name, warm=True,
+                             standby_ready=standby.give(spec))
         argv = srun_argv(self.job_id, spec.node, self.tp, step_name(spec.replica_id), self.cfg.srun_args,
                          task_argv(spec.config_path, address))
         env = {**os.environ, **direct_peers(os.environ, self.peers)}
