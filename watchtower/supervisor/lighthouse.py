@@ -26,6 +26,10 @@ log = logging.getLogger("watchtower.supervisor")
 
 PROBE_TIMEOUT_S = 1.0
 SLOW_PROBES_DOWN = 3  # a loaded machine may miss one probe; a refused connection is down at once
+# How often the Lighthouse re-checks a quorum it is waiting on. The dead group's heartbeat expiring
+# forms no quorum by itself: the next tick does, so a tick adds up to its period to every failure's
+# stall. A tick is a lock and a scan of a few replicas' heartbeats.
+QUORUM_TICK_MS = 50
 WILDCARDS = ("0.0.0.0", "::", "[::]")
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -64,7 +68,9 @@ def _quiet_rust_log() -> Iterator[None]:
 class Lighthouse:
     """min_replicas: groups needed before the first quorum (the active groups, so nobody starts
     alone); heartbeat_timeout_ms: how long a silent replica stays in the quorum — the stall every
-    healthy group pays per failure. `url` is what groups are given: its host is `advertise` when the
+    healthy group pays per failure. It is also the join timeout (how long a quorum that has changed
+    waits for replicas that heartbeat but have not asked to join): torchft forms the quorum when the
+    first of the two runs out, so the stall is set by the shorter. `url` is what groups are given: its host is `advertise` when the
     bind is a wildcard (else the host torchft reports), or the bind's own host."""
 
     def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, advertise: str | None = None):
@@ -82,7 +88,8 @@ class Lighthouse:
             from torchft.coordination import LighthouseServer  # imports torch: only where it is started
 
             self._server = LighthouseServer(bind=f"{self.host}:{self.port}", min_replicas=self.min_replicas,
-                                            join_timeout_ms=1000, quorum_tick_ms=100,
+                                            join_timeout_ms=self.heartbeat_timeout_ms,
+                                            quorum_tick_ms=QUORUM_TICK_MS,
                                             heartbeat_timeout_ms=self.heartbeat_timeout_ms)
         address = urlsplit(self._server.address())  # http://HOSTNAME:PORT
         self.port = address.port  # kept: a restart binds the same port
