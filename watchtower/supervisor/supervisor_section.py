@@ -26,7 +26,7 @@ class SupervisorSection:
         Raise max_failures for a cluster whose nodes fail that often by themselves.
     lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
         stalls about this long per failure (measured on CPU: 1000 ms → 1.02-1.22 s of stall,
-        800 ms → see README's recovery table). A live group's heartbeats come every 100 ms from
+        800 ms → 0.82-0.94 s, README's recovery table). A live group's heartbeats come every 100 ms from
         a Rust thread of its rank 0 that needs no GIL: a group is only missed if that process is not
         scheduled for this long; one missed comes back at the next quorum, healing from a peer.
     lighthouse_bind: where the Lighthouse listens (port 0: the kernel picks one, read back and kept
