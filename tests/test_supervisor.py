@@ -27,13 +27,28 @@ from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_until
 
 
-def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20,
-             job=None, cluster=None, supervisor=None, train_overrides=(), metrics_port=0, remediation=None) -> Path:
-    """A job of the tiny trainer in tmp_path/job; `job`, `cluster`, `supervisor` add or replace keys.
-    No warm standbys unless `cluster` asks (the killed run does, and asserts its refill used one):
-    each would import torch beside the groups of every test, for a start-up that most tests never see."""
+# tiny's data and schedule with a quarter of its width and one block: most of these tests judge the
+# supervisor (who runs, who is replaced, what is read and saved), not the model, and the model's
+# forward and backward were most of a supervised step (~0.19 s of it with 2 groups on 2 idle cores;
+# one step of this model computes in about a sixth of tiny's time). Data order, windows, schedule and
+# faults are tiny's, so the replays below that read load_config("tiny") still describe these runs.
+# model=() keeps tiny's own model where a test needs its behaviour: the rewind's spike (this model
+# learns slower, and a poisoned step's loss stays under the detector's critical ratio), and the two
+# runs whose summary is held to events.jsonl's wall time within 5% (the summary's clock starts before
+# the Lighthouse's torch import, events.jsonl's after it: ~1-6 s, so a run much shorter than ~40 s
+# would fail on that alone).
+SMALL_MODEL = ("model.dim=32", "model.n_layers=1", "model.n_heads=2")
+
+
+def job_file(tmp_path: Path, *, steps=120, active=2, spares=1, nodes=4, inject=(), interval=20, job=None,
+             cluster=None, supervisor=None, train_overrides=(), metrics_port=0, remediation=None,
+             model=SMALL_MODEL) -> Path:
+    """A job of the tiny trainer (with `model`'s overrides) in tmp_path/job; `job`, `cluster`,
+    `supervisor` add or replace keys. No warm standbys unless `cluster` asks (the killed run does, and
+    asserts its refill used one): each would import torch beside the groups of every test, for a
+    start-up that most tests never see."""
     overrides = [f"train.steps={steps}", f"checkpoint.interval_steps={interval}", "monitor.system_interval_s=1.0",
-                 "monitor.parallel_check_interval=20", *train_overrides]
+                 "monitor.parallel_check_interval=20", *model, *train_overrides]
     path = tmp_path / "job.toml"
     path.write_text(job_toml(
         {"name": "sup", "trainer_config": "tiny", "output_dir": str(tmp_path / "job"),
@@ -130,7 +145,7 @@ def killed_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     direct)."""
     tmp_path = tmp_path_factory.mktemp("killed")
     result = supervise(job_file(tmp_path, steps=150, inject=["nonfinite@30", "crash@60:group=0"],
-                                train_overrides=["data.stage=always", "train.log_interval=1"],
+                                train_overrides=["data.stage=always", "train.log_interval=1"], model=(),
                                 cluster={"warm_standby": True}), env=DEAD_PROXY)
     return tmp_path, result
 
@@ -213,7 +228,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path, proc
     Once the page is in, a SIGTERM ends the linger (it would hold the test for the rest of linger_s)
     and the exit code is still the crash loop's."""
     out = tmp_path / "job"
-    job = job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@15"], interval=10,
+    job = job_file(tmp_path, steps=200, active=1, spares=0, nodes=5, inject=["crash@6"], interval=5,
                    metrics_port=free_port(), supervisor={"linger_s": 60})
     with AlertingStack(tmp_path / "stack", targets_file=out / "targets.json",
                        supervisor_targets_file=out / "supervisor_targets.json") as stack:
@@ -240,7 +255,7 @@ def test_crash_on_every_node_is_stopped_as_a_crash_loop_and_pages(tmp_path, proc
 def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
     """Also issue 14, item 3: the steps run again after the restart are counted as recompute."""
     port = free_port()
-    path = job_file(tmp_path, steps=100, active=2, spares=0, interval=20, metrics_port=port)
+    path = job_file(tmp_path, steps=100, active=2, spares=0, interval=20, metrics_port=port, model=())
     proc = subprocess.Popen(watchtower_cmd("supervise", str(path)), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -286,39 +301,41 @@ def test_killing_every_group_falls_back_to_the_checkpoint(tmp_path):
 
 
 def test_an_agreed_loss_spike_rewinds_once_and_skips_exactly_the_poisoned_data(tmp_path):
-    """Issue 14, item 2: bad_data@120:5 poisons the windows steps 120-124 read. With [remediation]
+    """Issue 14, item 2: bad_data@60:5 poisons the windows steps 60-64 read. With [remediation]
     loss_spike = "rewind", the critical spike both groups report makes the supervisor restart every
-    group from the checkpoint at step 100 (the last at or before 120 - 10; the one at 120 holds the
-    spike and is set aside) and skip the data of steps 120-124: one rewind, exactly the poisoned
-    windows skipped, no second spike, and the loss after it back in the band it had before."""
-    path = job_file(tmp_path, steps=150, active=2, spares=0, nodes=4, interval=20, inject=["bad_data@120:5"],
-                    train_overrides=["train.log_interval=1"],
+    group from the checkpoint at step 40 (the last at or before 60 - 10; the one at 60 holds the
+    spike and is set aside) and skip the data of steps 60-64: one rewind, exactly the poisoned
+    windows skipped, no second spike, and the loss after it back in the band it had before. Step 60
+    is well past the loss detector's warmup (20 steps); after the restart at step 41 its warmup ends
+    at step 61, so a spike of re-read poisoned windows would be judged."""
+    path = job_file(tmp_path, steps=80, active=2, spares=0, nodes=4, interval=20, inject=["bad_data@60:5"],
+                    train_overrides=["train.log_interval=1"], model=(),
                     remediation={"loss_spike": "rewind", "rewind_margin": 10, "skip_batches_after": 4})
     result = supervise(path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
     (rewind,) = [e for e in ev if e["event"] == "rewind"]
-    assert (rewind["spike_step"], rewind["to_step"], rewind["skip_steps"]) == (120, 110, [120, 124]), rewind
-    assert "step-00000120" in rewind["set_aside"] and not [e for e in ev if e["event"] == "rewind_declined"]
+    assert (rewind["spike_step"], rewind["to_step"], rewind["skip_steps"]) == (60, 50, [60, 64]), rewind
+    assert "step-00000060" in rewind["set_aside"] and not [e for e in ev if e["event"] == "rewind_declined"]
     restarted = [e["replica_id"] for e in ev if e["event"] == "group_started" and e["reason"] == "restart"]
     cfg = load_config("tiny")
     replay = PackedBatches(load_tokens(cfg.data), cfg.train.seq_len, cfg.train.micro_batch_size,
                            cfg.data.shuffle_seed, micro_steps=cfg.train.grad_accum_steps)
     positions = []
-    for step in range(1, 125):  # where steps 120-124 of a run from the start with 2 groups read
+    for step in range(1, 65):  # where steps 60-64 of a run from the start with 2 groups read
         replay.begin_step(None, 2)
-        if step >= 120:
+        if step >= 60:
             positions.append(replay.state_dict())
         replay.end_step(committed=True)
     poisoned = [[positions[0]["epoch"], positions[0]["cursor"], replay.state_dict()["cursor"]]]
     for rid in restarted:
         group_dir = tmp_path / "job" / "groups" / rid
         (record,) = [json.loads(line) for line in (group_dir / "skipped_data.jsonl").read_text().splitlines()]
-        assert record["steps"] == [120, 124] and record["positions"] == poisoned, (record, poisoned)
+        assert record["steps"] == [60, 64] and record["positions"] == poisoned, (record, poisoned)
         assert '"critical"' not in "".join(p.read_text() for p in group_dir.glob("events-*.jsonl")), "a second spike"
-        assert train_rows(tmp_path, rid)[0]["step"] == 101, "the restart did not load the checkpoint at step 100"
-    before = [r["loss"] for r in train_rows(tmp_path, "g0000") if 100 < r["step"] < 120]
-    after = [r["loss"] for rid in restarted for r in train_rows(tmp_path, rid) if r["step"] >= 125]
+        assert train_rows(tmp_path, rid)[0]["step"] == 41, "the restart did not load the checkpoint at step 40"
+    before = [r["loss"] for r in train_rows(tmp_path, "g0000") if 40 < r["step"] < 60]
+    after = [r["loss"] for rid in restarted for r in train_rows(tmp_path, rid) if r["step"] >= 65]
     assert after and max(after) <= max(before) * 1.1, (max(before), max(after))
 
 
@@ -327,9 +344,10 @@ def test_hung_group_is_detected_replaced_and_its_stuck_rank_and_frame_named(tmp_
     every rank's stack and flight record is read (py-spy, a signal; in parallel, within
     capture_timeout_s) into incidents/<id>/, and the event names the rank that hangs (rank 1; rank 0
     only waits for it in a TP collective) and the user's frame it is stuck in (the trainer's call into
-    the injector, not the injector's sleep)."""
+    the injector, not the injector's sleep). A 6 s heartbeat timeout is ~50 of this model's TP=2 steps
+    under load, and a save reports progress (see the test below); start-up has its own grace."""
     path = job_file(tmp_path, steps=20, active=1, spares=0, nodes=2, interval=5, inject=["hang@12:group=0:rank=1"],
-                    train_overrides=["train.tp=2"], supervisor={"heartbeat_timeout_s": 10, "startup_grace_s": 120})
+                    train_overrides=["train.tp=2"], supervisor={"heartbeat_timeout_s": 6, "startup_grace_s": 120})
     result = supervise(path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     ev = events(tmp_path)
@@ -402,10 +420,10 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
     a rank's port reached run()'s `finally` and SIGKILLed every group. Now: the page is counted in
     errors_total{stage="scrape"}, the Lighthouse is restarted on its address, no node is drained and
     the job finishes."""
-    sup, result = in_process(job_file(tmp_path, steps=80, active=2, spares=0, nodes=2, interval=20,
+    sup, result = in_process(job_file(tmp_path, steps=60, active=2, spares=0, nodes=2, interval=10,
                                       supervisor={"ft_timeout_s": 5, "lighthouse_grace_s": 20}))
     alive = lambda: None if "code" not in result else pytest.fail(f"supervisor ended early: {result}")  # noqa: E731
-    wait_until(lambda: sup.stats.job_step >= 20, "the job past step 20", abort=alive)
+    wait_until(lambda: sup.stats.job_step >= 10, "the job past step 10 (its first checkpoint)", abort=alive)
     page = ServedText(lambda: "<!DOCTYPE html>\n<html><body>Welcome to nginx!</body></html>\n", "text/html")
     endpoint = tmp_path / "job" / "groups" / "g0000" / "endpoint-r0.json"
     real = endpoint.read_text()
@@ -426,7 +444,7 @@ def test_a_lighthouse_outage_and_a_web_page_on_a_ranks_port_drain_no_node(tmp_pa
     assert "lighthouse_restarted" in kinds and sup.lighthouse.url == url
     assert "node_drained" not in kinds, [e["message"] for e in ev if e["event"] == "group_failed"]
     assert not [e for e in ev if e["event"] == "group_failed" and (e["drained"] or e["counted"])]
-    assert sup.stats.job_step == 80 > at_outage
+    assert sup.stats.job_step == 60 > at_outage
 
 
 def live_group_pids(tmp_path: Path, run: int = 0) -> set[int]:
