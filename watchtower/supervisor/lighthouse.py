@@ -67,17 +67,25 @@ def _quiet_rust_log() -> Iterator[None]:
 
 class Lighthouse:
     """min_replicas: groups needed before the first quorum (the active groups, so nobody starts
-    alone); heartbeat_timeout_ms: how long a silent replica stays in the quorum — the stall every
-    healthy group pays per failure. It is also the join timeout (how long a quorum that has changed
-    waits for replicas that heartbeat but have not asked to join): torchft forms the quorum when the
-    first of the two runs out, so the stall is set by the shorter. `url` is what groups are given: its host is `advertise` when the
-    bind is a wildcard (else the host torchft reports), or the bind's own host."""
+    alone). heartbeat_timeout_ms: how long a silent replica still counts as alive — after a group dies,
+    the survivors' next quorum forms once its last heartbeat is this old (the next quorum tick), so it
+    sets the stall every healthy group pays per failure. join_timeout_ms: when a quorum cannot form at
+    once (not every member of the last one has asked again), how long it waits for replicas that
+    heartbeat but have not asked, counted from the earliest asker; then it forms without them. A
+    group left out waits at the Lighthouse and asks again at once, so with steps longer than the join
+    timeout one late group starts a rotation: every quorum leaves one healthy group out, which heals
+    from a peer at the next (torchft 0.2). Keep it above the longest step plus a checkpoint save, and
+    below the groups' quorum timeout (ft_timeout_s), which would otherwise fail the askers first.
+    `url` is what groups are given: its host is `advertise` when the bind is a wildcard (else the host
+    torchft reports), or the bind's own host."""
 
-    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, advertise: str | None = None):
+    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, join_timeout_ms: int,
+                 advertise: str | None = None):
         self.host, _, port = bind.rpartition(":")
         self.port = int(port)
         self.advertise = advertise
         self.min_replicas, self.heartbeat_timeout_ms = min_replicas, heartbeat_timeout_ms
+        self.join_timeout_ms = join_timeout_ms
         self.url = ""
         self._server = None
         self._slow_probes = 0
@@ -88,7 +96,7 @@ class Lighthouse:
             from torchft.coordination import LighthouseServer  # imports torch: only where it is started
 
             self._server = LighthouseServer(bind=f"{self.host}:{self.port}", min_replicas=self.min_replicas,
-                                            join_timeout_ms=self.heartbeat_timeout_ms,
+                                            join_timeout_ms=self.join_timeout_ms,
                                             quorum_tick_ms=QUORUM_TICK_MS,
                                             heartbeat_timeout_ms=self.heartbeat_timeout_ms)
         address = urlsplit(self._server.address())  # http://HOSTNAME:PORT

@@ -141,7 +141,8 @@ class Supervisor:
         c, s = self.job.cluster, self.cfg
         try:
             bind, advertise = bind_and_advertise(s.lighthouse_bind, self.launcher.head_address)
-            self.lighthouse = Lighthouse(bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms, advertise)
+            self.lighthouse = Lighthouse(bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms,
+                                         s.lighthouse_join_timeout_ms, advertise)
         except (OSError, RuntimeError) as err:
             raise ConfigError("supervisor.lighthouse_bind", s.lighthouse_bind, f"the Lighthouse cannot listen "
                               f"there: {err}") from None

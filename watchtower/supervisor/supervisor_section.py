@@ -26,9 +26,15 @@ class SupervisorSection:
         Raise max_failures for a cluster whose nodes fail that often by themselves.
     lighthouse_heartbeat_timeout_ms: how fast torchft declares a replica dead; every healthy GPU
         stalls about this long per failure (measured on CPU: 1000 ms → 1.02-1.22 s of stall,
-        800 ms → 0.82-0.94 s, README's recovery table). A live group's heartbeats come every 100 ms from
-        a Rust thread of its rank 0 that needs no GIL: a group is only missed if that process is not
-        scheduled for this long; one missed comes back at the next quorum, healing from a peer.
+        800 ms → 0.82-0.94 s, README's recovery table). A live group heartbeats every 100 ms from a
+        Rust thread of its rank 0 that needs no GIL. Must stay below ft_timeout_s.
+    lighthouse_join_timeout_ms: how long a quorum that cannot form at once waits for groups that
+        heartbeat but have not asked to join (a group saving a checkpoint, a spare still starting).
+        Too short, and with steps longer than it one late group starts a rotation in which every
+        step leaves a healthy group out to heal from a peer (Lighthouse's docstring); keep it above
+        the longest step plus a checkpoint save. It does not lengthen a failure's stall: a dead
+        group's heartbeat runs out first. Must stay below ft_timeout_s (the askers' quorum timeout);
+        0 (the default) is half of it, so raising ft_timeout_s for long steps raises both.
     lighthouse_bind: where the Lighthouse listens (port 0: the kernel picks one, read back and kept
         across restarts); use the head node's address when groups run on other machines.
     lighthouse_grace_s: after the Lighthouse is seen down (and restarted), group failures for this long
@@ -60,6 +66,7 @@ class SupervisorSection:
     max_failures: int = 6
     failure_window_s: float = 3600.0
     lighthouse_heartbeat_timeout_ms: int = 800
+    lighthouse_join_timeout_ms: int = 0  # 0: half of ft_timeout_s (5000 ms by default)
     lighthouse_bind: str = "127.0.0.1:0"
     lighthouse_grace_s: float = 30.0
     ft_timeout_s: float = 10.0
@@ -85,9 +92,14 @@ class SupervisorSection:
                 f"must be > ft_timeout_s = {self.ft_timeout_s}: the groups' quorum timeouts after an outage "
                 "must fall inside it")
         require(bool(self.metrics_bind), "metrics_bind", self.metrics_bind, "must be an address, like 0.0.0.0")
-        require(self.lighthouse_heartbeat_timeout_ms >= 100, "lighthouse_heartbeat_timeout_ms",
-                self.lighthouse_heartbeat_timeout_ms, "must be >= 100 ms")
         require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
+        quorum_timeout_ms = self.ft_timeout_s * 1000
+        if self.lighthouse_join_timeout_ms == 0:
+            self.lighthouse_join_timeout_ms = int(quorum_timeout_ms / 2)
+        for key in ("lighthouse_heartbeat_timeout_ms", "lighthouse_join_timeout_ms"):
+            require(100 <= getattr(self, key) < quorum_timeout_ms, key, getattr(self, key),
+                    f"must be >= 100 ms and below ft_timeout_s = {self.ft_timeout_s} s: the groups' quorum "
+                    "requests time out after ft_timeout_s and a quorum that waits longer fails every survivor")
         require(self.lighthouse_restart_timeout_s > 0, "lighthouse_restart_timeout_s",
                 self.lighthouse_restart_timeout_s, "must be > 0 seconds")
         require(1024 <= self.base_port <= 65000, "base_port", self.base_port,

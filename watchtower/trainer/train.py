@@ -155,9 +155,14 @@ class Trainer:
                                          cfg.checkpoint.keep_last, self._agree, self._gather)
         self.step = 0
         self.progress()
-        self.replication = self._make_replication()
+        resumed = self.maybe_resume()  # a refused resume is a config error: the rank exits 2 before any step
         self.progress()
-        self.maybe_resume()  # a refused resume is a config error: the rank exits 2 before any step
+        # torchft's Manager heartbeats from the moment it exists, and a quorum waits (up to its join
+        # timeout) for every heartbeating group: made last, right before the first quorum, so that
+        # loading a checkpoint never holds up the other groups' quorum
+        self.replication = self._make_replication()
+        if resumed is not None:
+            self.replication.load_state_dict(resumed)
         self.progress()
         self.monitor.watch(self.model, tp_group=self.tp_group, dp_group=self.replication.dp_gather())
         self.loader = self.monitor.wrap(DelayedBatches(self._poisoned(self.data), self.faults, lambda: self.step + 1))
@@ -314,20 +319,21 @@ class Trainer:
         self.monitor.count("watchtower_checkpoint_save_seconds_total", seconds)
         log.info("checkpoint step %d saved to %s in %.2fs", self.step, self.cfg.checkpoint_url, seconds)
 
-    def maybe_resume(self) -> None:
+    def maybe_resume(self) -> dict[str, Any] | None:
         """Load the newest checkpoint this run may resume; another TP or config_hash is a ConfigError
-        (exit 2), never a fresh start over another run's checkpoints."""
+        (exit 2), never a fresh start over another run's checkpoints. Returns the replication's part
+        of it (its step), for the replication made after this; None when nothing was resumed."""
         self.resumed_step: int | None = None
         if not self.cfg.checkpoint.resume:
-            return
+            return None
         found = self.checkpointer.load_latest(self.cfg.config_hash(), self.cfg.checkpoint.allow_config_change)
         if found is None:
-            return
+            return None
         step, state, _ = found
         self.load_state_dict(state)
-        self.replication.load_state_dict(state.get("replication", {"step": step}))
         self.resumed_step = step
         log.info("resumed from checkpoint step %d", step)
+        return state.get("replication", {"step": step})
 
     # ---- the loop --------------------------------------------------------------------------
 
