@@ -54,7 +54,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 def add_config_keys(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """Every trainer config key as a `--section.key` flag of `parser` (type, default, doc in --help);
     returns argv with their values joined (`--optim.lr=-1e-3`) for parsing. Imports the trainer's
-    sections (torch), so only `train` and `config` call it."""
+    config sections (no torch, but fsspec and the job contract), so only `train` and `config` call it."""
     from watchtower.config import TrainConfig
     from watchtower.config_flags import add_config_flags, join_flag_values
 
@@ -190,7 +190,7 @@ def cmd_demo(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 def check_job(job, trainer) -> None:
     """What every group would refuse, refused before the Lighthouse (or before sbatch queues it)."""
     from watchtower.config import check_resume, check_this_machine
-    from watchtower.trainer.data import check_corpus_fits
+    from watchtower.trainer.data_config import check_corpus_fits
 
     if job.cluster.launcher == "local":
         check_this_machine(trainer)  # the groups run here: no CUDA here is refused before the Lighthouse

@@ -8,6 +8,11 @@ Every section is the small dataclass its component owns (`ModelConfig` lives bes
 each validates itself in `__post_init__`, and `TrainConfig` checks what spans sections (TP must divide
 the heads). Any problem is one `ConfigError` line naming the full key, the value and what is allowed,
 raised before a process starts.
+
+No torch here: the TP launcher, a supervisor checking its job and every config error's exit 2 read
+this module and start no model, so each section lives in a torch-free module of its component
+(`trainer/model_config.py` beside `trainer/model.py`, `trainer/data_config.py`, `hooks/config.py`).
+torch's import cost ~4 s there (tests/test_import_cost.py keeps it out).
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ from watchtower.hooks.config import MonitorConfig
 import fsspec
 
 from watchtower.trainer.checkpoint import CheckpointConfig, check_resume_config
-from watchtower.trainer.data import BYTE_VOCAB, DataConfig
+from watchtower.trainer.data_config import BYTE_VOCAB, DataConfig
 from watchtower.trainer.faults import Fault, parse_fault
-from watchtower.trainer.model import ModelConfig
+from watchtower.trainer.model_config import ModelConfig
 from watchtower.trainer.staging import require_fsspec_backend
 from watchtower import shipped
 from watchtower.supervisor.contract import ReplicaConfig
@@ -221,12 +226,13 @@ def check_this_machine(cfg: TrainConfig) -> None:
 
     Called by `watchtower train` on that machine before it spawns anything, not in `__post_init__`:
     a job file is also validated by the supervisor, which may sit on a login node without GPUs.
-    Costs a CUDA driver query (`torch.cuda.is_available()`), well under a second.
+    Costs a CUDA driver query (`torch.cuda.is_available()`), well under a second, and torch's import
+    (~4 s), so only when `train.device = cuda` asks: "auto" and "cpu" need no look at the machine.
     """
-    import torch
-
     if cfg.train.device != "cuda":
         return
+    import torch
+
     require(torch.cuda.is_available(), "train.device", "cuda",
             "this machine has no usable CUDA device (no GPU, no driver, or a CPU-only torch build); "
             "use --train.device cpu, or auto to take a GPU only when there is one")

@@ -66,10 +66,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import fsspec
-import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from watchtower.validation import ConfigError, require
+
+# No torch at import: `check_resume_config` runs in processes that start no model (the TP launcher,
+# `watchtower supervise`), where it cost ~4 s. Only a rank's save and load (de)serialize tensors,
+# and they import it where they do (a dict lookup once a rank has it).
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +250,7 @@ class Checkpointer:
     TP group; identity for a single rank); `gather(obj)` returns the list of every rank's `obj`.
 
     >>> ck = Checkpointer("memory://doc-example", 0, 1, keep_last=2, agree=lambda f: f, gather=lambda o: [o])
+    >>> import torch
     >>> ck.save(10, {"w": torch.ones(2)}, {"run": "x"})
     >>> ck.load_latest()[0]
     10
@@ -309,6 +313,8 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
         """Write this rank's file; rank 0 commits the manifest. Raises OSError on every rank if any failed."""
+        import torch  # here, not at the top: see the imports
+
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = buffer.getvalue()
@@ -478,6 +484,8 @@ class Checkpointer:
                             "config_hash %s, this run has %s", name, saved, config_hash)
             if isinstance(manifest.get("origin"), int):
                 self.origin = manifest["origin"]
+            import torch  # here, not at the top: see the imports
+
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             return step_of(name), state, manifest["meta"]
         return None
