@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, run_watchtower, watchtower_cmd
+from conftest import REPO, free_port, watchtower_cmd
 from waiting import wait_for_loss_spike_page, wait_until
 from watchtower.alerting_stack import AlertingStack
 from watchtower.dashboards import FOLDER_UID, JSON_DIR, PROVISIONING_DIR, load_dashboards, panel_queries
@@ -192,7 +192,8 @@ class GrafanaAPI:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # close() waits for serve_forever's next poll: 0.5 s by default, at every teardown
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def route(self, method: str, path: str, body: dict | None) -> tuple[int, dict]:
         if method == "GET" and path.startswith("/api/folders/"):
@@ -235,8 +236,24 @@ def grafana():
     api.close()
 
 
-def test_push_creates_then_changes_nothing(grafana):
-    first = run_watchtower("dashboards", "push", "--url", grafana.url, "--token", GrafanaAPI.TOKEN)
+@pytest.fixture
+def push(capsys, monkeypatch):
+    """`watchtower dashboards push ...` through `cli.main` in this process, as (exit code, stdout, stderr):
+    what the command says is the same, without an interpreter start per call (~1 s of CPU each)."""
+    from watchtower import cli
+
+    monkeypatch.delenv("GRAFANA_TOKEN", raising=False)  # the fallback for an empty --token: never the caller's
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = cli.main(["dashboards", "push", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["watchtower", "dashboards", "push", *args], code, out, err)
+    return run
+
+
+def test_push_creates_then_changes_nothing(grafana, push):
+    first = push("--url", grafana.url, "--token", GrafanaAPI.TOKEN)
     assert first.returncode == 0, first.stderr
     assert "folder 'Watchtower': created" in first.stdout
     committed = load_dashboards()
@@ -248,7 +265,7 @@ def test_push_creates_then_changes_nothing(grafana):
     assert len(writes) == 1 + len(committed)
 
     grafana.requests.clear()
-    second = run_watchtower("dashboards", "push", "--url", grafana.url, "--token", GrafanaAPI.TOKEN)
+    second = push("--url", grafana.url, "--token", GrafanaAPI.TOKEN)
     assert second.returncode == 0, second.stderr
     assert [r for r in grafana.requests if r[0] != "GET"] == [], "a second push must change nothing"
     assert "created" not in second.stdout and "updated" not in second.stdout
@@ -256,16 +273,16 @@ def test_push_creates_then_changes_nothing(grafana):
 
     edited = dict(grafana.dashboards["watchtower-run"]["dashboard"], title="edited in the UI")
     grafana.dashboards["watchtower-run"]["dashboard"] = edited
-    third = run_watchtower("dashboards", "push", "--url", grafana.url, "--token", GrafanaAPI.TOKEN)
+    third = push("--url", grafana.url, "--token", GrafanaAPI.TOKEN)
     assert "watchtower-run: updated" in third.stdout
     assert grafana.dashboards["watchtower-run"]["dashboard"]["title"] == "Watchtower / Run overview"
 
 
-def test_push_with_a_bad_token_says_so_in_one_line(grafana):
-    result = run_watchtower("dashboards", "push", "--url", grafana.url, "--token", "wrong")
+def test_push_with_a_bad_token_says_so_in_one_line(grafana, push):
+    result = push("--url", grafana.url, "--token", "wrong")
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused the token (401" in lines[0] and "--token" in lines[0], result.stderr
     assert not grafana.dashboards and not grafana.folders
-    missing = run_watchtower("dashboards", "push", "--url", grafana.url, "--token", "")
+    missing = push("--url", grafana.url, "--token", "")
     assert missing.returncode == 1 and "GRAFANA_TOKEN" in missing.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import DataTable
 
-from conftest import REPO, free_port, run_watchtower, value, wait_for_metrics, watchtower_cmd
+from conftest import REPO, free_port, run_watchtower, samples, scrape_text, value, wait_for_metrics, watchtower_cmd
 from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_until
 from watchtower.tui.app import HelpScreen, RunScreen, RunsScreen, WatchtowerApp
@@ -214,6 +214,11 @@ def test_snapshot_help(recorded, utc, snap_compare):
 
 # ---- a real trainer ----------------------------------------------------------------------------------
 
+# The TUI shows numbers, not their quality: a step on 2x32 tokens costs ~9 ms of CPU against ~95 ms at
+# tiny's 8x128 (measured 2026-11-27), on a CI machine whose 2 cores the other lane shares.
+LIGHT_BATCH = ("--train.seq_len", "32", "--train.micro_batch_size", "2")
+
+
 def start_trainer(processes, tmp_path, run: str, steps: int, *extra: str,
                   port: int | None = None) -> tuple[int, subprocess.Popen]:
     """A tiny trainer on `port` (a free one by default) that keeps serving its last /metrics after
@@ -221,19 +226,33 @@ def start_trainer(processes, tmp_path, run: str, steps: int, *extra: str,
     port = port or free_port()
     proc = processes.start(watchtower_cmd(
         "train", "--config", "tiny", "--steps", str(steps), "--run", run, "--port", str(port),
-        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600", *extra),
+        "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600",
+        *LIGHT_BATCH, *extra),
         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return port, proc
 
 
+SHOWN = ("watchtower_train_step", "watchtower_loss", "watchtower_data_wait_ratio")  # the row's numbers compared
+
+
 def test_real_trainer_numbers_appear_and_a_dead_rank_turns_down_within_two_polls(processes, tmp_path):
     port, proc = start_trainer(processes, tmp_path, "live", 30)
-    scraped = wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 30, proc=proc)
+    wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 30, proc=proc)
 
     async def drive():
         app = WatchtowerApp(ScrapeSource([f"127.0.0.1:{port}"]), interval=0.5, run="live")
         async with app.run_test(size=(80, 24)) as pilot:
-            await polls(app, pilot, 1)
+            # The step counts as done before its loss and data-wait reach the metrics (the monitor's
+            # flush, at the run's end for the last step): compare with numbers served unchanged from
+            # before a poll until after it, so that poll read those (two polls: one may be under way).
+            deadline = time.monotonic() + WAIT_CEILING_S
+            while True:
+                served = samples(scrape_text(port))
+                await polls(app, pilot, app.polls + 2)
+                scraped = samples(scrape_text(port))
+                if all(value(served, name) == value(scraped, name) for name in SHOWN):
+                    break
+                assert time.monotonic() < deadline, "the rank's numbers never held still for a poll"
             row = table_rows(app, "ranks")[0]
             assert row[3] == "up" and row[4] == "30"
             assert row[5] == f"{value(scraped, 'watchtower_loss'):.3f}"
@@ -307,24 +326,25 @@ def test_prometheus_source_reads_ranks_alerts_and_down_targets(processes, tmp_pa
     with AlertingStack(tmp_path / "stack") as stack:
         stack.set_targets([Target(f"127.0.0.1:{ports['spiky']}", "spiky", 0, 0, "node-s"),
                            Target(f"127.0.0.1:{ports['victim']}", "victim", 0, 0, "node-v")])
-        # Prometheus must read the spike counter at 0 before step 40 (see wait_for_loss_spike_page):
-        # so its scrape loops run before the trainers start, not up to a discovery cycle after.
+        # Prometheus must read the spike counter at 0 before step 100 (see wait_for_loss_spike_page):
+        # so its scrape loops run before the trainers start, not up to a discovery cycle after. At the
+        # light batch a step costs ~10 ms: the 100 steps keep the counter at 0 for over a scrape interval.
         wait_until(lambda: all(stack.scraping(f"127.0.0.1:{p}") for p in ports.values()),
                    "Prometheus to scrape both (not yet started) trainers' ports")
-        _, spiky = start_trainer(processes, tmp_path, "spiky", 60, "--inject", "loss_spike@40", port=ports["spiky"])
-        _, victim = start_trainer(processes, tmp_path, "victim", 60, port=ports["victim"])
+        _, spiky = start_trainer(processes, tmp_path, "spiky", 120, "--inject", "loss_spike@100", port=ports["spiky"])
+        _, victim = start_trainer(processes, tmp_path, "victim", 120, port=ports["victim"])
         for port, proc in ((ports["spiky"], spiky), (ports["victim"], victim)):
-            wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 60, proc=proc)
+            wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
         wait_for_loss_spike_page(stack, "spiky")
         source = PrometheusSource(stack.prometheus_url, stack.alertmanager_url)
 
-        def both_runs_at_step_60():
+        def both_runs_at_step_120():
             snap = source.poll()
             rows = {r.run: r for r in snap.rows}
-            done = {"spiky", "victim"} <= set(rows) and all(r.step == 60 for r in rows.values())
+            done = {"spiky", "victim"} <= set(rows) and all(r.step == 120 for r in rows.values())
             return (snap, rows) if done else None
 
-        snap, rows = wait_until(both_runs_at_step_60, "PrometheusSource to show both runs at step 60", interval=0.5)
+        snap, rows = wait_until(both_runs_at_step_120, "PrometheusSource to show both runs at step 120", interval=0.5)
         assert not snap.error
         assert rows["spiky"].node == "node-s" and rows["spiky"].loss is not None and rows["spiky"].up
         assert any(a.name == "WatchtowerLossSpike" and a.run == "spiky" and a.severity == "page" for a in snap.alerts)

@@ -48,7 +48,8 @@ class Pager:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/page"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # close() waits for serve_forever's next poll: 0.5 s by default, at every teardown
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def find(self, alertname: str, **labels: str) -> dict | None:
         """The first page of `alertname` whose labels include `labels`, or None."""
