@@ -40,7 +40,7 @@ from watchtower.supervisor.supervisor_section import SupervisorSection
 from watchtower.toml_dataclasses import build, read_toml, set_dotted
 from watchtower.validation import ConfigError, require
 
-if TYPE_CHECKING:  # the trainer's config imports torch; only `JobConfig.trainer()` loads it
+if TYPE_CHECKING:  # the trainer's config is only loaded by `JobConfig.trainer()`
     from watchtower.config import TrainConfig
 
 
@@ -188,7 +188,8 @@ class JobConfig:
         return pairs
 
     def trainer(self) -> TrainConfig:
-        """The trainer config every group runs (validated; errors name the job key). Imports torch."""
+        """The trainer config every group runs (validated; errors name the job key). Imports no torch
+        (tests/test_import_cost.py), unless train.device is cuda."""
         from watchtower.config import load_config
 
         try:
@@ -201,7 +202,7 @@ class JobConfig:
 
 def load_job(path: str, overrides: list[tuple[str, Any]] = ()) -> tuple[JobConfig, TrainConfig]:
     """Read and validate the job file and the trainer config it names; nothing is started.
-    Validating the trainer config imports torch (its sections live with the trainer)."""
+    Validating the trainer config imports no torch (its sections are in torch-free modules)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError("job file", path, "no such file")

@@ -1,8 +1,7 @@
 """The shell's side of a rewind: set the later checkpoints aside, so the restart loads an earlier one.
 
 A checkpoint directory holds `step-NNNNNNNN/` (and later saves `step-NNNNNNNN.sK/`, claims
-`step-NNNNNNNN....saving.json`; names from watchtower/trainer/checkpoint.py, which imports torch and
-so is not imported here). Every entry of a step after the rewind's target is moved, not deleted,
+`step-NNNNNNNN....saving.json`; names from watchtower/trainer/checkpoint.py). Every entry of a step after the rewind's target is moved, not deleted,
 under `rewound-<n>/` in the same directory: a trainer resumes only from top-level `step-*` entries,
 and a person can still look at the weights that spiked. Works on any fsspec URL the trainer can
 write to. Cost: one listing and one move per entry: a rename on a local or shared filesystem, but a

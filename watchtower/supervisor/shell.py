@@ -53,7 +53,7 @@ from watchtower.supervisor.policy_types import Action, GroupFailed, PolicyState,
 from watchtower.supervisor.rewind import committed_steps
 from watchtower.validation import ConfigError
 
-if TYPE_CHECKING:  # the trainer's config imports torch; the supervisor only reads it
+if TYPE_CHECKING:  # the supervisor only reads the trainer's config
     from watchtower.config import TrainConfig
 
 log = logging.getLogger("watchtower.supervisor")
