@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, run_watchtower, wait_for_metrics, value, watchtower_cmd
+from held_start import HeldStart
 from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_for_rule_evaluations, wait_until
 from watchtower.metric_catalog import declared_series
@@ -176,10 +177,10 @@ LIGHT_BATCH = ("--train.seq_len", "32", "--train.micro_batch_size", "2")  # the 
 
 
 def start_trainer(processes, tmp_path, run: str, port: int, *inject: str):
-    """A tiny 120-step trainer on `port` that keeps serving its last /metrics after the run for longer
+    """A tiny 60-step trainer on `port` that keeps serving its last /metrics after the run for longer
     than any test lasts (the `processes` fixture ends it), so the series the rules read stay scraped."""
     return processes.start(watchtower_cmd(
-        "train", "--config", "tiny", "--steps", "120", "--run", run, "--port", str(port),
+        "train", "--config", "tiny", "--steps", "60", "--run", run, "--port", str(port),
         "--output-dir", str(tmp_path / run), "--monitor.bind", "127.0.0.1", "--monitor.linger_s", "600",
         *LIGHT_BATCH, *inject), stderr=subprocess.DEVNULL, env=one_thread_env())
 
@@ -187,24 +188,29 @@ def start_trainer(processes, tmp_path, run: str, port: int, *inject: str):
 def test_fire_drill_pages_spike_and_dead_rank_not_clean_run(tmp_path, processes, stack):
     ports = {"spiky": free_port(), "clean": free_port()}
     targets = {run: Target(f"127.0.0.1:{port}", run, 0, 0, f"node-{run}") for run, port in ports.items()}
-    # spiky: Prometheus must read its spike counter at 0 before step 80 (see wait_for_loss_spike_page),
-    # so it is scraped from before it starts (it may page RankDown while it starts: it is down).
+    # Both start at once, held before their first step (held_start), and train once Prometheus has
+    # scraped both: spiky's spike counter is read at 0 before step 40 (see wait_for_loss_spike_page),
+    # and the clean run's whole history is scraped. spiky is registered from before it serves (it may
+    # page RankDown while it starts: it is down), so that its discovery overlaps the trainers' start;
+    # clean once it serves, so nothing about it may page until it is killed.
+    held = HeldStart(tmp_path / "cache")
     stack.set_targets([targets["spiky"]])
-    wait_until(lambda: stack.scraping(targets["spiky"].address), "Prometheus to scrape spiky's port")
-    spiky = start_trainer(processes, tmp_path, "spiky", ports["spiky"], "--inject", "loss_spike@80")
-    # clean: registered once it serves, so nothing about it may page until it is killed.
-    clean = start_trainer(processes, tmp_path, "clean", ports["clean"])
+    spiky = start_trainer(processes, tmp_path, "spiky", ports["spiky"], "--inject", "loss_spike@40", *held.trainer_args)
+    clean = start_trainer(processes, tmp_path, "clean", ports["clean"], *held.trainer_args)
     wait_for_metrics(ports["clean"], lambda s: value(s, "watchtower_train_step") is not None, proc=clean)
     stack.set_targets(list(targets.values()))
+    wait_until(lambda: len(stack.prometheus_api("/api/v1/query", query='up{job="watchtower-ranks"} == 1')["result"]) == 2,
+               "Prometheus to scrape both held trainers")
+    held.release()
     for run, proc in (("spiky", spiky), ("clean", clean)):
-        wait_for_metrics(ports[run], lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
+        wait_for_metrics(ports[run], lambda s: value(s, "watchtower_train_step") == 60, proc=proc)
     page = wait_for_loss_spike_page(stack, "spiky")
     assert {"severity": "page", "rank": "0", "node": "node-spiky", "replica_group": "0"}.items() <= page["labels"].items()
-    assert page["annotations"]["summary"].endswith("at step 80")
+    assert page["annotations"]["summary"].endswith("at step 40")
     assert page["annotations"]["runbook_url"] == "docs/runbooks.md#loss-spike"
     # The clean run's whole history in Prometheus, then the rules evaluated over it a few times:
     # nothing about it may be pending or firing, nor have paged, but what the machine's load decides.
-    wait_until(lambda: stack.prometheus_api("/api/v1/query", query='watchtower_train_step{run="clean"} == 120')["result"],
+    wait_until(lambda: stack.prometheus_api("/api/v1/query", query='watchtower_train_step{run="clean"} == 60')["result"],
                "Prometheus to scrape the clean run's last step")
     wait_for_rule_evaluations(stack.rule_evaluations, 3)
     alarms = [a["labels"] for a in stack.prometheus_alerts(run="clean") if a["labels"]["alertname"] not in SPEED_ALERTS]

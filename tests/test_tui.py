@@ -18,6 +18,7 @@ import pytest
 from textual.widgets import DataTable
 
 from conftest import REPO, free_port, run_watchtower, samples, scrape_text, value, wait_for_metrics, watchtower_cmd
+from held_start import HeldStart
 from served_text import ServedText
 from waiting import WAIT_CEILING_S, wait_for_loss_spike_page, wait_until
 from watchtower.tui.app import HelpScreen, RunScreen, RunsScreen, WatchtowerApp
@@ -326,25 +327,27 @@ def test_prometheus_source_reads_ranks_alerts_and_down_targets(processes, tmp_pa
     with AlertingStack(tmp_path / "stack") as stack:
         stack.set_targets([Target(f"127.0.0.1:{ports['spiky']}", "spiky", 0, 0, "node-s"),
                            Target(f"127.0.0.1:{ports['victim']}", "victim", 0, 0, "node-v")])
-        # Prometheus must read the spike counter at 0 before step 100 (see wait_for_loss_spike_page):
-        # so its scrape loops run before the trainers start, not up to a discovery cycle after. At the
-        # light batch a step costs ~10 ms: the 100 steps keep the counter at 0 for over a scrape interval.
-        wait_until(lambda: all(stack.scraping(f"127.0.0.1:{p}") for p in ports.values()),
-                   "Prometheus to scrape both (not yet started) trainers' ports")
-        _, spiky = start_trainer(processes, tmp_path, "spiky", 120, "--inject", "loss_spike@100", port=ports["spiky"])
-        _, victim = start_trainer(processes, tmp_path, "victim", 120, port=ports["victim"])
+        # Prometheus must read the spike counter at 0 before step 40 (see wait_for_loss_spike_page): the
+        # trainers start at once, held before their first step, and train once Prometheus scraped both.
+        held = HeldStart(tmp_path / "cache")
+        _, spiky = start_trainer(processes, tmp_path, "spiky", 60, "--inject", "loss_spike@40", *held.trainer_args,
+                                 port=ports["spiky"])
+        _, victim = start_trainer(processes, tmp_path, "victim", 60, *held.trainer_args, port=ports["victim"])
+        wait_until(lambda: len(stack.prometheus_api("/api/v1/query", query='up{job="watchtower-ranks"} == 1')["result"]) == 2,
+                   "Prometheus to scrape both held trainers")
+        held.release()
         for port, proc in ((ports["spiky"], spiky), (ports["victim"], victim)):
-            wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 120, proc=proc)
+            wait_for_metrics(port, lambda s: value(s, "watchtower_train_step") == 60, proc=proc)
         wait_for_loss_spike_page(stack, "spiky")
         source = PrometheusSource(stack.prometheus_url, stack.alertmanager_url)
 
-        def both_runs_at_step_120():
+        def both_runs_at_step_60():
             snap = source.poll()
             rows = {r.run: r for r in snap.rows}
-            done = {"spiky", "victim"} <= set(rows) and all(r.step == 120 for r in rows.values())
+            done = {"spiky", "victim"} <= set(rows) and all(r.step == 60 for r in rows.values())
             return (snap, rows) if done else None
 
-        snap, rows = wait_until(both_runs_at_step_120, "PrometheusSource to show both runs at step 120", interval=0.5)
+        snap, rows = wait_until(both_runs_at_step_60, "PrometheusSource to show both runs at step 60", interval=0.5)
         assert not snap.error
         assert rows["spiky"].node == "node-s" and rows["spiky"].loss is not None and rows["spiky"].up
         assert any(a.name == "WatchtowerLossSpike" and a.run == "spiky" and a.severity == "page" for a in snap.alerts)

@@ -71,7 +71,8 @@ def wait_for_loss_spike_page(stack, run: str) -> dict:
     The rule pages on `increase(watchtower_detector_events_total{...}[5m]) > 0`, which needs two scrapes
     of the same series: one reading 0 before the spike and one reading 1 after. A rank that spikes
     before Prometheus first scrapes it is first seen at 1, shows no increase, and never pages: so
-    start a trainer only once `stack.scraping(address)`, and keep it serving (`monitor.linger_s`)
+    start a trainer only once `stack.scraping(address)`, or hold it before its first step until
+    Prometheus has scraped it (held_start.HeldStart), and keep it serving (`monitor.linger_s`)
     for as long as the test waits. Given both scrapes, the rule fires at the next evaluation (it has
     no `for:`) and Alertmanager pages after its group_wait.
     """
