@@ -1,109 +1,171 @@
-"""The bundled trainer, run for real through the CLI on CPU."""
+"""The bundled trainer, run for real through the CLI on CPU.
+
+A TP=1 run goes through `watchtower.cli.main` in this process (`train_here`): the same command, without
+the ~4 s (more under load) of a new interpreter importing torch. A run that must be its own process
+(TP=2, a SIGKILL, a compile whose printed order is checked) is a subprocess (`train`). Every process
+runs one thread (conftest), so both kinds compute the same numbers.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import statistics
+from dataclasses import dataclass
+
+import pytest
 
 from conftest import read_log, run_watchtower
+from watchtower import cli
 
 TP_TOLERANCE = 1e-4  # max |loss(TP=2) - loss(TP=1)| per step over 20 steps, float32 on CPU
+SHARED_STEPS = 20  # the TP=1 and TP=2 runs several tests read
+
+
+def flags_for(out, *flags):
+    return ["train", "--config", "tiny", "--port", "0", "--output-dir", str(out), "--train.log_interval", "1", *flags]
 
 
 def train(tmp_path, name, *flags):
     out = tmp_path / name
-    result = run_watchtower("train", "--config", "tiny", "--port", "0", "--output-dir", str(out),
-                            "--train.log_interval", "1", *flags)
-    return out, result
+    return out, run_watchtower(*flags_for(out, *flags))
 
 
-def test_loss_falls_on_tiny(tmp_path):
-    out, result = train(tmp_path, "falls", "--steps", "60")
+@dataclass
+class Ran:
+    """What a run in this process returned and logged (a subprocess's `returncode` and `stderr`)."""
+
+    returncode: int
+    stderr: str
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def train_here(tmp_path, name, *flags) -> tuple:
+    """`train`, in this process: the trainer's log lines (INFO and up) stand in for its stderr."""
+    out, handler, logger = tmp_path / name, _Lines(), logging.getLogger("watchtower")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        code = cli.main(flags_for(out, *flags))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return out, Ran(code, "\n".join(handler.lines))
+
+
+@pytest.fixture(scope="module")
+def tp1_run(tmp_path_factory):
+    """tiny for SHARED_STEPS steps at TP=1: the loss curve, and the reference TP=2 must reproduce."""
+    out, result = train_here(tmp_path_factory.mktemp("shared"), "tp1", "--steps", str(SHARED_STEPS))
     assert result.returncode == 0, result.stderr
-    losses = [row["loss"] for row in read_log(out)]
-    assert len(losses) == 60
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp2_run(tmp_path_factory):
+    """The same run at TP=2 (a subprocess: it launches its ranks), also the checkpoint a TP=2 resume
+    starts from: one TP=2 start-up (~10 s, more under load) for both tests."""
+    out, result = train(tmp_path_factory.mktemp("shared"), "tp2", "--steps", str(SHARED_STEPS), "--tp", "2")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_loss_falls_on_tiny(tp1_run):
+    # 20 steps (was 60): the curve flattens near 2.8 after ~15 steps; by step 20 the last ten
+    # average ~1.8 below the first five
+    losses = [row["loss"] for row in read_log(tp1_run)]
+    assert len(losses) == SHARED_STEPS
     assert statistics.mean(losses[-10:]) < statistics.mean(losses[:5]) - 1.0, losses
 
 
-def test_tp2_reproduces_tp1(tmp_path):
-    out1, r1 = train(tmp_path, "tp1", "--steps", "20")
-    out2, r2 = train(tmp_path, "tp2", "--steps", "20", "--tp", "2")
-    assert r1.returncode == 0, r1.stderr
-    assert r2.returncode == 0, r2.stderr
-    a, b = read_log(out1), read_log(out2)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 21))
+def test_tp2_reproduces_tp1(tp1_run, tp2_run):
+    a, b = read_log(tp1_run), read_log(tp2_run)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, SHARED_STEPS + 1))
     assert [r["data_sig"] for r in a] == [r["data_sig"] for r in b]
     diffs = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
     assert max(diffs) <= TP_TOLERANCE, diffs
 
 
 def test_resume_continues_exactly(tmp_path):
-    """A run killed (SIGKILL) after its step-20 checkpoint resumes to the same losses and data.
+    """A run killed (SIGKILL) after its step-10 checkpoint resumes to the same losses and data.
 
-    With issue 14's data fault: bad_data@25:2 poisons the windows steps 25-26 read, so the resumed run
+    With issue 14's data fault: bad_data@13:2 poisons the windows steps 13-14 read, so the resumed run
     (the same data again) spikes there again; a resume told to skip them (data.skip_steps) leaves
-    exactly those two global batches unread, records where they were, and does not spike."""
-    bad = ("--inject", "bad_data@25:2")
-    ref, r = train(tmp_path, "ref", "--steps", "30", *bad)
+    exactly those two global batches unread, records where they were, and does not spike.
+    16 steps with a checkpoint every 5 (was 30 and 10): the same story at half the steps; only the
+    killed run is a subprocess (its own SIGKILL)."""
+    bad = ("--inject", "bad_data@13:2")
+    ref, r = train_here(tmp_path, "ref", "--steps", "16", *bad)
     assert r.returncode == 0, r.stderr
-    out, crashed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10",
-                         "--inject", "crash@21", *bad)
+    out, crashed = train(tmp_path, "resumed", "--steps", "16", "--checkpoint.interval_steps", "5",
+                         "--inject", "crash@11", *bad)
     assert crashed.returncode == -9
-    shutil.copytree(out, tmp_path / "skipped")  # the checkpoint at step 20, for the run that skips
-    out, resumed = train(tmp_path, "resumed", "--steps", "30", "--checkpoint.interval_steps", "10", *bad)
+    shutil.copytree(out, tmp_path / "skipped")  # the checkpoint at step 10, for the run that skips
+    out, resumed = train_here(tmp_path, "resumed", "--steps", "16", "--checkpoint.interval_steps", "5", *bad)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from checkpoint step 20" in resumed.stderr
-    after = {row["step"]: row for row in read_log(out) if row["step"] > 20}
-    expected = {row["step"]: row for row in read_log(ref) if row["step"] > 20}
-    assert sorted(after) == list(range(21, 31))
-    for step in range(21, 31):
+    assert "resumed from checkpoint step 10" in resumed.stderr
+    after = {row["step"]: row for row in read_log(out) if row["step"] > 10}
+    expected = {row["step"]: row for row in read_log(ref) if row["step"] > 10}
+    assert sorted(after) == list(range(11, 17))
+    for step in range(11, 17):
         assert after[step]["data_sig"] == expected[step]["data_sig"]
         assert abs(after[step]["loss"] - expected[step]["loss"]) <= 1e-6, (step, after[step], expected[step])
-    clean = max(expected[s]["loss"] for s in range(21, 25))
-    assert min(after[25]["loss"], after[26]["loss"]) > 1.5 * clean, "the poisoned data did not spike again"
+    clean = max(expected[s]["loss"] for s in range(11, 13))
+    assert min(after[13]["loss"], after[14]["loss"]) > 1.5 * clean, "the poisoned data did not spike again"
 
-    out, skipping = train(tmp_path, "skipped", "--steps", "30", *bad, "--data.skip_steps", "25-26")
+    out, skipping = train_here(tmp_path, "skipped", "--steps", "16", *bad, "--data.skip_steps", "13-14")
     assert skipping.returncode == 0, skipping.stderr
-    rows = {row["step"]: row for row in read_log(out) if row["step"] > 20}
-    assert sorted(rows) == list(range(21, 31)) and max(rows[s]["loss"] for s in range(25, 31)) < 1.5 * clean
-    assert rows[25]["data_sig"] == expected[27]["data_sig"], "step 25 must read what step 27 read: 2 batches skipped"
+    rows = {row["step"]: row for row in read_log(out) if row["step"] > 10}
+    assert sorted(rows) == list(range(11, 17)) and max(rows[s]["loss"] for s in range(13, 17)) < 1.5 * clean
+    assert rows[13]["data_sig"] == expected[15]["data_sig"], "step 13 must read what step 15 read: 2 batches skipped"
     (record,) = [json.loads(line) for line in (out / "skipped_data.jsonl").read_text().splitlines()]
     width = 8 * 1  # tiny: micro_batch_size × grad_accum_steps windows per step and group
-    assert record["steps"] == [25, 26] and record["positions"] == [[0, 24 * width, 26 * width]], record
+    assert record["steps"] == [13, 14] and record["positions"] == [[0, 12 * width, 14 * width]], record
 
 
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path):
-    out, r = train(tmp_path, "trunc", "--steps", "30", "--checkpoint.interval_steps", "10")
+    # checkpoints at steps 2, 4 and 6 (was 10, 20, 30): the newest truncated, the one before it resumed
+    out, r = train_here(tmp_path, "trunc", "--steps", "6", "--checkpoint.interval_steps", "2")
     assert r.returncode == 0, r.stderr
-    newest = out / "checkpoints" / "step-00000030" / "rank-00.pt"
+    newest = out / "checkpoints" / "step-00000006" / "rank-00.pt"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])
-    out, again = train(tmp_path, "trunc", "--steps", "35", "--checkpoint.interval_steps", "10")
+    out, again = train_here(tmp_path, "trunc", "--steps", "9", "--checkpoint.interval_steps", "2")
     assert again.returncode == 0, again.stderr
-    assert "step-00000030 is unusable: rank-00.pt is truncated" in again.stderr
-    assert "resumed from checkpoint step 20" in again.stderr
+    assert "step-00000006 is unusable: rank-00.pt is truncated" in again.stderr
+    assert "resumed from checkpoint step 4" in again.stderr
     steps = [row["step"] for row in read_log(out)]
-    assert steps[-15:] == list(range(21, 36))
+    assert steps == list(range(1, 7)) + list(range(5, 10))
 
 
-def test_tp2_checkpoint_resume(tmp_path):
-    """Sharded checkpoints: each TP rank saves and restores its own shard and optimizer state."""
-    out, r = train(tmp_path, "tp2ck", "--steps", "10", "--tp", "2")
-    assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (out / "checkpoints" / "step-00000010").iterdir()) == [
+def test_tp2_checkpoint_resume(tp2_run, tmp_path):
+    """Sharded checkpoints: each TP rank saves and restores its own shard and optimizer state.
+    Resumes a copy of the shared TP=2 run (its final checkpoint, step 20) instead of a run of its own."""
+    out = tmp_path / "tp2ck"
+    shutil.copytree(tp2_run, out)
+    assert sorted(p.name for p in (out / "checkpoints" / f"step-{SHARED_STEPS:08d}").iterdir()) == [
         "manifest.json", "rank-00.pt", "rank-01.pt"]
-    out, again = train(tmp_path, "tp2ck", "--steps", "14", "--tp", "2")
+    out, again = train(tmp_path, "tp2ck", "--steps", str(SHARED_STEPS + 4), "--tp", "2")
     assert again.returncode == 0, again.stderr
-    assert "resumed from checkpoint step 10" in again.stderr
-    assert [row["step"] for row in read_log(out)][-4:] == [11, 12, 13, 14]
+    assert f"resumed from checkpoint step {SHARED_STEPS}" in again.stderr
+    assert [row["step"] for row in read_log(out)][-4:] == list(range(SHARED_STEPS + 1, SHARED_STEPS + 5))
 
 
 def test_compiled_blocks_train_as_eager_and_their_checkpoints_resume_eager(tmp_path):
     """train.compile compiles each block in place, before the first step: the same losses as eager,
     and the same state_dict keys (no `_orig_mod.`), so a compiled run's checkpoint resumes in an eager run. aot_eager: the real
     dynamo + AOTAutograd path without a C++ compiler (CI has none to spare); a GPU run uses inductor."""
-    ref, r = train(tmp_path, "eager", "--steps", "6")
+    ref, r = train_here(tmp_path, "eager", "--steps", "6")
     assert r.returncode == 0, r.stderr
     out, compiled = train(tmp_path, "mixed", "--steps", "3", "--train.compile", "true",
                           "--train.compile_backend", "aot_eager")
@@ -115,7 +177,7 @@ def test_compiled_blocks_train_as_eager_and_their_checkpoints_resume_eager(tmp_p
     first_step = next(i for i, line in enumerate(said) if line.startswith("step     1"))
     assert any("compiled the blocks (aot_eager)" in line for line in said[:first_step]), compiled.stderr
     assert not list(out.glob("inductor-cache-*")), "the run's own inductor cache must go with it"
-    out, resumed = train(tmp_path, "mixed", "--steps", "6")
+    out, resumed = train_here(tmp_path, "mixed", "--steps", "6")
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from checkpoint step 3" in resumed.stderr
     expected, got = read_log(ref), read_log(out)
