@@ -21,23 +21,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from watchtower.hooks.config import MonitorConfig
-    from watchtower.hooks.detectors import DetectorEvent
-    from watchtower.hooks.identity import RankIdentity
-    from watchtower.hooks.monitor import Monitor, StepHandle
+if TYPE_CHECKING:  # `X as X`: an explicit re-export, as mypy --strict requires of a package's names
+    from watchtower.hooks.config import MonitorConfig as MonitorConfig
+    from watchtower.hooks.detectors import DetectorEvent as DetectorEvent
+    from watchtower.hooks.identity import RankIdentity as RankIdentity
+    from watchtower.hooks.monitor import Monitor as Monitor, StepHandle as StepHandle
 
 _HOMES = {"DetectorEvent": "watchtower.hooks.detectors", "Monitor": "watchtower.hooks.monitor",
           "MonitorConfig": "watchtower.hooks.config", "RankIdentity": "watchtower.hooks.identity",
           "StepHandle": "watchtower.hooks.monitor"}  # public name -> the module that defines it
 
-__all__ = sorted(_HOMES)
+__all__ = ["DetectorEvent", "Monitor", "MonitorConfig", "RankIdentity", "StepHandle"]  # a literal: type checkers read it; == sorted(_HOMES) (tests/test_monitor.py)
 
 
 def __getattr__(name: str) -> Any:
     """`watchtower.hooks.Monitor` and `from watchtower.hooks import Monitor`: the defining module is
-    imported the first time, then the name is bound here (later reads cost a dict lookup)."""
+    imported the first time, then the name is bound here (later reads cost a dict lookup). A
+    submodule (`watchtower.hooks.monitor`) is imported as an eagerly importing package would have."""
     if name not in _HOMES:
+        try:
+            return importlib.import_module(f"{__name__}.{name}")  # binds it here as well
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_HOMES[name]), name)
     globals()[name] = value

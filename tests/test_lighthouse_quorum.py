@@ -22,7 +22,7 @@ def quorums_with_one_late_group(section: SupervisorSection, step_s: float, late_
     step_s (plus a few ms per group: they never ask at the same instant); g0000 is late by late_s
     once, after the second quorum (a checkpoint save). Returns each quorum's members, in order."""
     lighthouse = Lighthouse("127.0.0.1:0", 2, section.lighthouse_heartbeat_timeout_ms,
-                            section.lighthouse_join_timeout_ms)
+                            section.join_timeout_ms())
     from torchft.coordination import LighthouseClient  # imports torch: only in the tests that need it
 
     stop, seen, lock, beating = threading.Event(), {}, threading.Lock(), set()
@@ -79,9 +79,11 @@ def test_a_group_late_once_for_a_save_is_waited_for_not_left_out_of_every_later_
 
 
 def test_the_join_timeout_defaults_to_half_the_quorum_timeout_and_must_stay_below_it():
-    assert SupervisorSection().lighthouse_join_timeout_ms == 5000
-    assert SupervisorSection(ft_timeout_s=60, lighthouse_grace_s=90).lighthouse_join_timeout_ms == 30000
-    assert SupervisorSection(lighthouse_join_timeout_ms=2000).lighthouse_join_timeout_ms == 2000
+    assert SupervisorSection().join_timeout_ms() == 5000
+    raised = SupervisorSection(lighthouse_grace_s=90)
+    raised.ft_timeout_s = 60  # derived where it is used, never stored: a later ft_timeout_s moves it too
+    assert raised.join_timeout_ms() == 30000 and raised.lighthouse_join_timeout_ms == 0
+    assert SupervisorSection(lighthouse_join_timeout_ms=2000).join_timeout_ms() == 2000
 
 
 @pytest.mark.parametrize("settings,field", [

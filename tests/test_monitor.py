@@ -129,6 +129,20 @@ def test_hooks_import_contract():
     assert result.stdout.strip() == ""
 
 
+def test_the_hooks_lazy_names_are_its_public_names_and_its_submodules_still_resolve():
+    """Review of bf3db0c: `__all__` must be a literal for type checkers, and `watchtower.hooks.monitor`
+    after a plain `import watchtower.hooks` raised AttributeError once the package stopped importing
+    its modules eagerly."""
+    import watchtower.hooks as hooks
+
+    assert hooks.__all__ == sorted(hooks._HOMES)
+    code = "import watchtower.hooks as h\nprint(h.monitor.__name__, h.detectors.__name__, h.Monitor.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["watchtower.hooks.monitor", "watchtower.hooks.detectors", "Monitor"]
+    with pytest.raises(AttributeError):
+        hooks.no_such_name
+
+
 class _EpochLoader(torch.utils.data.DataLoader):
     """A user's loader with its own `set_epoch` (as many training loops write it)."""
 

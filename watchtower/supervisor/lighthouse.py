@@ -65,6 +65,13 @@ def _quiet_rust_log() -> Iterator[None]:
             os.environ.pop("RUST_LOG", None)
 
 
+def import_lighthouse() -> None:
+    """Import torchft's Lighthouse now (2-4 s: it imports torch), so a caller can keep that out of a
+    clock it starts next; RUST_LOG is read on this first import (_quiet_rust_log)."""
+    with _quiet_rust_log():
+        import torchft.coordination  # noqa: F401
+
+
 class Lighthouse:
     """min_replicas: groups needed before the first quorum (the active groups, so nobody starts
     alone). heartbeat_timeout_ms: how long a silent replica still counts as alive — after a group dies,
@@ -79,7 +86,7 @@ class Lighthouse:
     `url` is what groups are given: its host is `advertise` when the bind is a wildcard (else the host
     torchft reports), or the bind's own host."""
 
-    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, join_timeout_ms: int,
+    def __init__(self, bind: str, min_replicas: int, heartbeat_timeout_ms: int, join_timeout_ms: int, *,
                  advertise: str | None = None):
         self.host, _, port = bind.rpartition(":")
         self.port = int(port)

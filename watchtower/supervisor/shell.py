@@ -42,7 +42,7 @@ from watchtower.supervisor.events import EventLog
 from watchtower.supervisor.graceful_stop import GracefulStop
 from watchtower.supervisor.health import HealthCheck, HealthGate, gated_decision
 from watchtower.supervisor.launcher import Launcher, LocalLauncher
-from watchtower.supervisor.lighthouse import Lighthouse, bind_and_advertise
+from watchtower.supervisor.lighthouse import Lighthouse, bind_and_advertise, import_lighthouse
 from watchtower.supervisor.lock import JobDirLock
 from watchtower.supervisor.metrics import (JobStats, Snapshot, SupervisorCollector, group_roles, node_counts,
                                            write_rank_targets, write_supervisor_target)
@@ -89,6 +89,10 @@ class Supervisor:
         self.state = PolicyState.initial(self.policy_cfg)
         self.errors = StageErrors()
         self.events = EventLog(self.out / "events.jsonl", self.errors.record)
+        # torchft (and torch) for the Lighthouse, imported before the job's clock starts: the summary's
+        # wall time and events.jsonl's (from job_started, once the Lighthouse is up) then agree; the
+        # 2-4 s import is the supervisor's start, not the job's
+        import_lighthouse()
         self.stats = JobStats(time.time(), job.cluster.active_groups, trainer.train.steps)
         self.launcher = launcher or LocalLauncher(self.out / "nodes")
         # warm standbys where the group's trainers would start from one: a local TP > 1 group's ranks are
@@ -142,7 +146,7 @@ class Supervisor:
         try:
             bind, advertise = bind_and_advertise(s.lighthouse_bind, self.launcher.head_address)
             self.lighthouse = Lighthouse(bind, c.active_groups, s.lighthouse_heartbeat_timeout_ms,
-                                         s.lighthouse_join_timeout_ms, advertise)
+                                         s.join_timeout_ms(), advertise=advertise)
         except (OSError, RuntimeError) as err:
             raise ConfigError("supervisor.lighthouse_bind", s.lighthouse_bind, f"the Lighthouse cannot listen "
                               f"there: {err}") from None

@@ -93,13 +93,12 @@ class SupervisorSection:
                 "must fall inside it")
         require(bool(self.metrics_bind), "metrics_bind", self.metrics_bind, "must be an address, like 0.0.0.0")
         require(self.ft_timeout_s > 0, "ft_timeout_s", self.ft_timeout_s, "must be > 0 seconds")
-        quorum_timeout_ms = self.ft_timeout_s * 1000
-        if self.lighthouse_join_timeout_ms == 0:
-            self.lighthouse_join_timeout_ms = int(quorum_timeout_ms / 2)
-        for key in ("lighthouse_heartbeat_timeout_ms", "lighthouse_join_timeout_ms"):
-            require(100 <= getattr(self, key) < quorum_timeout_ms, key, getattr(self, key),
+        for key, ms in (("lighthouse_heartbeat_timeout_ms", self.lighthouse_heartbeat_timeout_ms),
+                        ("lighthouse_join_timeout_ms", self.join_timeout_ms())):
+            require(100 <= ms < self.ft_timeout_s * 1000, key, ms,
                     f"must be >= 100 ms and below ft_timeout_s = {self.ft_timeout_s} s: the groups' quorum "
-                    "requests time out after ft_timeout_s and a quorum that waits longer fails every survivor")
+                    "requests time out after ft_timeout_s and a quorum that waits longer fails every survivor"
+                    + (" (0: half of ft_timeout_s)" if key == "lighthouse_join_timeout_ms" else ""))
         require(self.lighthouse_restart_timeout_s > 0, "lighthouse_restart_timeout_s",
                 self.lighthouse_restart_timeout_s, "must be > 0 seconds")
         require(1024 <= self.base_port <= 65000, "base_port", self.base_port,
@@ -117,6 +116,14 @@ class SupervisorSection:
         require(self.stop_lead_s > 0 and (self.stop_grace_s == 0 or self.stop_lead_s < self.stop_grace_s),
                 "stop_lead_s", self.stop_lead_s, f"must be > 0 and below stop_grace_s = {self.stop_grace_s}: the "
                 "groups must reach the agreed step and save before the deadline")
+
+    def join_timeout_ms(self) -> int:
+        """The Lighthouse's join timeout: lighthouse_join_timeout_ms, or half of ft_timeout_s for 0.
+
+        >>> SupervisorSection().join_timeout_ms(), SupervisorSection(lighthouse_join_timeout_ms=2000).join_timeout_ms()
+        (5000, 2000)
+        """
+        return self.lighthouse_join_timeout_ms or int(self.ft_timeout_s * 500)
 
     def budget(self) -> FailureBudget:
         return FailureBudget(self.max_failures, self.failure_window_s, self.crash_loop_limit)
