@@ -532,18 +532,20 @@ class Monitor:
         attempts = s.steps_total + s.skipped_steps_total + s.uncommitted_steps_total
         if attempts % self.cfg.log_interval == 0:
             self._flush(wait=False)
+        if handle.committed:  # published after the flush: a scrape that reads this step reads its detectors
+            s.step = handle.step
 
     def _count_attempt(self, handle: StepHandle) -> float | torch.Tensor:
         """Count the attempt as exactly one of applied, skipped or uncommitted; its applied tokens.
 
         Only a committed attempt is a step: a skipped one still moves the step number (it is done,
-        without an update); an uncommitted one is redone under the same number, so it moves nothing.
+        without an update; _step_finished moves it, after the interval's flush); an uncommitted one is
+        redone under the same number, so it moves nothing.
         """
         s = self.state
         if not handle.committed:
             s.uncommitted_steps_total += 1
             return 0.0
-        s.step = handle.step
         if handle.skipped:
             s.skipped_steps_total += 1
             return 0.0

@@ -4,12 +4,14 @@ a real Prometheus that scraped a real supervised run, and push is idempotent aga
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
 import subprocess
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, watchtower_cmd
+from held_start import HeldStart
 from waiting import wait_for_loss_spike_page, wait_until
 from watchtower.alerting_stack import AlertingStack
 from watchtower.dashboards import FOLDER_UID, JSON_DIR, PROVISIONING_DIR, load_dashboards, panel_queries
@@ -24,6 +27,7 @@ from watchtower.metric_catalog import declared_series
 from watchtower.supervisor.jobfile import job_toml
 
 RUN = "dash"
+NODES = ("n0", "n1", "n2", "n3")
 
 
 def test_committed_json_is_what_the_code_builds():
@@ -81,13 +85,19 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
     job_dir = tmp_path / "job"
     # peak_flops: a CPU has no entry in the table of known parts, so MFU needs the peak given
     overrides = ["train.steps=2000", "monitor.system_interval_s=1.0", "checkpoint.interval_steps=500", *LIGHT_MODEL,
+                 "data.stage=always",
                  "monitor.peak_flops=1e12"]
     job = tmp_path / "job.toml"
     job.write_text(job_toml(
         {"name": RUN, "trainer_config": "tiny", "output_dir": str(job_dir), "train_overrides": overrides,
          "inject": ["loss_spike@30", "crash@50:group=0"]},
-        {"nodes": ["n0", "n1", "n2", "n3"], "active_groups": 2, "spare_groups": 1},
+        {"nodes": list(NODES), "active_groups": 2, "spare_groups": 1},
         {"base_port": free_port(), "metrics_port": free_port()}))
+    # Every group is held before its first step (held_start: the lock of its node's data cache, which
+    # `data.stage=always` takes) until Prometheus scrapes all three: with the light batch the spike at
+    # step 30 came within a second of the first step, before the file_sd targets were discovered under a
+    # loaded CI, so the spike counter was first read at 1 and the page could never fire (CI of e6bf478).
+    held = [HeldStart(job_dir / "nodes" / node / "cache") for node in NODES]
     with AlertingStack(tmp_path / "stack", targets_file=job_dir / "targets.json",
                        supervisor_targets_file=job_dir / "supervisor_targets.json") as stack:
         started = time.time()
@@ -102,6 +112,10 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
             assert proc.poll() is None, stderr.read_text()[-3000:]
 
         try:
+            wait_until(lambda: len(stack.prometheus_api("/api/v1/query", query='up{job="watchtower-ranks"} == 1')
+                                   ["result"]) == 3, "Prometheus to scrape the three held groups", abort=supervisor_alive)
+            for hold in held:
+                hold.release()
             wait_until(lambda: {"recovered", "spares_refilled"} <= {e["event"] for e in job_events(job_dir)},
                        "the job to recover and refill its spares", interval=0.5, abort=supervisor_alive)
             wait_for_loss_spike_page(stack, RUN)  # ALERTS has a firing series
@@ -132,6 +146,8 @@ def test_every_panel_query_returns_data_from_a_real_supervised_run(tmp_path):
                     if label == "run":
                         assert RUN in values
         finally:
+            for hold in held:
+                hold.release()
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # the supervisor stops its groups on the way out
                 try:
@@ -237,17 +253,24 @@ def grafana():
 
 
 @pytest.fixture
-def push(capsys, monkeypatch):
+def push(capsys, caplog, monkeypatch):
     """`watchtower dashboards push ...` through `cli.main` in this process, as (exit code, stdout, stderr):
-    what the command says is the same, without an interpreter start per call (~1 s of CPU each)."""
+    what the command says is the same, without an interpreter start per call (~1 s of CPU each). A log
+    record or a warning would reach a user's stderr too (pytest captures them apart): each is added to
+    stderr as a line of its own, so "one line" still counts everything a user would read."""
     from watchtower import cli
 
     monkeypatch.delenv("GRAFANA_TOKEN", raising=False)  # the fallback for an empty --token: never the caller's
 
     def run(*args: str) -> subprocess.CompletedProcess:
         capsys.readouterr()
-        code = cli.main(["dashboards", "push", *args])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = cli.main(["dashboards", "push", *args])
         out, err = capsys.readouterr()
+        err += "".join(f"{r.levelname}: {r.getMessage()}\n" for r in caplog.records)
+        err += "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
         return subprocess.CompletedProcess(["watchtower", "dashboards", "push", *args], code, out, err)
     return run
 

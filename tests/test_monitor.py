@@ -341,3 +341,21 @@ def test_read_allocator_reads_nothing_off_cuda():
     from watchtower.hooks.allocator import read_allocator
 
     assert read_allocator(torch.device("cpu")) == {}
+
+
+def test_a_scrape_that_reads_a_step_reads_that_steps_detector_verdicts():
+    """Review of ebe73e3 (F1): the step number was published before the interval's flush judged the
+    interval's losses, so a scrape between the two (the exporter's thread, at any moment) read the last
+    step with none of its detector events: a test that waits for the last step could pass while a
+    detector fired on every step. The flush now runs first."""
+    monitor = make(log_interval=2)
+    seen_during_flush = []
+    judge = monitor._spike.update
+    monitor._spike.update = lambda step, loss: (seen_during_flush.append((step, monitor.state.step)), judge(step, loss))[1]
+    for step in range(1, 5):
+        with monitor.step(step=step, tokens=8) as s:
+            s.record(loss=2.0)
+    monitor.close()
+    assert [step for step, _ in seen_during_flush] == [1, 2, 3, 4]
+    assert all(published < judged for judged, published in seen_during_flush if judged in (2, 4)), seen_during_flush
+    assert monitor.state.step == 4
