@@ -65,7 +65,7 @@ def supervisor(tmp_path):
 
 def test_supervisor_and_tui_import_no_torch():
     """A head or login node supervises and watches without torch (the old supervisor imported the
-    trainer: ~3.7 s of torch). torchft is imported only where the Lighthouse starts."""
+    trainer: ~3.7 s of torch). torchft is imported only when a Supervisor is made, for its Lighthouse."""
     code = ("import sys, watchtower.supervisor.shell, watchtower.supervisor.config, watchtower.tui.app, "
             "watchtower.tui.sources\n"
             "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchft', 'numpy')"

@@ -100,6 +100,7 @@ class GracefulStop:
 
 def checkpoint_saved(url: str, step: int) -> bool:
     """A committed checkpoint of `step` (its manifest, written last) under `url`, any fsspec URL
-    (names from watchtower/trainer/checkpoint.py). One glob."""
+    (names from watchtower/trainer/checkpoint.py, not imported: the supervisor imports no trainer module,
+    tests/test_supervisor_shell.py). One glob."""
     fs, root = fsspec.core.url_to_fs(url)
     return bool(fs.glob(f"{root.rstrip('/')}/step-{step:08d}*/manifest.json"))

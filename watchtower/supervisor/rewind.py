@@ -1,8 +1,9 @@
 """The shell's side of a rewind: set the later checkpoints aside, so the restart loads an earlier one.
 
 A checkpoint directory holds `step-NNNNNNNN/` (and later saves `step-NNNNNNNN.sK/`, claims
-`step-NNNNNNNN....saving.json`; names from watchtower/trainer/checkpoint.py). Every entry of a step after the rewind's target is moved, not deleted,
-under `rewound-<n>/` in the same directory: a trainer resumes only from top-level `step-*` entries,
+`step-NNNNNNNN....saving.json`; names from watchtower/trainer/checkpoint.py, not imported: the
+supervisor imports no trainer module, tests/test_supervisor_shell.py). Every entry of a step after the
+rewind's target is moved, not deleted, under `rewound-<n>/` in the same directory: a trainer resumes only from top-level `step-*` entries,
 and a person can still look at the weights that spiked. Works on any fsspec URL the trainer can
 write to. Cost: one listing and one move per entry: a rename on a local or shared filesystem, but a
 copy of every shard on an object store, done in the supervisor's loop (minutes for a large model,
